@@ -1,0 +1,5 @@
+"""`python -m imgrec` is the `imgrec` command (and what `torchrun -m imgrec` starts)."""
+
+from imgrec.cli import main
+
+raise SystemExit(main())

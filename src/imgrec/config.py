@@ -1,0 +1,167 @@
+"""RunConfig: every setting of a training run, its defaults, its validation, and its YAML form.
+
+The `train` command's flags are generated from these fields, so a setting is written down once: here.
+This module imports neither torch nor anything of imgrec but `errors`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgrec.errors import ImgrecError, UsageError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+LOADERS = ("auto", "memory", "stream")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUGMENT_OPS = ("crop", "flip", "translate", "erase")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose help text (and choices) the CLI reads from its metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def default_data_dir() -> str:
+    """Where named data sets live: $IMGREC_DATA, else ~/.cache/imgrec/data."""
+    return os.environ.get("IMGREC_DATA") or str(Path.home() / ".cache" / "imgrec" / "data")
+
+
+def default_cache_dir() -> str:
+    """Where imgrec caches extracted archives, decoded images and statistics: $IMGREC_CACHE, else ~/.cache/imgrec."""
+    return os.environ.get("IMGREC_CACHE") or str(Path.home() / ".cache" / "imgrec")
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rerun a training run; saved as config.yaml in every run folder."""
+
+    # data
+    data: str = _opt("digits", "data set: mnist, fashion-mnist, cifar10, digits, or a path to an image folder or archive")
+    data_dir: str | None = _opt(None, "where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    download: bool = _opt(False, "download a named data set that is missing (needs internet)")
+    image_size: int | None = _opt(None, "resize folder images to this size (default: their own size when uniform)")
+    val_fraction: float = _opt(0.1, "fraction of the training split held out for validation when the data has none")
+    test_fraction: float = _opt(0.2, "fraction held out for testing when an image folder has no test or val split")
+    split_seed: int = _opt(0, "seed of the train/val/test splits imgrec makes (fixed, so runs share a test set)")
+    train_samples: int | None = _opt(None, "train on a seeded, stratified subset of this many training images")
+    loader: str = _opt("auto", "data path: memory (one uint8 tensor), stream (DataLoader workers) or auto", choices=LOADERS)
+    workers: int | None = _opt(None, "DataLoader worker processes for streamed data (default: CPU count, at most 4)")
+    augment: str = _opt("auto", "comma list of crop, flip, translate, erase; none; or auto (crop,flip for colour data)")
+    mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: the data set's)")
+    std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)")
+    # model
+    model: str = _opt("lenet", "model name; `imgrec models` lists them")
+    # optimisation
+    optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate (the peak rate for onecycle)")
+    weight_decay: float = _opt(0.0, "weight decay")
+    momentum: float = _opt(0.9, "momentum for sgd (Nesterov)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
+    batch_size: int = _opt(100, "images per training step")
+    epochs: int = _opt(10, "training epochs")
+    schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES)
+    patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)")
+    # system
+    device: str = _opt("auto", "device: cuda when available, else cpu", choices=DEVICES)
+    precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto: fp32 on CPU, mixed precision on CUDA", choices=PRECISIONS)
+    channels_last: bool = _opt(True, "keep conv activations in channels-last memory format (faster on CPU and GPU)")
+    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core)")
+    seed: int = _opt(0, "random seed for weights, splits, data order and augmentation")
+    deterministic: bool = _opt(True, "use deterministic algorithms (bit-exact reruns on CPU)")
+    # output
+    project: str = _opt("runs", "folder that holds run folders")
+    name: str | None = _opt(None, "run folder name (default: <data>-<model>, numbered when taken)")
+    exist_ok: bool = _opt(False, "reuse the run folder if it exists instead of numbering a new one")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.epochs >= 1, "--epochs must be at least 1")
+        _check(self.lr > 0, "--lr must be positive")
+        _check(self.weight_decay >= 0, "--weight-decay must not be negative")
+        _check(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
+        _check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
+        _check(0 < self.test_fraction < 1, "--test-fraction must be in (0, 1)")
+        _check(self.val_fraction + self.test_fraction < 1, "--val-fraction plus --test-fraction must be below 1")
+        _check(self.patience >= 0, "--patience must not be negative")
+        _check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive")
+        _check(self.image_size is None or 4 <= self.image_size <= 1024, "--image-size must be in [4, 1024]")
+        _check(self.train_samples is None or self.train_samples >= 1, "--train-samples must be at least 1")
+        _check(self.workers is None or self.workers >= 0, "--workers must not be negative")
+        _check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
+        _check((self.mean is None) == (self.std is None), "give --mean and --std together")
+        _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
+        _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+        self.augment = self.augment.replace(" ", "").lower() or "none"
+        if self.augment not in ("auto", "none"):
+            for op in self.augment.split(","):
+                if op not in AUGMENT_OPS:
+                    raise UsageError(f"unknown augmentation {op!r} in --augment; use {', '.join(AUGMENT_OPS)}, none or auto")
+
+    @property
+    def data_root(self) -> str:
+        """The folder that holds named data sets."""
+        return self.data_dir or default_data_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only, so the dict can live in a weights-only checkpoint and in YAML."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from a dict, refusing unknown keys with the nearest valid name as a hint."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UsageError(f"unknown setting {key!r} in {source}{hint}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a value of the wrong type, e.g. a string for a number
+            raise UsageError(f"bad value in {source}: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (what `--config` reads back)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict; a missing or malformed file is a one-line error."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ImgrecError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,1 @@
+"""Data sets, image decoding, batch transforms and loaders. Never imports a model or the engine."""

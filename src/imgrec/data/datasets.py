@@ -1,0 +1,296 @@
+"""Data sets by name or path -> DataBundle (DatasetInfo + train/val/test splits).
+
+Named sets: mnist, fashion-mnist and cifar10 through torchvision's classes, digits from scikit-learn.
+Anything else is a path to an image folder or an archive of one (see folders.py). Small data ends up as
+one uint8 tensor per split (decoded once, cached); large folders stay files and are streamed.
+Imports: torch, torchvision, numpy and the data package; never a model or the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
+from imgrec.data.imageio import ImageDecodeError
+from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
+from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
+from imgrec.errors import ImgrecError, UsageError
+
+MEMORY_LIMIT_BYTES = 2 * 1024**3  # folders whose decoded pixels fit in this are held in memory
+DEFAULT_FOLDER_SIZE = 128  # image size for folders whose images differ in size
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+@dataclass
+class DataOptions:
+    """How to load a data set; RunConfig fields of the same names feed it."""
+
+    data_dir: str
+    cache_dir: str
+    download: bool = False
+    image_size: int | tuple[int, int] | None = None
+    channels: int | None = None  # force 1 or 3 channels (inference rebuilds data as the model saw it)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    train_samples: int | None = None
+    loader: str = "auto"
+    workers: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A data set imgrec knows by name."""
+
+    description: str
+    files: tuple[str, ...]  # what must exist under the data folder (empty: ships with a package)
+    load: Callable[[DataOptions], tuple[list[str], ArraySplit, ArraySplit | None, ArraySplit]]
+
+
+def _idx_files(folder: str) -> tuple[str, ...]:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return tuple(f"{folder}/raw/{n}" for n in names)
+
+
+def _load_torchvision_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
+    def load(opts: DataOptions) -> tuple:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        parts = [cls(root=opts.data_dir, train=train, download=opts.download) for train in (True, False)]
+        splits = [ArraySplit(p.data.unsqueeze(1).contiguous(), p.targets.to(torch.int64)) for p in parts]
+        return list(parts[0].classes), splits[0], None, splits[1]
+
+    return load
+
+
+def _load_cifar10(opts: DataOptions) -> tuple:
+    import torchvision.datasets as tvd
+
+    parts = [tvd.CIFAR10(root=opts.data_dir, train=train, download=opts.download) for train in (True, False)]
+    splits = [
+        ArraySplit(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets, dtype=torch.int64))
+        for p in parts
+    ]
+    return list(parts[0].classes), splits[0], None, splits[1]
+
+
+def _load_digits(opts: DataOptions) -> tuple:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 0..16 grey levels -> 0..255
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    # A fixed split (seed 0, not the run's seed) so that every run is tested on the same images.
+    test, val, train = stratified_split(digits.target, [0.15, 0.15], seed=0)
+    parts = [ArraySplit(images[torch.from_numpy(i)], labels[torch.from_numpy(i)]) for i in (train, val, test)]
+    return [str(i) for i in range(10)], parts[0], parts[1], parts[2]
+
+
+NAMED_DATASETS: dict[str, NamedDataset] = {
+    "mnist": NamedDataset("MNIST handwritten digits, 60k/10k, 28x28 grey", _idx_files("MNIST"),
+                          _load_torchvision_idx("MNIST")),
+    "fashion-mnist": NamedDataset("Zalando Fashion-MNIST clothes, 60k/10k, 28x28 grey", _idx_files("FashionMNIST"),
+                                  _load_torchvision_idx("FashionMNIST")),
+    "cifar10": NamedDataset(
+        "CIFAR-10 objects, 50k/10k, 32x32 colour",
+        tuple(f"cifar-10-batches-py/{n}" for n in
+              ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+               "batches.meta")),
+        _load_cifar10,
+    ),
+    "digits": NamedDataset("scikit-learn's 1,797 handwritten digits, 8x8 grey, embedded (no download)", (),
+                           _load_digits),
+}
+
+
+def missing_files(name: str, data_dir: str) -> list[str]:
+    """The files of a named data set that are not under data_dir."""
+    return [f for f in NAMED_DATASETS[name].files if not (Path(data_dir) / f).is_file()]
+
+
+def load_data(spec: str, opts: DataOptions) -> DataBundle:
+    """Load a data set by name or path, with its info and its train/val/test splits."""
+    if spec in NAMED_DATASETS:
+        bundle = _load_named(spec, opts)
+    elif os.path.exists(spec):
+        bundle = _load_folder(spec, opts)
+    else:
+        raise UsageError(
+            f"unknown data set {spec!r}: use one of {', '.join(NAMED_DATASETS)}, or a path to an image folder or archive"
+        )
+    if opts.train_samples is not None and opts.train_samples < len(bundle.train):
+        keep = stratified_split(bundle.train.labels.numpy(), [opts.train_samples / len(bundle.train)], opts.split_seed)[0]
+        bundle.train = bundle.train.subset(torch.from_numpy(keep))
+        bundle.notes.append(f"training on a stratified subset of {len(bundle.train)} images")
+    return bundle
+
+
+def _load_named(name: str, opts: DataOptions) -> DataBundle:
+    entry = NAMED_DATASETS[name]
+    missing = missing_files(name, opts.data_dir)
+    if missing and not opts.download:
+        raise ImgrecError(
+            f"{name} not found under {opts.data_dir}: missing {', '.join(missing[:2])}"
+            f"{' and more' if len(missing) > 2 else ''}; run with --download (needs internet), or point --data-dir "
+            f"(or $IMGREC_DATA) at a folder that holds them"
+        )
+    try:
+        classes, train, val, test = entry.load(opts)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted", failed downloads
+        raise ImgrecError(f"cannot load {name} from {opts.data_dir}: {exc}") from None
+    notes: list[str] = []
+    if val is None and opts.val_fraction > 0:
+        val_idx, train_idx = stratified_split(train.labels.numpy(), [opts.val_fraction], opts.split_seed)
+        train, val = train.subset(torch.from_numpy(train_idx)), train.subset(torch.from_numpy(val_idx))
+    channels, size = train.images.shape[1], tuple(train.images.shape[2:])
+    if opts.mean is not None:
+        mean, std = opts.mean, opts.std
+    elif name in KNOWN_STATS:
+        mean, std = KNOWN_STATS[name]
+    else:
+        mean, std = channel_stats(train.images)
+    mean, std = normalize_stats(mean, std or [], channels)
+    info = DatasetInfo(name, classes, channels, size, mean, std)  # type: ignore[arg-type]
+    return DataBundle(info, train, val, test, notes=notes)
+
+
+def _load_folder(path: str, opts: DataOptions) -> DataBundle:
+    source = Path(path)
+    folder = extract_archive(source, opts.cache_dir) if source.is_file() and is_archive(source) else source
+    if not folder.is_dir():
+        raise UsageError(f"{path} is neither a data set name, an image folder nor an archive ({', '.join(('.zip', '.tar.gz'))})")
+    scanned = scan_folder(folder)
+    notes: list[str] = []
+    splits = _assign_splits(scanned, opts, notes)
+    channels, size = _choose_shape(splits["train"][0], opts, notes)
+    file_splits = {
+        name: FileSplit(paths, torch.tensor(labels, dtype=torch.int64), channels, size) for name, (paths, labels) in splits.items()
+    }
+    pixels = sum(len(s) for s in file_splits.values()) * channels * size[0] * size[1]
+    in_memory = opts.loader == "memory" or (opts.loader == "auto" and pixels <= MEMORY_LIMIT_BYTES)
+    final: dict[str, Split] = {
+        name: _decode_split(s, opts) if in_memory else s for name, s in file_splits.items()
+    }
+    mean, std = (opts.mean, opts.std) if opts.mean is not None else _train_stats(final["train"], opts)
+    mean, std = normalize_stats(mean, std or [], channels)
+    info = DatasetInfo(str(source), scanned.classes, channels, size, mean, std)
+    manifest = [
+        (os.path.relpath(p, scanned.root), scanned.classes[lab], name)
+        for name, (paths, labels) in splits.items()
+        for p, lab in zip(paths, labels)
+    ]
+    return DataBundle(info, final["train"], final.get("val"), final["test"], manifest=manifest, notes=notes)
+
+
+def _assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
+    """train/val/test file lists: the folder's own splits, completed by seeded stratified splits."""
+    splits = dict(scanned.splits)
+
+    def carve(source: str, fraction: float) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+        paths, labels = splits[source]
+        taken, kept = stratified_split(np.array(labels), [fraction], opts.split_seed)
+        pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+        return pick(taken), pick(kept)
+
+    if "all" in splits:
+        test, rest = carve("all", opts.test_fraction)
+        splits = {"train": rest, "test": test}
+        notes.append(f"split the folder with seed {opts.split_seed}: {opts.test_fraction:.0%} held out for testing")
+    if "val" not in splits and opts.val_fraction > 0:
+        val, train = carve("train", opts.val_fraction)
+        splits["train"], splits["val"] = train, val
+    if "test" not in splits:
+        splits["test"] = splits["val"]
+        notes.append("the folder has no test split: the validation split is also used for the final test")
+    return splits
+
+
+def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -> tuple[int, tuple[int, int]]:
+    """Channels and (H, W) from a sample of the training images' headers, unless given."""
+    from PIL import Image
+
+    step = max(1, len(train_paths) // 256)
+    modes: Counter[str] = Counter()
+    sizes: Counter[tuple[int, int]] = Counter()
+    for p in train_paths[::step]:
+        try:
+            with Image.open(p) as img:
+                modes[img.mode] += 1
+                sizes[(img.height, img.width)] += 1
+        except (OSError, SyntaxError, ValueError):
+            continue  # unreadable files are reported when decoded
+    channels = opts.channels or (1 if modes and set(modes) <= GREY_MODES else 3)
+    if isinstance(opts.image_size, tuple):
+        return channels, opts.image_size
+    if opts.image_size:
+        return channels, (opts.image_size, opts.image_size)
+    common, count = sizes.most_common(1)[0] if sizes else ((DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE), 0)
+    if count >= 0.8 * sum(sizes.values()) and max(common) <= 256:
+        return channels, common
+    notes.append(f"images differ in size; resizing to {DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE} (set --image-size)")
+    return channels, (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
+
+
+def _fingerprint(split: FileSplit, extra: str = "") -> str:
+    digest = hashlib.sha1(f"{split.channels}|{split.image_size}|{extra}".encode())
+    for path, label in zip(split.paths, split.labels.tolist()):
+        st = os.stat(path)
+        digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_split(split: FileSplit, opts: DataOptions) -> ArraySplit:
+    """Decode every file of a split once into a uint8 tensor, cached under cache_dir/decoded/."""
+    from imgrec.data.loaders import FileDataset, _collate_uint8, default_workers, worker_error_message
+
+    cache = Path(opts.cache_dir) / "decoded" / f"{_fingerprint(split)}.pt"
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            return ArraySplit(saved["images"], saved["labels"])
+        except (RuntimeError, KeyError, OSError):
+            cache.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    workers = default_workers() if opts.workers is None else opts.workers
+    loader = torch.utils.data.DataLoader(FileDataset(split), batch_size=256, num_workers=workers, collate_fn=_collate_uint8)
+    images = torch.empty((len(split), split.channels, *split.image_size), dtype=torch.uint8)
+    start = 0
+    try:
+        for batch, _ in loader:
+            images[start : start + len(batch)] = batch
+            start += len(batch)
+    except (ImageDecodeError, RuntimeError) as exc:
+        raise ImgrecError(worker_error_message(exc)) from None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": images, "labels": split.labels.clone()}, tmp)
+    os.replace(tmp, cache)
+    return ArraySplit(images, split.labels.clone())
+
+
+def _train_stats(train: Split, opts: DataOptions) -> tuple[list[float], list[float]]:
+    """Mean/std of the training split; for streamed folders from up to 2,000 images, cached by content."""
+    if isinstance(train, ArraySplit):
+        return channel_stats(train.images)
+    cache = Path(opts.cache_dir) / "stats" / f"{_fingerprint(train)}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        return saved["mean"], saved["std"]
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(train), size=min(len(train), 2000), replace=False)
+    mean, std = channel_stats(_decode_split(train.subset(torch.from_numpy(np.sort(sample))), opts).images)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"mean": mean, "std": std}))
+    return mean, std

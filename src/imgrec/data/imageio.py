@@ -1,0 +1,101 @@
+"""The one image decoder of imgrec: training, evaluation and prediction all read files through `load_image`.
+
+Pillow does the decoding, with its decompression-bomb limits left on and truncated files refused (never
+`LOAD_TRUNCATED_IMAGES`). EXIF orientation is applied, and every mode is turned into grey ("L") or colour
+("RGB") the same way everywhere: transparency is composited on white, 16-bit values are scaled, not clipped.
+Imports: Pillow, numpy and torch only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgrec.errors import ImgrecError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+class ImageDecodeError(ImgrecError):
+    """A file that is not a readable image; the message names the file and why."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for a visible file whose extension is one imgrec decodes."""
+    p = Path(path)
+    return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | Path, channels: int) -> Image.Image:
+    """Decode a file to a PIL image in mode "L" (channels=1) or "RGB" (channels=3), upright per EXIF."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (then errors) on huge images; keep the error, make the warning one too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_mode(img, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{path}: image too large to decode safely ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{path}: not an image file imgrec can read") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from None
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to "L" or "RGB": composite transparency on white, scale 16/32-bit to 8-bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16-bit, 32-bit integer or float image to 8 bits by its type's range (not by clipping)."""
+    array = np.asarray(img)
+    if img.mode == "F":
+        scaled = np.clip(array, 0.0, 1.0) * 255.0 if array.max(initial=0) <= 1.0 else np.clip(array, 0, 255)
+    elif img.mode.startswith("I;16") or array.max(initial=0) <= 65535:
+        scaled = array.astype(np.float64) / 257.0  # 65535 -> 255
+    else:
+        scaled = array.astype(np.float64) / 16843009.0  # 2**32-1 -> 255
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
+def resize_center(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize so the image covers (H, W), keeping its aspect ratio, then crop the centre."""
+    height, width = size
+    if img.size == (width, height):
+        return img
+    scale = max(width / img.width, height / img.height)
+    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL "L" or "RGB" image -> uint8 tensor (C, H, W)."""
+    array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """Decode, convert and resize one file: uint8 tensor (channels, H, W)."""
+    return image_to_tensor(resize_center(load_image(path, channels), size))

@@ -1,0 +1,120 @@
+"""What a weights file holds, and how it is written (atomically) and read (weights only, never code).
+
+A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors and plain values:
+  format_version, model {name, num_classes, in_channels, image_size}, state_dict,
+  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit.
+Everything inference needs is in it; nothing in it can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgrec.errors import ImgrecError
+
+FORMAT_VERSION = 1
+WEIGHTS_NAMES = ("best.pt", "last.pt")
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync it, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; a damaged or foreign file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImgrecError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
+        first = lines[0].replace("WeightsUnpickler error: ", "").split(" was not")[0] if lines else "unsafe content"
+        raise ImgrecError(f"{path} holds more than weights and was refused (it could run code): {first}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        hint = _previous_good(path)
+        raise ImgrecError(f"{path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}){hint}") from None
+    if not isinstance(obj, dict):
+        raise ImgrecError(f"{path} is not an imgrec or torchvision weights file")
+    return obj
+
+
+def _previous_good(path: Path) -> str:
+    for name in WEIGHTS_NAMES:
+        other = path.parent / name
+        if other != path and other.is_file():
+            return f"; {other} may still be good"
+    return ""
+
+
+def load_weights_file(path: str | Path) -> dict[str, Any]:
+    """Load an imgrec weights file and check it has what inference needs."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model", "state_dict", "classes", "mean", "std", "image_size", "channels") if k not in ckpt]
+    if missing:
+        raise ImgrecError(f"{path} is not an imgrec weights file (missing {', '.join(missing)})")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise ImgrecError(f"{path} was written by a newer imgrec (format {ckpt['format_version']}); upgrade imgrec")
+    return ckpt
+
+
+def resolve_weights(run_or_weights: str | Path) -> Path:
+    """A run folder -> its weights/best.pt (else last.pt); a file -> itself."""
+    path = Path(run_or_weights)
+    if path.is_dir():
+        for name in WEIGHTS_NAMES:
+            candidate = path / "weights" / name
+            if candidate.is_file():
+                return candidate
+        raise ImgrecError(f"{path} holds no weights (expected {path}/weights/best.pt); did its training finish an epoch?")
+    if not path.exists():
+        raise ImgrecError(f"no such run folder or weights file: {path}")
+    return path
+
+
+def run_dir_of(weights_path: Path) -> Path:
+    """The run folder a weights file belongs to (runs/<run>/weights/x.pt -> runs/<run>), else its own folder."""
+    return weights_path.parent.parent if weights_path.parent.name == "weights" else weights_path.parent
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
+    """load_state_dict with a one-line error when the weights belong to another model or class count."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch"
+        raise ImgrecError(f"the weights in {source} do not fit this model: {detail}") from None

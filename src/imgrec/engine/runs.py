@@ -1,0 +1,75 @@
+"""Run folders: runs/<name>/ with config.yaml, results.csv, weights/, summary.json and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+RESULT_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def create_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """runs/<name>, or runs/<name>2, <name>3, ... when taken (unless exist_ok)."""
+    project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
+    candidate = project / name
+    if exist_ok:
+        candidate.mkdir(exist_ok=True)
+        return candidate
+    n = 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate = project / f"{name}{n}"
+            n += 1
+
+
+def default_run_name(data: str, model: str) -> str:
+    """<data>-<model> with the data's path reduced to a short, file-safe name."""
+    stem = Path(data.rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "data"
+    return f"{stem}-{model}"
+
+
+class ResultsLog:
+    """results.csv, one row per epoch, flushed as each row is written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(RESULT_FIELDS)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in RESULT_FIELDS])
+
+
+def read_results(path: str | Path) -> list[dict[str, float]]:
+    """results.csv as a list of rows of floats (empty cells -> nan)."""
+    with Path(path).open(newline="") as f:
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Pretty JSON, written to a temp file and renamed."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

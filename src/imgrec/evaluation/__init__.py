@@ -1,0 +1,1 @@
+"""Numbers and figures from (logits, targets, class names). Holds no training state; imports no model or data."""

@@ -1,0 +1,55 @@
+"""The tutorial's CNNs.
+
+Grey images: LeNet-style conv 20 and 50 (5x5), each followed by ReLU and 2x2 max-pooling, then fc 500 with
+dropout 0.5. Colour images: the tutorial's CIFAR-10 variant, conv 16/32/64 (3x3, padded) with pooling, then
+fc 500 with dropout 0.5. Both adapt to any image size: small images get padded convs, and pooling stops
+before the feature map would vanish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv_stack(in_channels: int, image_size: Sequence[int], widths: Sequence[int], kernel: int, padding: int) -> tuple[nn.Sequential, int]:
+    """conv -> ReLU -> maxpool blocks; returns the stack and its flattened output size."""
+    layers: list[nn.Module] = []
+    height, width = image_size
+    channels = in_channels
+    for out in widths:
+        pad = padding if min(height, width) + 2 * padding - kernel + 1 >= 1 else kernel // 2
+        layers += [nn.Conv2d(channels, out, kernel, padding=pad), nn.ReLU(inplace=True)]
+        height, width = height + 2 * pad - kernel + 1, width + 2 * pad - kernel + 1
+        if min(height, width) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        channels = out
+    return nn.Sequential(*layers), channels * height * width
+
+
+class LeNet(nn.Module):
+    """Conv feature stack -> fc 500 -> dropout -> num_classes logits."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: Sequence[int], widths: Sequence[int] = (20, 50),
+                 kernel: int = 5, padding: int = 0, hidden: int = 500, dropout: float = 0.5) -> None:
+        super().__init__()
+        # Inputs smaller than 16 px (8x8 digits) keep their size through "same" padding.
+        if min(image_size) < 16:
+            padding = kernel // 2
+        self.features, flat = _conv_stack(in_channels, image_size, widths, kernel, padding)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))  # (B, C, H, W) -> (B, num_classes)
+
+
+def build_lenet(num_classes: int, in_channels: int, image_size: Sequence[int]) -> LeNet:
+    """The tutorial's CNN for the data at hand: 2 convs of 5x5 for grey, 3 convs of 3x3 for colour."""
+    if in_channels == 1:
+        return LeNet(num_classes, in_channels, image_size, widths=(20, 50), kernel=5, padding=0)
+    return LeNet(num_classes, in_channels, image_size, widths=(16, 32, 64), kernel=3, padding=1)

@@ -1,0 +1,38 @@
+"""Model names -> builders. Every builder takes (num_classes, in_channels, image_size) and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from imgrec.errors import UsageError
+from imgrec.models.lenet import build_lenet
+from imgrec.models.mlp import MLP
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    builder: Callable[[int, int, Sequence[int]], nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "mlp": ModelEntry(lambda n, c, s: MLP(n, c, s), "the tutorial's naive fully-connected net (hidden 125, 65)"),
+    "lenet": ModelEntry(build_lenet, "the tutorial's CNN: conv 20/50 5x5 for grey, conv 16/32/64 3x3 for colour; fc 500"),
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: Sequence[int]) -> nn.Module:
+    """Build a registered model for the data's class count, channels and (H, W)."""
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}: use one of {', '.join(MODELS)} (`imgrec models` lists them)")
+    if num_classes < 2:
+        raise UsageError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return MODELS[name].builder(num_classes, in_channels, tuple(image_size))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

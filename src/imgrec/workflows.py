@@ -61,13 +61,14 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
 def train(cfg: RunConfig) -> TrainOutcome:
     """Load the data, build the model, fit, test the best weights, and write the run folder."""
     set_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     started = time.perf_counter()
     bundle = load_data(cfg.data, data_options(cfg))
     info = bundle.info
     for note in bundle.notes:
         log.info(note)
+    # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
+    seed_everything(cfg.seed, cfg.deterministic)
     model = build_model(cfg.model, info.num_classes, info.channels, info.image_size)
     run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
     cfg.save(run_dir / "config.yaml")

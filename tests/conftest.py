@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny data sets made on the fly, the real data in ../shared/data, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# The real data sets (read-only): $IMGREC_TEST_DATA, else ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("IMGREC_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One imgrec cache per test session (extracted archives and decoded images are reused across tests)."""
+    os.environ["IMGREC_CACHE"] = str(tmp_path_factory.mktemp("imgrec-cache"))
+    os.environ["MPLBACKEND"] = "Agg"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data folder; a missing folder fails the test loudly (CI has it)."""
+    if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir() or not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file():
+        pytest.fail(f"real data not found at {SHARED_DATA}: expected FashionMNIST/raw/ and cifar10-jpeg.tar.gz "
+                    f"(set IMGREC_TEST_DATA to the folder that holds them)")
+    return SHARED_DATA
+
+
+def class_image(label: int, num_classes: int, size: int = 16, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A learnable image: a bright square whose position encodes the class, on faint noise. (H, W[, C]) uint8."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 40, size=(size, size, channels), dtype=np.uint8)
+    cells = int(np.ceil(np.sqrt(num_classes)))
+    cell = size // cells
+    row, col = divmod(label, cells)
+    image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = 220
+    return image[:, :, 0] if channels == 1 else image
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 12,
+                      size: int = 16, channels: int = 3, splits: tuple[str, ...] = (), ext: str = ".png") -> Path:
+    """Write class folders of learnable images; with splits=("train", "test") write one tree per split."""
+    trees = [root / s for s in splits] if splits else [root]
+    for t, tree in enumerate(trees):
+        for label, name in enumerate(classes):
+            folder = tree / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                array = class_image(label, len(classes), size, channels, seed=1000 * t + 100 * label + i)
+                Image.fromarray(array).save(folder / f"{i:03d}{ext}")
+    return root
+
+
+def write_idx(folder: Path, n_train: int = 60, n_test: int = 20, num_classes: int = 10, size: int = 28) -> Path:
+    """Fake MNIST-format IDX files (big-endian headers, magic 2051 / 2049) with learnable images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % num_classes
+        images = np.stack([class_image(int(y), num_classes, size, 1, seed=i) for i, y in enumerate(labels)])
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, size, size) + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A single folder of three class folders, 12 colour 16x16 PNGs each."""
+    return make_image_folder(tmp_path / "photos")
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path: Path) -> Path:
+    """A data folder with fake Fashion-MNIST IDX files (60 train / 20 test)."""
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw")
+    return tmp_path / "data"

@@ -44,8 +44,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
         else:
             if "choices" in f.metadata:
-                options["choices"] = f.metadata["choices"]
-            parser.add_argument(flag, type=base, metavar=f.name.upper(), **options)
+                options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}
+            else:
+                options["metavar"] = f.name.upper()
+            parser.add_argument(flag, type=base, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:

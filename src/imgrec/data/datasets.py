@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,7 +242,9 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
     common, count = sizes.most_common(1)[0] if sizes else ((DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE), 0)
     if count >= 0.8 * sum(sizes.values()) and max(common) <= 256:
         return channels, common
-    notes.append(f"images differ in size; resizing to {DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE} (set --image-size)")
+    uniform = count > 0 and count >= 0.8 * sum(sizes.values())  # then only too large
+    reason = f"images are {common[0]}x{common[1]}" if uniform else "images differ in size"
+    notes.append(f"{reason}; resizing to {DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE} (set --image-size)")
     return channels, (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
 
 
@@ -261,7 +265,7 @@ def _decode_split(split: FileSplit, opts: DataOptions) -> ArraySplit:
         try:
             saved = torch.load(cache, weights_only=True)
             return ArraySplit(saved["images"], saved["labels"])
-        except (RuntimeError, KeyError, OSError):
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError):
             cache.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     workers = default_workers() if opts.workers is None else opts.workers
     loader = torch.utils.data.DataLoader(FileDataset(split), batch_size=256, num_workers=workers, collate_fn=_collate_uint8)
@@ -272,6 +276,7 @@ def _decode_split(split: FileSplit, opts: DataOptions) -> ArraySplit:
             images[start : start + len(batch)] = batch
             start += len(batch)
     except (ImageDecodeError, RuntimeError) as exc:
+        traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
         raise ImgrecError(worker_error_message(exc)) from None
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")

@@ -60,7 +60,12 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
             _extract_zip(archive, tmp)
         else:
             _extract_tar(archive, tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process (a DDP rank) finished the same extraction first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,13 +128,19 @@ def _visible_dirs(path: Path) -> list[Path]:
 
 
 def find_root(path: Path) -> Path:
-    """Step down through folders that only wrap one folder (as archives often do)."""
+    """Step down through folders that only wrap one folder (as archives often do), never into a class folder."""
     while True:
         entries = [p for p in path.iterdir() if not p.name.startswith((".", "__"))]
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in ("train",):
+        if (len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() not in ("train",)
+                and not _is_class_folder(entries[0])):
             path = entries[0]
         else:
             return path
+
+
+def _is_class_folder(path: Path) -> bool:
+    """Images directly inside and no subfolders: the only class of a one-class folder, not a wrapper."""
+    return not _visible_dirs(path) and any(is_image_file(p) and p.is_file() for p in path.iterdir())
 
 
 def scan_folder(path: str | Path) -> FolderSplits:

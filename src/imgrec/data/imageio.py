@@ -56,6 +56,8 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         img = _to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("L", "RGB") and "transparency" in img.info:  # a PNG tRNS colour: transparent, not black
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

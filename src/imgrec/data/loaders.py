@@ -8,6 +8,7 @@ whichever path the images come from. Imports: torch and the data package.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Iterator
 
 import torch
@@ -74,16 +75,20 @@ class FileDataset(Dataset):
 
 
 class _EpochBatches:
-    """The batch sampler of StreamLoader: the same order TensorLoader would draw."""
+    """The batch sampler of StreamLoader: the same order TensorLoader would draw, set at the start of each epoch.
 
-    def __init__(self, loader: StreamLoader) -> None:
-        self.loader = loader
+    It holds the batches, not the loader: a loader -> DataLoader -> sampler -> loader cycle would keep the
+    persistent worker processes alive after the loader is dropped, until the garbage collector happens to run.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(idx.tolist() for idx in self.loader.current_batches)
+        return iter(idx.tolist() for idx in self.batches)
 
     def __len__(self) -> int:
-        return len(self.loader.current_batches)
+        return len(self.batches)
 
 
 class StreamLoader:
@@ -94,9 +99,9 @@ class StreamLoader:
         self.split, self.batch_size, self.transform = split, batch_size, transform
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.epoch = 0
-        self.current_batches: list[torch.Tensor] = []
+        self._batches = _EpochBatches()
         workers = default_workers() if workers is None else workers
-        self._loader = DataLoader(FileDataset(split), batch_sampler=_EpochBatches(self), num_workers=workers,
+        self._loader = DataLoader(FileDataset(split), batch_sampler=self._batches, num_workers=workers,
                                   persistent_workers=workers > 0, collate_fn=_collate_uint8)
 
     def set_epoch(self, epoch: int) -> None:
@@ -112,13 +117,14 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = epoch_generator(self.seed, self.epoch)
-        self.current_batches = _batch_order(len(self.split), self.batch_size, self.shuffle, self.drop_last, generator)
+        self._batches.batches = _batch_order(len(self.split), self.batch_size, self.shuffle, self.drop_last, generator)
         try:
             for images, labels in self._loader:
                 yield self.transform(images, generator if self.augment else None), labels
         except (ImageDecodeError, RuntimeError) as exc:
             if "DataLoader worker" not in str(exc) and not isinstance(exc, ImageDecodeError):
                 raise
+            traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
             raise ImgrecError(worker_error_message(exc)) from None
 
 

@@ -61,15 +61,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
-        first = lines[0].replace("WeightsUnpickler error: ", "").split(" was not")[0] if lines else "unsafe content"
-        raise ImgrecError(f"{path} holds more than weights and was refused (it could run code): {first}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        detail = _unpickler_detail(str(exc))
+        if detail.startswith("Unsupported global"):  # a pickle that names code to run: refused, never executed
+            raise ImgrecError(f"{path} holds more than weights and was refused (it could run code): {detail}") from None
+        hint = _previous_good(path)  # random bytes or a foreign pickle stream
+        raise ImgrecError(f"{path} is damaged or not a checkpoint (unreadable pickle: {detail}){hint}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as exc:
+        # KeyError/IndexError: torch's legacy (non-zip) reader on a file that is not a checkpoint at all
         hint = _previous_good(path)
-        raise ImgrecError(f"{path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}){hint}") from None
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ImgrecError(f"{path} is damaged or not a checkpoint ({first}){hint}") from None
     if not isinstance(obj, dict):
         raise ImgrecError(f"{path} is not an imgrec or torchvision weights file")
     return obj
+
+
+def _unpickler_detail(message: str) -> str:
+    """The reason in torch's weights-only error ("Unsupported global: GLOBAL os.system"), without its advice."""
+    _, _, rest = message.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in rest.splitlines() if ln.strip()]
+    return lines[0].split(" was not an allowed global")[0] if lines else "unsafe content"
 
 
 def _previous_good(path: Path) -> str:

@@ -40,13 +40,15 @@ def default_run_name(data: str, model: str) -> str:
 
 
 class ResultsLog:
-    """results.csv, one row per epoch, flushed as each row is written."""
+    """results.csv, one row per epoch, flushed as each row is written.
+
+    A new log starts a new file: a run in a reused folder (--exist-ok) must not inherit the old run's rows.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(RESULT_FIELDS)
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerow(RESULT_FIELDS)
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:

@@ -100,6 +100,11 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         seconds = time.perf_counter() - start
         out.train_seconds += seconds
         images_seen += seen
+        # The epoch's last update can make the weights non-finite while its own loss was finite: never
+        # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
+        if not _all_finite(model):
+            raise ImgrecError(f"training diverged: the weights are not finite at epoch {epoch}, step {len(train_loader)}; "
+                              f"lower --lr or add --grad-clip")
         val = evaluate(model, val_loader, device, dtype, memory_format) if val_loader is not None else None
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
@@ -195,6 +200,12 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
     if collect:
         result.logits, result.targets = torch.cat(all_logits), torch.cat(all_targets)
     return result
+
+
+def _all_finite(model: nn.Module) -> bool:
+    """True when every floating-point parameter and buffer is finite (one device sync)."""
+    checks = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _weights(model: nn.Module, meta: dict[str, Any], epoch: int, row: dict[str, Any]) -> dict[str, Any]:

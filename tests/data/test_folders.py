@@ -1,0 +1,377 @@
+"""Image folders: layouts, class scanning, seeded stratified splits, and safe, once-only archive extraction."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from imgrec.data import folders
+from imgrec.data.folders import extract_archive, find_root, is_archive, scan_folder, stratified_split
+from imgrec.errors import ImgrecError
+
+
+def rel(paths: list[str], root: Path) -> list[str]:
+    return [Path(p).relative_to(root).as_posix() for p in paths]
+
+
+# --- layouts -----------------------------------------------------------------------------------------------
+
+
+def test_single_folder_of_class_folders(image_folder: Path) -> None:
+    scanned = scan_folder(image_folder)
+    assert scanned.root == image_folder
+    assert scanned.classes == ["cat", "dog", "fox"]
+    assert list(scanned.splits) == ["all"]
+    paths, labels = scanned.splits["all"]
+    assert len(paths) == len(labels) == 36
+    assert labels == [0] * 12 + [1] * 12 + [2] * 12
+    assert rel(paths, image_folder)[:2] == ["cat/000.png", "cat/001.png"]
+    assert all(Path(p).parent.name == scanned.classes[y] for p, y in zip(paths, labels))
+
+
+def test_train_test_layout(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", per_class=3, splits=("train", "test"))
+    scanned = scan_folder(root)
+    assert scanned.classes == ["cat", "dog", "fox"]
+    assert sorted(scanned.splits) == ["test", "train"]
+    for split in ("train", "test"):
+        paths, labels = scanned.splits[split]
+        assert len(paths) == 9 and labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert all(rel([p], root)[0].startswith(f"{split}/") for p in paths)
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation", "Val"])
+def test_train_val_test_layout(tmp_path: Path, val_name: str) -> None:
+    root = make_image_folder(tmp_path / "ds", per_class=2, splits=("train", val_name, "test"))
+    scanned = scan_folder(root)
+    assert sorted(scanned.splits) == ["test", "train", "val"]
+    assert all(Path(p).parts[-3] == val_name for p in scanned.splits["val"][0])
+    assert len(scanned.splits["val"][0]) == 6
+
+
+def test_train_only_is_one_pool(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", per_class=2, splits=("train",))
+    scanned = scan_folder(root)
+    assert list(scanned.splits) == ["all"]
+    assert all("/train/" in p for p in scanned.splits["all"][0])
+
+
+@pytest.mark.parametrize("splits", [(), ("train", "test"), ("train",)])
+def test_wrapper_folders_are_stepped_through(tmp_path: Path, splits: tuple[str, ...]) -> None:
+    make_image_folder(tmp_path / "outer" / "inner" / "ds", classes=("a", "b"), per_class=2, splits=splits)
+    (tmp_path / "outer" / ".DS_Store").write_text("x")
+    (tmp_path / "outer" / "__MACOSX").mkdir()
+    scanned = scan_folder(tmp_path / "outer")
+    assert scanned.root == tmp_path / "outer" / "inner" / "ds"
+    assert scanned.classes == ["a", "b"]
+    assert sum(len(p) for p, _ in scanned.splits.values()) == 4 * max(1, len(splits))
+
+
+def test_find_root_stops_at_the_class_folders(image_folder: Path) -> None:
+    assert find_root(image_folder) == image_folder
+
+
+def test_hidden_files_and_folders_are_ignored(image_folder: Path) -> None:
+    (image_folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (image_folder / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (image_folder / "cat" / "._000.png").write_bytes(b"resource fork")
+    (image_folder / "cat" / "readme.txt").write_text("not an image")
+    (image_folder / "cat" / "Thumbs.db").write_bytes(b"x")
+    (image_folder / "cat" / ".thumbnails").mkdir()
+    (image_folder / "cat" / ".thumbnails" / "a.png").write_bytes((image_folder / "cat" / "000.png").read_bytes())
+    (image_folder / ".hidden_class").mkdir()
+    (image_folder / ".hidden_class" / "x.png").write_bytes((image_folder / "cat" / "000.png").read_bytes())
+    (image_folder / "__MACOSX").mkdir()
+    scanned = scan_folder(image_folder)
+    assert scanned.classes == ["cat", "dog", "fox"]
+    paths, _ = scanned.splits["all"]
+    assert len(paths) == 36
+    assert not any(Path(p).name.startswith(".") or ".thumbnails" in p for p in paths)
+
+
+def test_nested_subfolders_inside_a_class_are_collected(image_folder: Path) -> None:
+    deep = image_folder / "dog" / "2024" / "summer"
+    deep.mkdir(parents=True)
+    (deep / "beach.jpg").write_bytes((image_folder / "dog" / "000.png").read_bytes())
+    (image_folder / "dog" / "2024" / "park.PNG").write_bytes((image_folder / "dog" / "001.png").read_bytes())
+    scanned = scan_folder(image_folder)
+    assert scanned.classes == ["cat", "dog", "fox"]  # subfolders of a class are not classes
+    paths, labels = scanned.splits["all"]
+    dogs = rel([p for p, y in zip(paths, labels) if y == 1], image_folder)
+    assert "dog/2024/summer/beach.jpg" in dogs and "dog/2024/park.PNG" in dogs
+    assert len(dogs) == 14
+
+
+def test_non_ascii_class_names(tmp_path: Path) -> None:
+    classes = ("chat", "Hund", "кошка", "猫", "été")
+    root = make_image_folder(tmp_path / "données", classes=classes, per_class=2)
+    scanned = scan_folder(root)
+    assert scanned.classes == sorted(classes)
+    paths, labels = scanned.splits["all"]
+    assert len(paths) == 10
+    assert all(Path(p).parent.name == scanned.classes[y] for p, y in zip(paths, labels))
+
+
+def test_empty_class_folder_is_an_error_naming_it(image_folder: Path) -> None:
+    (image_folder / "emu").mkdir()
+    with pytest.raises(ImgrecError, match="emu") as info:
+        scan_folder(image_folder)
+    assert "no images" in str(info.value)
+
+
+def test_class_folder_of_non_images_is_an_error(image_folder: Path) -> None:
+    (image_folder / "notes").mkdir()
+    (image_folder / "notes" / "a.txt").write_text("x")
+    with pytest.raises(ImgrecError, match="notes"):
+        scan_folder(image_folder)
+
+
+def test_single_class_is_an_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", classes=("cat",), per_class=3)
+    with pytest.raises(ImgrecError, match=r"only one class folder \(cat\)"):
+        scan_folder(root)
+
+
+def test_single_class_in_a_train_split_is_an_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", classes=("cat",), per_class=2, splits=("train", "test"))
+    with pytest.raises(ImgrecError, match="only one class"):
+        scan_folder(root)
+
+
+def test_folder_without_class_folders_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.txt").write_text("x")
+    (tmp_path / "flat" / "b.txt").write_text("x")
+    with pytest.raises(ImgrecError, match="no class folders"):
+        scan_folder(tmp_path / "flat")
+
+
+def test_val_folder_with_unknown_class_is_an_error(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", classes=("cat", "dog"), per_class=2, splits=("train", "val"))
+    make_image_folder(root / "val", classes=("wolf",), per_class=1)
+    with pytest.raises(ImgrecError, match="wolf"):
+        scan_folder(root)
+
+
+def test_test_split_may_lack_a_class(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds", classes=("cat", "dog", "fox"), per_class=2, splits=("train",))
+    make_image_folder(root / "test", classes=("cat", "dog"), per_class=2)
+    scanned = scan_folder(root)
+    assert scanned.splits["test"][1] == [0, 0, 1, 1]
+
+
+# --- stratified_split --------------------------------------------------------------------------------------
+
+
+LABELS = np.repeat(np.arange(4), [40, 20, 10, 30])
+
+
+def test_split_is_seeded() -> None:
+    first = stratified_split(LABELS, [0.2, 0.1], seed=3)
+    again = stratified_split(LABELS, [0.2, 0.1], seed=3)
+    other = stratified_split(LABELS, [0.2, 0.1], seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_split_is_disjoint_complete_and_stratified() -> None:
+    parts = stratified_split(LABELS, [0.2, 0.1], seed=0)
+    assert len(parts) == 3
+    joined = np.concatenate(parts)
+    assert len(joined) == len(LABELS) and sorted(joined.tolist()) == list(range(len(LABELS)))
+    for part in parts:
+        assert np.array_equal(part, np.sort(part))
+    for cls, count in enumerate([40, 20, 10, 30]):
+        assert (LABELS[parts[0]] == cls).sum() == round(0.2 * count)
+        assert (LABELS[parts[1]] == cls).sum() == round(0.1 * count)
+        assert (LABELS[parts[2]] == cls).sum() == count - round(0.2 * count) - round(0.1 * count)
+
+
+def test_split_is_random_within_a_class() -> None:
+    test, rest = stratified_split(LABELS, [0.5], seed=0)
+    assert not np.array_equal(test[LABELS[test] == 0], np.arange(20))  # not simply the first half
+
+
+def test_split_keeps_one_example_per_class_in_the_last_part() -> None:
+    labels = np.array([0, 0, 1, 1, 2])
+    held, kept = stratified_split(labels, [0.9], seed=0)
+    assert sorted(set(labels[kept].tolist())) == [0, 1, 2]
+    assert len(held) + len(kept) == 5
+
+
+# --- archives ----------------------------------------------------------------------------------------------
+
+
+def make_archive(folder: Path, archive: Path) -> Path:
+    """Pack folder (as its own top-level folder) into archive; the format follows the suffix."""
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(folder.rglob("*")):
+                zf.write(path, path.relative_to(folder.parent).as_posix())
+    else:
+        mode = "w:gz" if archive.name.endswith((".tar.gz", ".tgz")) else "w"
+        with tarfile.open(archive, mode) as tf:
+            tf.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tgz"])
+def test_extract_archive(image_folder: Path, tmp_path: Path, suffix: str) -> None:
+    archive = make_archive(image_folder, tmp_path / f"photos{suffix}")
+    assert is_archive(archive)
+    cache = tmp_path / "cache"
+    target = extract_archive(archive, cache)
+    assert target.is_dir() and target.parent == cache / "extracted"
+    assert target.name.startswith("photos-")
+    originals = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*.png"))
+    extracted = sorted(p.relative_to(target / "photos") for p in target.rglob("*.png"))
+    assert extracted == originals
+    assert (target / "photos" / "dog" / "003.png").read_bytes() == (image_folder / "dog" / "003.png").read_bytes()
+    scanned = scan_folder(target)
+    assert scanned.classes == ["cat", "dog", "fox"] and len(scanned.splits["all"][0]) == 36
+    assert [p.name for p in (cache / "extracted").iterdir()] == [target.name]  # no temporary folder left
+
+
+def test_extract_archive_is_done_once(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = make_archive(image_folder, tmp_path / "photos.tar.gz")
+    target = extract_archive(archive, tmp_path / "cache")
+    marker = target / "photos" / "cat" / "000.png"
+    mtime = marker.stat().st_mtime_ns
+
+    def fail(*args: object) -> None:
+        raise AssertionError("extracted a second time")
+
+    monkeypatch.setattr(folders, "_extract_tar", fail)
+    assert extract_archive(archive, tmp_path / "cache") == target
+    assert marker.stat().st_mtime_ns == mtime
+
+
+def test_changed_archive_is_extracted_again(image_folder: Path, tmp_path: Path) -> None:
+    archive = make_archive(image_folder, tmp_path / "photos.tar")
+    first = extract_archive(archive, tmp_path / "cache")
+    (image_folder / "cat" / "extra.png").write_bytes((image_folder / "cat" / "000.png").read_bytes())
+    make_archive(image_folder, archive)
+    second = extract_archive(archive, tmp_path / "cache")
+    assert second != first
+    assert (second / "photos" / "cat" / "extra.png").is_file()
+    assert not (first / "photos" / "cat" / "extra.png").exists()
+    # Same size, new modification time: also a new archive.
+    stat = archive.stat()
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert extract_archive(archive, tmp_path / "cache") not in (first, second)
+
+
+def test_archive_extracted_by_another_process_meanwhile(image_folder: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes (DDP ranks) extracting one archive: the one that finishes second uses the first's folder."""
+    archive = make_archive(image_folder, tmp_path / "photos.tar")
+    name = extract_archive(archive, tmp_path / "elsewhere").name  # the folder name depends on the archive only
+    cache = tmp_path / "cache"
+    real = folders._extract_tar
+
+    def racing(source: Path, tmp: Path) -> None:
+        real(source, tmp)
+        real(source, cache / "extracted" / name)  # meanwhile the other process finished and renamed its own
+
+    monkeypatch.setattr(folders, "_extract_tar", racing)
+    target = extract_archive(archive, cache)
+    assert target == cache / "extracted" / name
+    assert (target / "photos" / "cat" / "000.png").is_file()
+    assert [p.name for p in (cache / "extracted").iterdir()] == [name]  # our temporary folder was removed
+
+
+def test_bad_archive_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"PK\3\4 not really")
+    (tmp_path / "broken.tar.gz").write_bytes(b"\x1f\x8b not really")
+    with pytest.raises(ImgrecError, match="broken.zip"):
+        extract_archive(tmp_path / "broken.zip", tmp_path / "cache")
+    with pytest.raises(ImgrecError, match="broken.tar.gz"):
+        extract_archive(tmp_path / "broken.tar.gz", tmp_path / "cache")
+    with pytest.raises(ImgrecError, match="not found"):
+        extract_archive(tmp_path / "missing.zip", tmp_path / "cache")
+    assert list((tmp_path / "cache" / "extracted").iterdir()) == []  # temporary folders removed
+
+
+# --- malicious archives ------------------------------------------------------------------------------------
+
+
+def tar_with_member(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    with tarfile.open(path, "w") as tf:
+        good = tarfile.TarInfo("ok/cat/a.txt")
+        good.size = 2
+        tf.addfile(good, io.BytesIO(b"ok"))
+        tf.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+def zip_with_member(path: Path, member: str | zipfile.ZipInfo, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok/cat/a.txt", b"ok")
+        zf.writestr(member, data)
+    return path
+
+
+def evil_archives(base: Path) -> dict[str, Path]:
+    """Archives that try to write evil.txt outside the extraction folder, one way each."""
+    base.mkdir(parents=True, exist_ok=True)
+    abs_target = base / "abs" / "evil.txt"
+    made: dict[str, Path] = {}
+
+    dotdot = tarfile.TarInfo("../evil.txt")
+    dotdot.size = 4
+    made["tar-dotdot"] = tar_with_member(base / "dotdot.tar", dotdot, b"evil")
+    deep = tarfile.TarInfo("ok/../../../evil.txt")
+    deep.size = 4
+    made["tar-deep-dotdot"] = tar_with_member(base / "deep.tar.gz", deep, b"evil")
+    absolute = tarfile.TarInfo(str(abs_target))
+    absolute.size = 4
+    made["tar-absolute"] = tar_with_member(base / "absolute.tar", absolute, b"evil")
+    symlink = tarfile.TarInfo("ok/link")
+    symlink.type = tarfile.SYMTYPE
+    symlink.linkname = "../../../evil.txt"
+    made["tar-symlink"] = tar_with_member(base / "symlink.tar", symlink)
+    hardlink = tarfile.TarInfo("ok/hard")
+    hardlink.type = tarfile.LNKTYPE
+    hardlink.linkname = "../../evil.txt"
+    made["tar-hardlink"] = tar_with_member(base / "hardlink.tar", hardlink)
+    device = tarfile.TarInfo("ok/null")
+    device.type = tarfile.CHRTYPE
+    made["tar-device"] = tar_with_member(base / "device.tar", device)
+
+    made["zip-dotdot"] = zip_with_member(base / "dotdot.zip", "../evil.txt", b"evil")
+    made["zip-deep-dotdot"] = zip_with_member(base / "deep.zip", "ok/../../evil.txt", b"evil")
+    made["zip-absolute"] = zip_with_member(base / "absolute.zip", str(abs_target), b"evil")
+    link = zipfile.ZipInfo("ok/link")
+    link.external_attr = 0o120777 << 16  # a symbolic link, as Info-ZIP stores one
+    made["zip-symlink"] = zip_with_member(base / "symlink.zip", link, b"../../../evil.txt")
+    return made
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("tar-dotdot", "outside the target"), ("tar-deep-dotdot", "outside the target"), ("tar-absolute", "absolute path"),
+    ("tar-symlink", "links"), ("tar-hardlink", "links"), ("tar-device", "devices"),
+    ("zip-dotdot", "outside the target"), ("zip-deep-dotdot", "outside the target"), ("zip-absolute", "absolute path"),
+    ("zip-symlink", "symbolic link"),
+])
+def test_malicious_archive_is_refused(tmp_path: Path, kind: str, reason: str) -> None:
+    archive = evil_archives(tmp_path / "archives")[kind]
+    cache = tmp_path / "work" / "cache"
+    cache.mkdir(parents=True)
+    with pytest.raises(ImgrecError, match="refusing to extract") as info:
+        extract_archive(archive, cache)
+    assert reason in str(info.value)
+    # Nothing landed anywhere: not beside or above the target, not at the absolute path, no partial target.
+    assert not [p for p in tmp_path.rglob("*evil*")]
+    assert not [p for p in tmp_path.rglob("*") if p.is_symlink()]
+    assert not (tmp_path / "archives" / "abs").exists()
+    assert list((cache / "extracted").iterdir()) == []
+    # A second try refuses again (a refused archive is never recorded as extracted).
+    with pytest.raises(ImgrecError, match="refusing to extract"):
+        extract_archive(archive, cache)

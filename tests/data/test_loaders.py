@@ -1,0 +1,234 @@
+"""Loaders: in-memory and streamed batches are identical for a seed; order and augmentation follow (seed, epoch)."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from imgrec.data.imageio import read_image
+from imgrec.data.info import ArraySplit, FileSplit
+from imgrec.data.loaders import StreamLoader, TensorLoader, epoch_generator, make_loader, worker_error_message
+from imgrec.data.transforms import BatchTransform
+from imgrec.errors import ImgrecError
+
+SIZE = (16, 16)
+MEAN, STD = [0.4, 0.45, 0.5], [0.25, 0.25, 0.25]
+PLAIN = BatchTransform(MEAN, STD)
+AUGMENTED = BatchTransform(MEAN, STD, ["crop", "flip", "translate", "erase"])
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArraySplit, FileSplit]:
+    """The same 21 images as files and in memory; label i marks the i-th image, so orders are visible."""
+    root = make_image_folder(tmp_path_factory.mktemp("loaders") / "photos", per_class=7)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    labels = torch.arange(len(paths))
+    images = torch.stack([read_image(p, 3, SIZE) for p in paths])
+    return ArraySplit(images, labels), FileSplit(paths, labels.clone(), 3, SIZE)
+
+
+def run_epoch(loader: TensorLoader | StreamLoader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def order(loader: TensorLoader | StreamLoader, epoch: int = 0) -> list[int]:
+    return torch.cat([y for _, y in run_epoch(loader, epoch)]).tolist()
+
+
+def assert_same_batches(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+
+
+@contextmanager
+def new_children() -> Iterator[set[int]]:
+    """The pids of child processes started inside the block."""
+    before = {p.pid for p in multiprocessing.active_children()}
+    started: set[int] = set()
+    yield started
+    started.update(p.pid for p in multiprocessing.active_children() if p.pid not in before)
+
+
+def alive(pids: set[int]) -> set[int]:
+    return pids & {p.pid for p in multiprocessing.active_children()}
+
+
+# --- same batches from memory and from files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("transform", [PLAIN, AUGMENTED], ids=["plain", "augmented"])
+def test_tensor_and_stream_loaders_give_identical_batches(splits: tuple[ArraySplit, FileSplit], workers: int,
+                                                          transform: BatchTransform) -> None:
+    arrays, files = splits
+    augment = transform is AUGMENTED
+    memory = TensorLoader(arrays, 4, transform, shuffle=True, augment=augment, seed=7)
+    stream = StreamLoader(files, 4, transform, shuffle=True, augment=augment, seed=7, workers=workers)
+    for epoch in (0, 1, 0):  # persistent workers serve several epochs; going back repeats epoch 0
+        a, b = run_epoch(memory, epoch), run_epoch(stream, epoch)
+        assert_same_batches(a, b)
+        assert [len(y) for _, y in a] == [4, 4, 4, 4, 4, 1]
+        x = a[0][0]
+        assert x.dtype == torch.float32 and x.shape == (4, 3, *SIZE)
+    if augment:  # the augmentation really happened
+        plain = TensorLoader(arrays, 4, PLAIN, shuffle=True, augment=False, seed=7)
+        assert not torch.equal(run_epoch(plain, 0)[0][0], run_epoch(memory, 0)[0][0])
+
+
+def test_augmented_batches_are_the_plain_ones_transformed_with_the_epoch_generator(
+        splits: tuple[ArraySplit, FileSplit]) -> None:
+    arrays, _ = splits
+    loader = TensorLoader(arrays, 8, AUGMENTED, shuffle=True, augment=True, seed=3)
+    batches = run_epoch(loader, 2)
+    generator = epoch_generator(3, 2)
+    permutation = torch.randperm(len(arrays), generator=generator)
+    for (x, y), idx in zip(batches, permutation.split(8)):
+        assert torch.equal(y, arrays.labels[idx])
+        assert torch.equal(x, AUGMENTED(arrays.images[idx], generator))
+
+
+# --- order ---------------------------------------------------------------------------------------------------
+
+
+def test_order_is_a_permutation_that_changes_with_epoch_and_seed(splits: tuple[ArraySplit, FileSplit]) -> None:
+    arrays, _ = splits
+    loader = TensorLoader(arrays, 5, PLAIN, shuffle=True, seed=0)
+    epoch0, epoch1, epoch0_again = order(loader, 0), order(loader, 1), order(loader, 0)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(21))
+    assert epoch0 != list(range(21))
+    assert epoch0 != epoch1
+    assert epoch0 == epoch0_again
+    other_seed = TensorLoader(arrays, 5, PLAIN, shuffle=True, seed=1)
+    assert order(other_seed, 0) != epoch0
+    assert order(TensorLoader(arrays, 5, PLAIN, shuffle=True, seed=0), 0) == epoch0  # a fresh loader agrees
+
+
+def test_stream_order_changes_with_epoch_and_seed(splits: tuple[ArraySplit, FileSplit]) -> None:
+    _, files = splits
+    loader = StreamLoader(files, 8, PLAIN, shuffle=True, seed=0, workers=0)
+    epoch0, epoch1 = order(loader, 0), order(loader, 1)
+    assert sorted(epoch0) == list(range(21)) and epoch0 != epoch1
+    assert order(StreamLoader(files, 8, PLAIN, shuffle=True, seed=1, workers=0), 0) != epoch0
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+def test_eval_loader_is_in_order_and_plain(splits: tuple[ArraySplit, FileSplit], kind: str) -> None:
+    arrays, files = splits
+    split = arrays if kind == "memory" else files
+    loader = make_loader(split, 8, AUGMENTED, train=False, seed=5, workers=0)
+    assert isinstance(loader, TensorLoader if kind == "memory" else StreamLoader)
+    for epoch in (0, 3):
+        batches = run_epoch(loader, epoch)
+        assert torch.cat([y for _, y in batches]).tolist() == list(range(21))
+        images = torch.cat([x for x, _ in batches])
+        assert torch.equal(images, PLAIN(arrays.images))  # no augmentation, although the transform has some
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+def test_train_loader_is_shuffled_and_augmented(splits: tuple[ArraySplit, FileSplit], kind: str) -> None:
+    arrays, files = splits
+    loader = make_loader(arrays if kind == "memory" else files, 21, AUGMENTED, train=True, seed=5, workers=0)
+    ((x, y),) = run_epoch(loader, 0)
+    assert y.tolist() != list(range(21)) and sorted(y.tolist()) == list(range(21))
+    assert not torch.equal(x, PLAIN(arrays.images[y]))
+
+
+# --- sizes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size, drop_last, sizes", [
+    (4, False, [4, 4, 4, 4, 4, 1]),
+    (4, True, [4, 4, 4, 4, 4]),
+    (7, True, [7, 7, 7]),
+    (21, False, [21]),
+    (32, False, [21]),
+    (32, True, [21]),  # fewer samples than a batch: the one short batch is kept
+])
+def test_len_and_num_samples(splits: tuple[ArraySplit, FileSplit], batch_size: int, drop_last: bool,
+                             sizes: list[int]) -> None:
+    arrays, files = splits
+    for loader in (TensorLoader(arrays, batch_size, PLAIN, shuffle=True, drop_last=drop_last),
+                   StreamLoader(files, batch_size, PLAIN, shuffle=True, drop_last=drop_last, workers=0)):
+        assert loader.num_samples == 21
+        assert len(loader) == len(sizes)
+        assert [len(y) for _, y in loader] == sizes
+
+
+# --- errors and worker processes -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder_with_bad_file(tmp_path: Path) -> tuple[FileSplit, Path]:
+    root = make_image_folder(tmp_path / "photos", per_class=4)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    bad = root / "dog" / "002.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return FileSplit(paths, torch.zeros(len(paths), dtype=torch.int64), 3, SIZE), bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_file_is_a_one_line_error_naming_it(folder_with_bad_file: tuple[FileSplit, Path], workers: int) -> None:
+    split, bad = folder_with_bad_file
+    loader = StreamLoader(split, 4, PLAIN, shuffle=True, workers=workers)
+    with pytest.raises(ImgrecError) as info:
+        list(loader)
+    message = str(info.value)
+    assert type(info.value) is ImgrecError
+    assert str(bad) in message and "cannot decode" in message
+    assert "\n" not in message and "Traceback" not in message and "DataLoader worker" not in message
+    # The error (through its context) and pytest's ExceptionInfo hold this frame in a reference cycle: let the
+    # workers go now, not at a later garbage collection (where torch waits 5 s per worker on closed queues).
+    del info, loader
+
+
+def test_dropped_stream_loader_stops_its_workers(splits: tuple[ArraySplit, FileSplit]) -> None:
+    _, files = splits
+    gc.disable()  # the workers must stop when the last reference goes, not whenever the collector runs
+    try:
+        with new_children() as workers:
+            loader = StreamLoader(files, 8, PLAIN, shuffle=True, workers=2)
+            list(loader)
+        assert len(alive(workers)) == 2  # persistent between epochs
+        list(loader)
+        assert len(alive(workers)) == 2
+        del loader
+        assert alive(workers) == set()
+    finally:
+        gc.enable()
+
+
+def test_workers_stop_after_a_decode_error(folder_with_bad_file: tuple[FileSplit, Path]) -> None:
+    split, _ = folder_with_bad_file
+    gc.disable()
+    try:
+        with new_children() as workers:
+            loader = StreamLoader(split, 4, PLAIN, workers=2)
+            try:
+                list(loader)
+            except ImgrecError as exc:
+                error = exc
+        assert workers
+        del loader, error
+        assert alive(workers) == set()
+    finally:
+        gc.enable()
+
+
+def test_worker_error_message() -> None:
+    wrapped = RuntimeError("Caught ImageDecodeError in DataLoader worker process 1.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 1, in f\nimgrec.data.imageio.ImageDecodeError: "
+                           "/data/cat/1.png: cannot decode image (image file is truncated)\n")
+    assert worker_error_message(wrapped) == "/data/cat/1.png: cannot decode image (image file is truncated)"
+    assert worker_error_message(RuntimeError("plain message")) == "plain message"
+    assert worker_error_message(RuntimeError("")) == "RuntimeError"

@@ -1,0 +1,204 @@
+"""Whole-batch preprocessing: normalisation, seeded augmentation, statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from imgrec.data.transforms import (
+    KNOWN_STATS,
+    BatchTransform,
+    channel_stats,
+    denormalize,
+    normalize_stats,
+    parse_augment,
+    random_crop,
+    random_erase,
+    random_flip,
+    random_translate,
+)
+
+MEAN, STD = [0.2, 0.5, 0.7], [0.3, 0.25, 0.1]
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def batch(n: int = 8, channels: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """image moved down by dy and right by dx, zeros shifted in."""
+    out = torch.zeros_like(image)
+    height, width = image.shape[-2:]
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
+        image[..., max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)]
+    return out
+
+
+# --- normalisation -----------------------------------------------------------------------------------------
+
+
+def test_normalisation_formula() -> None:
+    images = batch()
+    out = BatchTransform(MEAN, STD)(images)
+    expected = (images.double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert images.dtype == torch.uint8  # the input is not modified
+
+
+def test_single_channel_normalisation() -> None:
+    images = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    out = BatchTransform([0.2], [0.4])(images)
+    assert torch.allclose(out, torch.tensor([[[[-0.5, 2.0], [0.0, 0.5]]]]), atol=1e-6)
+
+
+def test_no_generator_means_no_augmentation() -> None:
+    images = batch()
+    plain = BatchTransform(MEAN, STD)(images)
+    for ops in (["crop", "flip"], ["translate", "erase"], ["crop", "flip", "translate", "erase"]):
+        assert torch.equal(BatchTransform(MEAN, STD, ops)(images), plain)
+        assert torch.equal(BatchTransform(MEAN, STD, ops)(images, None), plain)
+
+
+def test_generator_without_ops_changes_nothing() -> None:
+    images = batch()
+    assert torch.equal(BatchTransform(MEAN, STD)(images, gen(0)), BatchTransform(MEAN, STD)(images))
+
+
+@pytest.mark.parametrize("ops", [["flip"], ["crop"], ["translate"], ["erase"], ["crop", "flip", "translate", "erase"]])
+def test_augmentation_is_seeded(ops: list[str]) -> None:
+    images = batch(n=32)
+    transform = BatchTransform(MEAN, STD, ops)
+    a = transform(images, gen(1))
+    b = transform(images, gen(1))
+    c = transform(images, gen(2))
+    plain = BatchTransform(MEAN, STD)(images)
+    assert a.shape == images.shape and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, plain)
+
+
+# --- single augmentations ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", [random_flip, random_crop, random_translate])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 8)])
+def test_uint8_augmentations_keep_shape_and_dtype(op: Augment, channels: int, size: int) -> None:
+    images = batch(n=6, channels=channels, size=size)
+    out = op(images, gen(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(op(images, gen(0)), out)
+    assert not torch.equal(op(images, gen(5)), out)
+
+
+def test_flip_mirrors_some_images_and_keeps_the_others() -> None:
+    images = batch(n=64)
+    out = random_flip(images, gen(0))
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    assert all(f != k for f, k in zip(flipped, kept))  # each image is exactly one of the two
+    assert 16 < sum(flipped) < 48
+
+
+def test_crop_pads_with_zeros_and_shifts_content() -> None:
+    pattern = (torch.arange(16 * 16).view(1, 1, 16, 16) % 250 + 1).to(torch.uint8)  # no zeros in the image
+    images = pattern.repeat(64, 3, 1, 1)
+    out = random_crop(images, gen(3))
+    pad = 2  # 16 // 8
+    shifts = set()
+    for image in out:
+        matches = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                   if torch.equal(image, shifted(images[0], dy, dx))]
+        assert len(matches) == 1, "every output is the input moved by at most `pad` pixels, zeros filling in"
+        shifts.add(matches[0])
+    assert len(shifts) > 10  # offsets vary per image
+    assert (out == 0).any()  # zero padding shows at the borders
+
+
+def test_translate_reflects_instead_of_black_borders() -> None:
+    images = (torch.arange(16 * 16).view(1, 1, 16, 16) % 250 + 1).to(torch.uint8).repeat(32, 3, 1, 1)
+    out = random_translate(images, gen(0))
+    assert (out > 0).all()  # reflection, not zeros
+    moved = sum(not torch.equal(o, images[0]) for o in out)
+    assert moved > 20
+    # the interior is still a shifted copy: every output row appears somewhere in the (reflected) input
+    assert all(any(torch.equal(o[0, 8, 2:14], images[0, 0, r, c : c + 12]) for r in range(16) for c in range(5))
+               for o in out)
+
+
+def test_erase_sets_a_square_to_zero_in_about_half_the_images() -> None:
+    x = torch.ones(64, 3, 16, 16)
+    out = random_erase(x, gen(0))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    erased = [(o == 0).any().item() for o in out]
+    assert 16 < sum(erased) < 48
+    for o, e in zip(out, erased):
+        zero = o[0] == 0
+        if e:
+            rows, cols = zero.any(1).nonzero().ravel(), zero.any(0).nonzero().ravel()
+            assert rows.numel() <= 9 and cols.numel() <= 9  # at most side 8 (+1 centre)
+            assert zero[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # a filled rectangle
+            assert torch.equal(o[0] == 0, o[2] == 0)  # the same square in every channel
+        else:
+            assert torch.equal(o, x[0])
+
+
+def test_erase_happens_after_normalisation() -> None:
+    images = torch.full((64, 1, 8, 8), 255, dtype=torch.uint8)
+    out = BatchTransform([0.5], [0.5], ["erase"])(images, gen(0))
+    values = out.unique()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1.0)  # 0: the mean, not black (-1)
+
+
+# --- statistics and helpers --------------------------------------------------------------------------------
+
+
+def test_denormalize_inverts_normalisation() -> None:
+    images = batch()
+    x = BatchTransform(MEAN, STD)(images)
+    restored = denormalize(x, MEAN, STD)
+    assert restored.shape == images.shape
+    assert torch.allclose(restored, images.float() / 255, atol=1e-5)
+    assert denormalize(torch.full((1, 3, 1, 1), 100.0), MEAN, STD).max() == 1.0  # clipped for display
+    assert denormalize(torch.full((1, 3, 1, 1), -100.0), MEAN, STD).min() == 0.0
+
+
+def test_channel_stats_matches_numpy() -> None:
+    images = batch(n=20, size=12, seed=4)
+    images[:, 2] //= 4  # channels with different statistics
+    mean, std = channel_stats(images, chunk=7)  # several chunks
+    array = images.numpy().astype(np.float64) / 255
+    assert mean == pytest.approx(array.mean(axis=(0, 2, 3)).tolist(), abs=1e-6)
+    assert std == pytest.approx(array.std(axis=(0, 2, 3)).tolist(), abs=1e-6)
+    assert len(mean) == len(std) == 3 and all(isinstance(v, float) for v in mean + std)
+
+
+def test_channel_stats_of_a_constant_image_has_a_floor_on_std() -> None:
+    mean, std = channel_stats(torch.full((2, 1, 4, 4), 51, dtype=torch.uint8))
+    assert mean == pytest.approx([0.2]) and std[0] > 0
+
+
+def test_normalize_stats() -> None:
+    assert normalize_stats([0.5], [0.25], 3) == ([0.5] * 3, [0.25] * 3)
+    assert normalize_stats(MEAN, STD, 3) == (MEAN, STD)
+    with pytest.raises(ValueError, match="3 channels"):
+        normalize_stats([0.1, 0.2], [0.1, 0.2], 3)
+    assert all(len(m) == len(s) for m, s in KNOWN_STATS.values())
+
+
+def test_parse_augment() -> None:
+    assert parse_augment("auto", 3) == ["crop", "flip"]
+    assert parse_augment("auto", 1) == []
+    assert parse_augment("none", 3) == []
+    assert parse_augment("flip", 1) == ["flip"]
+    assert parse_augment("crop,translate,erase", 3) == ["crop", "translate", "erase"]

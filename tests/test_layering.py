@@ -1,0 +1,172 @@
+"""The import rules of the package, checked on the source (ast), so a new import cannot quietly break them.
+
+  nothing imports imgrec.cli (only the entry point imgrec.__main__ runs it)
+  imgrec.models, imgrec.data, imgrec.evaluation: never each other, imgrec.engine or imgrec.workflows
+  imgrec.engine: never imgrec.data, imgrec.models or imgrec.workflows
+  imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
+and every torch.load passes weights_only=True.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "imgrec"
+
+
+def _module_name(path: Path, src: Path = SRC) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(path: Path, src: Path = SRC) -> set[str]:
+    """Every module an import statement anywhere in the file names (function-level imports included)."""
+    module = _module_name(path, src)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import: resolve against the package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from imgrec import cli` imports imgrec.cli
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+              in ("import_module", "__import__")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)
+    return found
+
+
+def _names(imported: set[str], prefix: str) -> set[str]:
+    return {m for m in imported if m == prefix or m.startswith(prefix + ".")}
+
+
+MODULES = _modules()
+
+
+def test_the_package_is_where_expected() -> None:
+    assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
+            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets"} <= set(MODULES)
+
+
+def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "src" / "imgrec" / "engine"
+    pkg.mkdir(parents=True)
+    source = pkg / "x.py"
+    source.write_text(
+        "import os\n"
+        "from imgrec import cli\n"
+        "def f():\n"
+        "    import torch.nn as nn\n"
+        "    from ..data import loaders\n"
+        "    from . import runs\n"
+    )
+    found = imports_of(source, tmp_path / "src")
+    assert {"os", "imgrec.cli", "torch.nn", "imgrec.data.loaders", "imgrec.engine.runs"} <= found
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_nothing_imports_the_cli(module: str) -> None:
+    if module in ("imgrec.cli", "imgrec.__main__"):  # the entry point is the one place that runs it
+        return
+    assert not _names(imports_of(MODULES[module]), "imgrec.cli"), f"{module} imports imgrec.cli"
+
+
+LEAF_PACKAGES = ("imgrec.models", "imgrec.data", "imgrec.evaluation")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(LEAF_PACKAGES)))
+def test_leaf_packages_stay_apart(module: str) -> None:
+    own = next(p for p in LEAF_PACKAGES if module == p or module.startswith(p + "."))
+    forbidden = [p for p in LEAF_PACKAGES if p != own] + ["imgrec.engine", "imgrec.workflows", "imgrec.cli"]
+    imported = imports_of(MODULES[module])
+    bad = sorted(set().union(*(_names(imported, p) for p in forbidden)))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.engine")))
+def test_engine_never_names_data_models_or_workflows(module: str) -> None:
+    imported = imports_of(MODULES[module])
+    bad = sorted(set().union(*(_names(imported, p) for p in
+                               ("imgrec.data", "imgrec.models", "imgrec.workflows", "imgrec.cli"))))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", ["imgrec.config", "imgrec.errors", "imgrec"])
+def test_light_modules_import_no_torch(module: str) -> None:
+    imported = imports_of(MODULES[module])
+    heavy = {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "matplotlib", "sklearn")}
+    assert not heavy, f"{module} imports {sorted(heavy)}"
+
+
+def test_config_and_errors_import_only_errors_of_imgrec() -> None:
+    assert _names(imports_of(MODULES["imgrec.errors"]), "imgrec") == set()
+    assert _names(imports_of(MODULES["imgrec.config"]), "imgrec") <= {
+        "imgrec.errors", "imgrec.errors.ImgrecError", "imgrec.errors.UsageError"
+    }
+
+
+def test_cli_imports_torch_only_inside_functions() -> None:
+    """The CLI module's top level may load config and errors only; commands import the rest when they run."""
+    tree = ast.parse(MODULES["imgrec.cli"].read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top.add(node.module or "")
+    assert not {m for m in top if m.split(".")[0] in ("torch", "torchvision", "numpy")}
+    assert not {m for m in top if m.startswith(("imgrec.workflows", "imgrec.data", "imgrec.models", "imgrec.engine"))}
+
+
+def _torch_load_calls(path: Path) -> list[ast.Call]:
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            calls.append(node)
+    return calls
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    seen = 0
+    for module, path in MODULES.items():
+        text = path.read_text()
+        calls = _torch_load_calls(path)
+        # the grep and the parse agree: no torch.load hidden from the ast check
+        assert len(calls) == len(re.findall(r"\btorch\.load\(", text)), module
+        for call in calls:
+            kw = {k.arg: k.value for k in call.keywords}
+            assert "weights_only" in kw, f"{module}:{call.lineno}: torch.load without weights_only=True"
+            value = kw["weights_only"]
+            assert isinstance(value, ast.Constant) and value.value is True, (
+                f"{module}:{call.lineno}: torch.load must pass weights_only=True"
+            )
+            seen += 1
+    assert seen >= 1  # the checkpoint loader at least
+
+
+def test_no_pickle_loads_in_src() -> None:
+    """Nothing bypasses the weights-only loader with plain pickle."""
+    for module, path in MODULES.items():
+        text = path.read_text()
+        assert not re.search(r"\bpickle\.loads?\(", text), module
+        assert "weights_only=False" not in text, module

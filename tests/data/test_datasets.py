@@ -454,3 +454,24 @@ def test_decode_workers_stop_after_an_error(image_folder: Path, tmp_path: Path) 
         assert not [p for p in multiprocessing.active_children() if p.pid not in before]
     finally:
         gc.enable()
+
+
+def test_label_out_of_range_is_named(tmp_path: Path) -> None:
+    # labels 0..12 in files of a 10-class data set
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw", num_classes=13)
+    with pytest.raises(ImgrecError, match=r"label 12 in the train split of fashion-mnist is out of range.*10 classes"):
+        load_data("fashion-mnist", options(tmp_path, tmp_path / "data"))
+
+
+def test_wrong_number_of_mean_values_is_a_usage_error(fake_fashion_mnist: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="3 values but the images have 1 channels"):
+        load_data("fashion-mnist", options(tmp_path, fake_fashion_mnist, mean=[0.5] * 3, std=[0.5] * 3))
+
+
+def test_too_small_folder_drops_val_and_refuses_an_empty_test_split(tmp_path: Path) -> None:
+    tiny = make_image_folder(tmp_path / "tiny", per_class=3)
+    bundle = load_data(str(tiny), options(tmp_path, test_fraction=0.34, val_fraction=0.1))
+    assert bundle.val is None and any("validation" in n for n in bundle.notes)
+    lonely = make_image_folder(tmp_path / "lonely", per_class=1)
+    with pytest.raises(ImgrecError, match="no images left for the test split"):
+        load_data(str(lonely), options(tmp_path))

@@ -137,7 +137,29 @@ def load_data(spec: str, opts: DataOptions) -> DataBundle:
         keep = stratified_split(bundle.train.labels.numpy(), [opts.train_samples / len(bundle.train)], opts.split_seed)[0]
         bundle.train = bundle.train.subset(torch.from_numpy(keep))
         bundle.notes.append(f"training on a stratified subset of {len(bundle.train)} images")
+    _check_splits(bundle)
     return bundle
+
+
+def _check_splits(bundle: DataBundle) -> None:
+    """Every label in range, no empty train or test split; an empty validation split is dropped."""
+    info = bundle.info
+    for name in ("train", "val", "test"):
+        split = getattr(bundle, name)
+        if split is None or len(split) == 0:
+            continue
+        low, high = int(split.labels.min()), int(split.labels.max())
+        if low < 0 or high >= info.num_classes:
+            bad = low if low < 0 else high
+            raise ImgrecError(f"label {bad} in the {name} split of {info.name} is out of range: "
+                              f"it has {info.num_classes} classes (0..{info.num_classes - 1}); check its label files")
+    if bundle.val is not None and len(bundle.val) == 0:
+        bundle.val = None
+        bundle.notes.append("too few images for a validation split: the last epoch's weights are kept")
+    for name in ("train", "test"):
+        if len(getattr(bundle, name)) == 0:
+            raise ImgrecError(f"{info.name} has no images left for the {name} split; add images "
+                              f"(a few per class at least) or lower --test-fraction/--val-fraction")
 
 
 def _load_named(name: str, opts: DataOptions) -> DataBundle:
@@ -290,12 +312,16 @@ def _train_stats(train: Split, opts: DataOptions) -> tuple[list[float], list[flo
     if isinstance(train, ArraySplit):
         return channel_stats(train.images)
     cache = Path(opts.cache_dir) / "stats" / f"{_fingerprint(train)}.json"
-    if cache.is_file():
+    try:
         saved = json.loads(cache.read_text())
         return saved["mean"], saved["std"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet, or a damaged entry: compute again
     rng = np.random.default_rng(0)
     sample = rng.choice(len(train), size=min(len(train), 2000), replace=False)
     mean, std = channel_stats(_decode_split(train.subset(torch.from_numpy(np.sort(sample))), opts).images)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"mean": mean, "std": std}))
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"mean": mean, "std": std}))
+    os.replace(tmp, cache)
     return mean, std

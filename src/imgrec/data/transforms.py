@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from imgrec.errors import UsageError
+
 # Known statistics of the named data sets (train split, pixel values in [0, 1]); others are computed.
 KNOWN_STATS: dict[str, tuple[list[float], list[float]]] = {
     "mnist": ([0.1307], [0.3081]),
@@ -56,7 +58,7 @@ def normalize_stats(mean: Sequence[float], std: Sequence[float], channels: int) 
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std have {len(mean)} values but the images have {channels} channels")
+        raise UsageError(f"--mean/--std have {len(mean)} values but the images have {channels} channels")
     return mean, std
 
 

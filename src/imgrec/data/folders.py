@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgrec.data.imageio import is_image_file
+from imgrec.data.imageio import IMAGE_EXTENSIONS, is_image_file
 from imgrec.errors import ImgrecError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -187,7 +187,7 @@ def _scan_classes(folder: Path, classes: list[str], split: str) -> tuple[list[st
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ImgrecError(f"{folder} holds no image files ({', '.join(e.lstrip('.') for e in ('.jpg', '.png'))}, ...)")
+        raise ImgrecError(f"{folder} holds no image files (expected {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
     return paths, labels
 
 

@@ -20,6 +20,7 @@ from imgrec.data.transforms import (
     random_flip,
     random_translate,
 )
+from imgrec.errors import UsageError
 
 MEAN, STD = [0.2, 0.5, 0.7], [0.3, 0.25, 0.1]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -191,7 +192,7 @@ def test_channel_stats_of_a_constant_image_has_a_floor_on_std() -> None:
 def test_normalize_stats() -> None:
     assert normalize_stats([0.5], [0.25], 3) == ([0.5] * 3, [0.25] * 3)
     assert normalize_stats(MEAN, STD, 3) == (MEAN, STD)
-    with pytest.raises(ValueError, match="3 channels"):
+    with pytest.raises(UsageError, match="3 channels"):
         normalize_stats([0.1, 0.2], [0.1, 0.2], 3)
     assert all(len(m) == len(s) for m, s in KNOWN_STATS.values())
 

@@ -137,7 +137,7 @@ def _cards(m: Mapping[str, Any], summary: Mapping[str, Any] | None) -> str:
               ("loss", _num(m["loss"]), "mean cross-entropy")]
     if summary and summary.get("train_seconds") is not None:
         cards.append(("training time", f"{summary['train_seconds']:.1f}s",
-                      f"{summary.get('epochs', '?')} epochs, {summary.get('images_per_second', 0):,.0f} img/s"))
+                      f"{_epochs(summary.get('epochs'))}, {summary.get('images_per_second', 0):,.0f} img/s"))
     inner = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
                     f'<div class="h">{_e(h)}</div></div>' for k, v, h in cards)
     return f'<div class="cards">{inner}</div>'
@@ -157,6 +157,10 @@ def _data(m: Mapping[str, Any], summary: Mapping[str, Any] | None) -> str:
         rows.append(("trained on", f"{summary['train_images']:,} images"))
     rows.append(("evaluated", f"{m.get('split', 'test')} split, {m['count']:,} images"))
     return _section("data", _kv(rows))
+
+
+def _epochs(count: int | None) -> str:
+    return "? epochs" if count is None else f"{count} epoch" + ("" if count == 1 else "s")
 
 
 def _fmt_list(values: Sequence[float]) -> str:
@@ -241,7 +245,7 @@ def _calibration(m: Mapping[str, Any], png: bytes | None) -> str:
 def _timings(m: Mapping[str, Any], summary: Mapping[str, Any] | None, results: Sequence[Mapping[str, float]] | None) -> str:
     rows = []
     if summary:
-        rows += [("training", f"{summary['train_seconds']:.1f}s over {summary['epochs']} epochs "
+        rows += [("training", f"{summary['train_seconds']:.1f}s over {_epochs(summary['epochs'])} "
                               f"({summary['images_per_second']:,.0f} images/s)")]
         if results:
             per_epoch = [r["seconds"] for r in results if not math.isnan(r.get("seconds", math.nan))]

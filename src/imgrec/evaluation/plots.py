@@ -38,7 +38,10 @@ def plot_results(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
         if not all(math.isnan(v) for v in val):
             ax.plot(epochs, val, "o-", label="validation")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)  # whole epochs only, even for a single one
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

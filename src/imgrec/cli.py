@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
     p.add_argument("--out", help="PNG file to write (default: samples-<data>.png)")
 
+    _add_understanding_commands(sub)
+    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
+    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
+    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    return parser
+
+
+def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
+    """The explain and compare sub-commands."""
     p = sub.add_parser("explain", help="heat-maps of where a run's model looks (Grad-CAM, saliency)",
                        description="Write one PNG per image: the image, and a heat-map of the pixels that drive the top "
                                    "prediction (Grad-CAM on the last convolution; input-gradient saliency for models "
@@ -102,11 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", metavar="RUN", nargs="+", help="two or more run folders")
     p.add_argument("--force", action="store_true", help="compare runs tested on different data")
     p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ beside the first run)")
-
-    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
-    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
-    return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -23,7 +23,7 @@ from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights, run_dir_of
 from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
 from imgrec.engine.system import git_commit, seed_everything, select_device, set_threads, versions
-from imgrec.engine.trainer import fit
+from imgrec.engine.trainer import FitResult, fit
 from imgrec.errors import ImgrecError
 from imgrec.models.registry import build_model, count_parameters
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
@@ -79,7 +79,13 @@ def train(cfg: RunConfig) -> TrainOutcome:
     meta = weights_meta(cfg, info, model)
     result = fit(model, train_loader, val_loader, cfg, run_dir, meta)
     calibrate_weights(model, val_loader, run_dir, cfg)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    return TrainOutcome(run_dir, summary)
 
+
+def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
+                     started: float) -> dict[str, Any]:
+    """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
@@ -89,18 +95,20 @@ def train(cfg: RunConfig) -> TrainOutcome:
     summary = {
         "data": cfg.data, "model": cfg.model, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_macro_f1": metrics["macro_f1"],
-        "test_ece": metrics["ece"], "test_ece_calibrated": metrics["calibration"].get("ece_after"), "temperature": best.get("temperature"),
-        "best_val_accuracy": result.best_val_accuracy, "params": count_parameters(model),
-        "train_seconds": round(result.train_seconds, 3), "images_per_second": round(result.images_per_second, 1),
+        "test_ece": metrics["ece"], "test_ece_calibrated": metrics["calibration"].get("ece_after"),
+        "temperature": best.get("temperature"), "best_val_accuracy": result.best_val_accuracy,
+        "params": count_parameters(model), "train_seconds": round(result.train_seconds, 3),
+        "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
-        "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": info.classes, "versions": versions(), "git_commit": git_commit(),
+        "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
+        "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
 
     plot_results(read_results(run_dir / "results.csv"), run_dir / "results.png")
     write_html_report(run_dir, run_dir, metrics)
-    return TrainOutcome(run_dir, summary)
+    return summary
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module) -> dict[str, Any]:

@@ -26,8 +26,9 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(values.max(), 1))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right", rotation_mode="anchor", fontsize=10)
-    ax.set_yticks(range(n), labels=list(classes), fontsize=10)
+    label_size = 10 if n <= 20 else 8 if n <= 40 else 5
+    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right", rotation_mode="anchor", fontsize=label_size)
+    ax.set_yticks(range(n), labels=list(classes), fontsize=label_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("confusion matrix, normalised by true class" if normalize else "confusion matrix (counts)")

@@ -161,6 +161,7 @@ def test_a_loose_weights_file_still_gets_a_report(runs: dict[str, Path], tmp_pat
     assert code == 0, err
     html = (tmp_path / "report.html").read_text()
     assert "no training curves" in html and len(embedded_pngs(html)) == 5
+    assert "No configuration recorded" not in html and "<code>batch_size</code>" in html  # from the weights file
 
 
 def test_no_validation_split_means_no_temperature(image_folder: Path, tmp_path: Path,

@@ -152,7 +152,7 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
     metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
     metrics.update(data=cfg.data, weights=str(path))
     write_json(out_dir / "metrics.json", metrics)
-    report = write_html_report(out_dir, run_dir_of(path), metrics)
+    report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)
     return metrics

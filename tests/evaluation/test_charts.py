@@ -58,7 +58,7 @@ def test_comparison_png(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_prediction_grid_frames_the_wrong_ones_in_red(tmp_path: Path, channels: int) -> None:
-    images = np.full((4, channels, 12, 12), 0.5, dtype=np.float32)
+    images = np.full((4, channels, 12, 20), 0.5, dtype=np.float32)  # not square
     titles = ["cat 90%", "dog 80%\ntrue: cat", "cat 99%", "fox 51%\ntrue: dog"]
     img = _png(plot_prediction_grid(images, titles, [False, True, False, True], tmp_path / "g.png", heading="four"))
     pixels = np.asarray(img).reshape(-1, 3).astype(int)

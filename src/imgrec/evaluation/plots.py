@@ -76,29 +76,45 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path,
 
 def plot_prediction_grid(images: np.ndarray, titles: Sequence[str], wrong: Sequence[bool], path: str | Path,
                          heading: str | None = None, columns: int = 8) -> Path:
-    """Images (N, C, H, W) in [0, 1] with their prediction titles; wrong ones framed and titled in red."""
+    """Images (N, C, H, W) in [0, 1] with their prediction titles; wrong ones framed and titled in red.
+
+    One axes in inch coordinates holds every image (an axes per image would cost seconds per figure).
+    """
     plt = pyplot()
+    from matplotlib.patches import Rectangle
+
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, math.ceil(n / columns))
     lines = max((t.count("\n") + 1 for t in titles), default=1)
-    height = (1.45 + 0.2 * lines) * rows + (0.45 if heading else 0)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, height), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= n:
-            ax.axis("off")
-            continue
-        _show_image(ax, images[i])
+    cell_w, side, band = 1.5, 1.3, 0.05 + 0.2 * lines  # inches: cell width, image box, title band
+    top = 0.45 if heading else 0.1
+    width, height = cell_w * columns, top + (side + band + 0.1) * rows
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # y grows downwards, like the rows
+    ax.axis("off")
+    h, w = images.shape[2:] if n else (1, 1)
+    scale = side / max(h, w)
+    for i in range(n):
+        row, col = divmod(i, columns)
+        x0 = col * cell_w + (cell_w - w * scale) / 2
+        y0 = top + row * (side + band + 0.1) + band + (side - h * scale) / 2
+        extent = (x0, x0 + w * scale, y0 + h * scale, y0)
+        picture = np.transpose(images[i], (1, 2, 0))  # (C, H, W) -> (H, W, C)
+        if picture.shape[2] == 1:
+            ax.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=extent)
+        else:
+            ax.imshow(picture, interpolation="nearest", extent=extent)
         colour = WRONG if wrong[i] else RIGHT
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(3 if wrong[i] else 1)
-        ax.set_title(titles[i], fontsize=9, color=colour, linespacing=1.15)
+        ax.add_patch(Rectangle((x0, y0), w * scale, h * scale, fill=False, edgecolor=colour,
+                               linewidth=3 if wrong[i] else 1))
+        ax.text(col * cell_w + cell_w / 2, y0 - 0.04, titles[i], ha="center", va="bottom", fontsize=9, color=colour,
+                linespacing=1.15)
     if heading:
-        fig.suptitle(heading, fontsize=11)
-    fig.tight_layout()
+        ax.text(width / 2, 0.08, heading, ha="center", va="top", fontsize=11)
+    ax.set_aspect("auto")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -138,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device)
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
-          f"{m['count']} images)")
+          f"{m['count']:,} images)")
     print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
                                     f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else ""))
     print(f"metrics: {m['written_to']}")

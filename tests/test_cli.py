@@ -107,7 +107,8 @@ def run_copy(digits_run: tuple[Any, Path], tmp_path: Path) -> Path:
 # --- help -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["show"], ["models"], ["datasets"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["explain"], ["compare"], ["show"], ["models"],
+                                     ["datasets"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main([*command, "--help"], capsys)
     assert code == 0
@@ -138,8 +139,8 @@ def test_help_does_not_import_torch(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import sys
         from imgrec.cli import main
-        for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["show", "--help"],
-                     ["models", "--help"], ["datasets", "--help"]):
+        for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["explain", "--help"],
+                     ["compare", "--help"], ["show", "--help"], ["models", "--help"], ["datasets", "--help"]):
             try:
                 main(argv)
             except SystemExit as exc:
@@ -161,7 +162,7 @@ def test_train_digits_end_to_end(digits_run: tuple[subprocess.CompletedProcess[s
     assert "run folder:" in proc.stdout and "test accuracy:" in proc.stdout
     assert "Traceback" not in proc.stderr
     for name in ("config.yaml", "results.csv", "weights/best.pt", "weights/last.pt", "summary.json", "results.png",
-                 "metrics.json"):
+                 "metrics.json", "report.html", "confusion_matrix.png", "calibration.png"):
         assert (run / name).is_file(), name
     assert not (run / "split.csv").exists()  # a named data set has its own fixed splits
 
@@ -278,11 +279,11 @@ def test_evaluate_a_run_folder(run_copy: Path, capsys: pytest.CaptureFixture[str
 
 def test_evaluate_a_weights_file(run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = run_copy / "weights" / "last.pt"
-    out_file = tmp_path / "elsewhere" / "val-metrics.json"
-    code, out, err = run_main(["evaluate", str(weights), "--split", "val", "--out", str(out_file)], capsys)
+    out_dir = tmp_path / "elsewhere"
+    code, out, err = run_main(["evaluate", str(weights), "--split", "val", "--out", str(out_dir)], capsys)
     assert code == 0, err
     assert out.startswith("val accuracy:")
-    metrics = json.loads(out_file.read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["count"] == 269 and metrics["weights"] == str(weights)
     assert 0.5 < metrics["accuracy"] <= 1
     # a loose weights file: metrics.json lands beside it

@@ -3,6 +3,8 @@
   nothing imports imgrec.cli (only the entry point imgrec.__main__ runs it)
   imgrec.models, imgrec.data, imgrec.evaluation: never each other, imgrec.engine or imgrec.workflows
   imgrec.engine: never imgrec.data, imgrec.models or imgrec.workflows
+  the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
+  and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -60,11 +62,12 @@ def _names(imported: set[str], prefix: str) -> set[str]:
 
 
 MODULES = _modules()
+COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison")
 
 
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
-            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets"} <= set(MODULES)
+            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
@@ -96,7 +99,7 @@ LEAF_PACKAGES = ("imgrec.models", "imgrec.data", "imgrec.evaluation")
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(LEAF_PACKAGES)))
 def test_leaf_packages_stay_apart(module: str) -> None:
     own = next(p for p in LEAF_PACKAGES if module == p or module.startswith(p + "."))
-    forbidden = [p for p in LEAF_PACKAGES if p != own] + ["imgrec.engine", "imgrec.workflows", "imgrec.cli"]
+    forbidden = [p for p in LEAF_PACKAGES if p != own] + ["imgrec.engine", "imgrec.cli", *COMMAND_MODULES]
     imported = imports_of(MODULES[module])
     bad = sorted(set().union(*(_names(imported, p) for p in forbidden)))
     assert not bad, f"{module} imports {bad}"
@@ -106,8 +109,23 @@ def test_leaf_packages_stay_apart(module: str) -> None:
 def test_engine_never_names_data_models_or_workflows(module: str) -> None:
     imported = imports_of(MODULES[module])
     bad = sorted(set().union(*(_names(imported, p) for p in
-                               ("imgrec.data", "imgrec.models", "imgrec.workflows", "imgrec.cli"))))
+                               ("imgrec.data", "imgrec.models", "imgrec.cli", *COMMAND_MODULES))))
     assert not bad, f"{module} imports {bad}"
+
+
+def test_reporting_sits_below_the_workflows() -> None:
+    imported = imports_of(MODULES["imgrec.reporting"])
+    bad = sorted(set().union(*(_names(imported, p) for p in ("imgrec.workflows", "imgrec.explanations",
+                                                              "imgrec.comparison", "imgrec.cli"))))
+    assert not bad, f"imgrec.reporting imports {bad}"
+
+
+def test_the_report_page_and_figures_are_pure() -> None:
+    """The HTML page is built from plain values by the standard library alone; no figure module loads torch."""
+    html = {m.split(".")[0] for m in imports_of(MODULES["imgrec.evaluation.html"])}
+    assert html <= {"__future__", "base64", "html", "math", "collections", "typing"}, html
+    for module in ("imgrec.evaluation.plots", "imgrec.evaluation.charts"):
+        assert not {m for m in imports_of(MODULES[module]) if m.split(".")[0] == "torch"}, module
 
 
 @pytest.mark.parametrize("module", ["imgrec.config", "imgrec.errors", "imgrec"])

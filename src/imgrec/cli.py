@@ -60,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
     _add_config_flags(p)
 
-    p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json",
-                       description="Evaluate a run's weights on a split of its data (or of --data).")
+    p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json, figures and report.html",
+                       description="Evaluate a run's weights on a split of its data (or of --data) and write "
+                                   "metrics.json, confusion matrices, mistakes, samples, a reliability diagram and "
+                                   "report.html.")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("--data", help="evaluate on this data set instead (it must have the same classes)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
-    p.add_argument("--out", help="where to write metrics.json (default: the run folder)")
+    p.add_argument("--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
+                                                "(default: the run folder)")
 
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
@@ -80,10 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
     p.add_argument("--out", help="PNG file to write (default: samples-<data>.png)")
 
+    _add_understanding_commands(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
     return parser
+
+
+def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
+    """The explain and compare sub-commands."""
+    p = sub.add_parser("explain", help="heat-maps of where a run's model looks (Grad-CAM, saliency)",
+                       description="Write one PNG per image: the image, and a heat-map of the pixels that drive the top "
+                                   "prediction (Grad-CAM on the last convolution; input-gradient saliency for models "
+                                   "without one).")
+    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
+    p.add_argument("images", metavar="IMAGE", nargs="*", help="image files to explain")
+    p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N worst test mistakes")
+    p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
+                   help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
+    p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
+
+    p = sub.add_parser("compare", help="compare finished runs side by side",
+                       description="Print a table of finished runs (data, model, params, epochs, test accuracy, "
+                                   "macro-F1, ECE, training time, images/s) and write compare.md, compare.csv and "
+                                   "compare.png.")
+    p.add_argument("runs", metavar="RUN", nargs="+", help="two or more run folders")
+    p.add_argument("--force", action="store_true", help="compare runs tested on different data")
+    p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ beside the first run)")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -111,8 +138,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device)
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
-          f"{m['count']} images)")
+          f"{m['count']:,} images)")
+    print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
+                                    f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else ""))
     print(f"metrics: {m['written_to']}")
+    print(f"report: {m['report']}")
     return 0
 
 
@@ -125,10 +155,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.data_dir:
         values["data_dir"] = args.data_dir
     cfg = RunConfig.from_dict(values)
-    from imgrec.engine.runs import default_run_name
+    from imgrec.engine.runs import data_stem
 
-    out = args.out or f"samples-{default_run_name(args.data, 'x')[:-2]}.png"
+    out = args.out or f"samples-{data_stem(args.data)}.png"
     print(f"wrote {show_samples(cfg, out, n=args.n, split=args.split, augmented=args.augmented)}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from imgrec.explanations import explain_run
+
+    outcome = explain_run(args.target, args.images, mistakes=args.mistakes, out=args.out, method=args.method,
+                          device=args.device)
+    for note in outcome.notes:
+        print(f"note: {note}")
+    for e in outcome.images:
+        true = f", true: {e.true}" if e.true else ""
+        print(f"{e.source}: {e.predicted} {e.probability:.1%}{true} ({e.method}) -> {e.png}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from imgrec.comparison import compare_runs
+
+    outcome = compare_runs(args.runs, out=args.out, force=args.force)
+    print(outcome.table, end="")
+    print("wrote " + ", ".join(str(p) for p in outcome.written))
     return 0
 
 
@@ -157,8 +209,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "show": cmd_show, "models": cmd_models,
-            "datasets": cmd_datasets}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "compare": cmd_compare,
+            "show": cmd_show, "models": cmd_models, "datasets": cmd_datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

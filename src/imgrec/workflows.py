@@ -1,4 +1,4 @@
-"""What the commands do, end to end: train a run, evaluate weights, show samples.
+"""What the commands do, end to end: train a run, evaluate weights (with the run report), show samples.
 
 This is the one place where data, models, the engine and evaluation meet; the CLI only parses arguments and
 calls these functions, which return plain results (and raise ImgrecError for the user to read).
@@ -22,18 +22,11 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights, run_dir_of
 from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
-from imgrec.engine.system import (
-    autocast_dtype,
-    git_commit,
-    seed_everything,
-    select_device,
-    set_threads,
-    versions,
-)
-from imgrec.engine.trainer import evaluate, fit
+from imgrec.engine.system import git_commit, seed_everything, select_device, set_threads, versions
+from imgrec.engine.trainer import FitResult, fit
 from imgrec.errors import ImgrecError
-from imgrec.evaluation.metrics import classification_report
 from imgrec.models.registry import build_model, count_parameters
+from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +78,37 @@ def train(cfg: RunConfig) -> TrainOutcome:
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
     meta = weights_meta(cfg, info, model)
     result = fit(model, train_loader, val_loader, cfg, run_dir, meta)
+    calibrate_weights(model, val_loader, run_dir, cfg)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    return TrainOutcome(run_dir, summary)
 
-    best = load_weights_file(run_dir / "weights" / "best.pt")
-    load_model_state(model, best["state_dict"], run_dir / "weights" / "best.pt")
-    test_loader = make_loader(bundle.test, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
-    metrics = _evaluate_split(model, test_loader, info.classes, cfg)
-    metrics.update(split="test", data=cfg.data, weights=str(run_dir / "weights" / "best.pt"))
+
+def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
+                     started: float) -> dict[str, Any]:
+    """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
+    best_path = run_dir / "weights" / "best.pt"
+    best = load_weights_file(best_path)
+    load_model_state(model, best["state_dict"], best_path)
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle))
+    metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {
         "data": cfg.data, "model": cfg.model, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
-        "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
-        "best_val_accuracy": result.best_val_accuracy, "params": count_parameters(model),
-        "train_seconds": round(result.train_seconds, 3), "images_per_second": round(result.images_per_second, 1),
+        "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_macro_f1": metrics["macro_f1"],
+        "test_ece": metrics["ece"], "test_ece_calibrated": metrics["calibration"].get("ece_after"),
+        "temperature": best.get("temperature"), "best_val_accuracy": result.best_val_accuracy,
+        "params": count_parameters(model), "train_seconds": round(result.train_seconds, 3),
+        "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
-        "train_images": len(bundle.train), "classes": info.classes, "versions": versions(), "git_commit": git_commit(),
+        "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
+        "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
 
     plot_results(read_results(run_dir / "results.csv"), run_dir / "results.png")
-    return TrainOutcome(run_dir, summary)
+    write_html_report(run_dir, run_dir, metrics)
+    return summary
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module) -> dict[str, Any]:
@@ -117,15 +121,6 @@ def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module) -> d
         "mean": list(info.mean), "std": list(info.std), "data": cfg.data, "config": cfg.to_dict(),
         "params": count_parameters(model), "versions": versions(), "git_commit": git_commit(),
     }
-
-
-def _evaluate_split(model: torch.nn.Module, loader: Any, classes: list[str], cfg: RunConfig) -> dict[str, Any]:
-    device = select_device(cfg.device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True)
-    assert result.logits is not None and result.targets is not None
-    return classification_report(result.logits, result.targets, classes)
 
 
 def load_run(run_or_weights: str | Path) -> tuple[Path, dict[str, Any], RunConfig, torch.nn.Module]:
@@ -141,27 +136,34 @@ def load_run(run_or_weights: str | Path) -> tuple[Path, dict[str, Any], RunConfi
 
 def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
                  out: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
-    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json."""
+    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
+    the figures and report.html into out (default: the run folder)."""
     path, ckpt, cfg, model = load_run(run_or_weights)
     if data:
         cfg.data = data
     if device:
         cfg.device = device
-    bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                                              mean=ckpt["mean"], std=ckpt["std"], train_samples=None))
-    check_classes(bundle, ckpt["classes"], path)
+    bundle = load_run_data(cfg, ckpt, path)
     try:
         chosen = bundle.split(split)
     except KeyError:
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    loader = make_loader(chosen, EVAL_BATCH_SIZE, BatchTransform(ckpt["mean"], ckpt["std"]), train=False)
-    metrics = _evaluate_split(model, loader, ckpt["classes"], cfg)
-    metrics.update(split=split, data=cfg.data, weights=str(path))
-    out_path = Path(out) if out else run_dir_of(path) / "metrics.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out_path, metrics)
-    metrics["written_to"] = str(out_path)
+    out_dir = Path(out) if out else run_dir_of(path)
+    metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+    metrics.update(data=cfg.data, weights=str(path))
+    write_json(out_dir / "metrics.json", metrics)
+    report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
+    metrics["written_to"] = str(out_dir / "metrics.json")
+    metrics["report"] = str(report)
     return metrics
+
+
+def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path) -> DataBundle:
+    """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
+    bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
+                                              mean=ckpt["mean"], std=ckpt["std"], train_samples=None))
+    check_classes(bundle, ckpt["classes"], source)
+    return bundle
 
 
 def check_classes(bundle: DataBundle, classes: list[str], source: Path) -> None:

@@ -26,7 +26,8 @@ from imgrec.models.registry import build_model
 from imgrec.workflows import train
 
 WEIGHTS_KEYS = {"format_version", "kind", "model", "state_dict", "classes", "channels", "image_size", "mean", "std",
-                "data", "config", "epoch", "metrics", "params", "versions", "git_commit"}
+                "data", "config", "epoch", "metrics", "params", "versions", "git_commit",
+                "temperature"}  # fitted on the validation split once training ends
 
 
 def train_run(data: Path, project: Path, **overrides: Any) -> Path:
@@ -76,6 +77,7 @@ def test_weights_file_of_a_real_run_loads_weights_only(run_dir: Path, image_fold
         assert set(raw) == WEIGHTS_KEYS
         assert _plain(raw)
         assert raw["format_version"] == FORMAT_VERSION
+        assert type(raw["temperature"]) is float and raw["temperature"] > 0
         assert raw["kind"] == "imgrec-weights"
         assert raw["model"] == {"name": "mlp", "num_classes": 3, "in_channels": 3, "image_size": [16, 16]}
         assert raw["classes"] == ["cat", "dog", "fox"]

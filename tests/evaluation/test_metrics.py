@@ -12,10 +12,19 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from imgrec.evaluation.metrics import (
+    MetricCounts,
+    calibration_bins,
     classification_report,
     confusion_matrix,
+    confusion_matrix_from_logits,
+    count_predictions,
+    ece,
+    expected_calibration_error,
     per_class_metrics,
+    reliability_table,
+    report_from_counts,
     topk_accuracy,
+    worst_mistakes,
 )
 
 # sklearn warns about classes missing from y_true or y_pred: exactly the cases tested here
@@ -112,6 +121,11 @@ def test_classification_report_matches_sklearn(case: tuple[torch.Tensor, torch.T
         assert row["f1"] == pytest.approx(f[i], abs=1e-6)
         assert row["support"] == s[i] and isinstance(row["support"], int)
     assert report["confusion_matrix"] == skm.confusion_matrix(y, yhat, labels=labels).tolist()
+    assert report["top1_accuracy"] == report["accuracy"]
+    for average, over in (("macro", present), ("weighted", labels)):
+        for name, score in (("precision", skm.precision_score), ("recall", skm.recall_score)):
+            expected = score(y, yhat, labels=over, average=average, zero_division=0)
+            assert report[f"{average}_{name}"] == pytest.approx(expected, abs=1e-9), (average, name)
 
 
 @SETTINGS
@@ -179,8 +193,9 @@ def test_report_is_json_ready_plain_values() -> None:
     targets = torch.arange(20) % 6
     report = classification_report(logits, targets, [str(i) for i in range(6)])
     json.dumps(report)  # plain floats, ints, lists and dicts only
-    assert {"count", "accuracy", "loss", "top5_accuracy", "macro_f1", "weighted_f1", "balanced_accuracy",
-            "per_class", "confusion_matrix"} <= set(report)
+    assert {"count", "accuracy", "top1_accuracy", "loss", "top5_accuracy", "macro_precision", "macro_recall",
+            "macro_f1", "weighted_precision", "weighted_recall", "weighted_f1", "balanced_accuracy", "ece",
+            "reliability", "per_class", "confusion_matrix"} <= set(report)
 
 
 def test_counts_from_parts_add_up() -> None:
@@ -204,3 +219,109 @@ def test_empty_input() -> None:
     assert report["accuracy"] == 0.0
     assert report["loss"] == 0.0
     assert report["macro_f1"] == 0.0
+
+
+# --- calibration error, counts that add up ---------------------------------------------------------------------
+
+
+def _numpy_ece(logits: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """An independent ECE: bins ((b-1)/bins, b/bins], found with a loop over the bins."""
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    probs = shifted / shifted.sum(1, keepdims=True)
+    confidence, preds = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = (confidence > low) & (confidence <= high) if b else (confidence <= high)
+        if inside.any():
+            total += inside.sum() * abs((preds[inside] == targets[inside]).mean() - confidence[inside].mean())
+    return total / len(targets)
+
+
+def test_ece_by_hand() -> None:
+    # two classes, logits chosen so the confidences are exactly 0.9, 0.9, 0.6 and 0.6
+    def logit(p: float) -> list[float]:
+        return [math.log(p), math.log(1 - p)]
+
+    logits = torch.tensor([logit(0.9), logit(0.9), logit(0.6), logit(0.6)], dtype=torch.float64)
+    targets = torch.tensor([0, 1, 0, 0])  # bin (0.867, 0.933]: 1 of 2 right; bin (0.533, 0.6]: 2 of 2 right
+    # ECE = 2/4 * |0.5 - 0.9| + 2/4 * |1.0 - 0.6| = 0.2 + 0.2
+    assert ece(logits, targets) == pytest.approx(0.4, abs=1e-12)
+    count, confidence_sum, correct = calibration_bins(logits, targets)
+    assert count.sum() == 4 and count[13] == 2 and count[8] == 2  # 0.9 -> bin 13 (0.867, 0.933], 0.6 -> bin 8
+    assert correct[13] == 1 and correct[8] == 2
+    rows = reliability_table(count, confidence_sum, correct)
+    assert rows[13]["confidence"] == pytest.approx(0.9) and rows[13]["accuracy"] == 0.5
+    assert rows[0]["count"] == 0 and rows[0]["accuracy"] is None
+
+
+def test_ece_bin_edges_belong_to_the_bin_below() -> None:
+    # confidence exactly 0.6 = 9/15 is the top edge of bin 8, (8/15, 9/15]
+    logits = torch.tensor([[math.log(0.6), math.log(0.4)]], dtype=torch.float64)
+    count, _, _ = calibration_bins(logits, torch.tensor([0]))
+    assert count.nonzero().flatten().tolist() == [8]
+
+
+def test_perfectly_confident_and_right_has_zero_ece() -> None:
+    logits = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).double() * 100
+    assert ece(logits, torch.arange(6) % 3) == pytest.approx(0.0, abs=1e-12)
+    assert ece(logits, (torch.arange(6) + 1) % 3) == pytest.approx(1.0, abs=1e-12)  # sure and always wrong
+
+
+@SETTINGS
+@given(labelled_logits())
+def test_ece_matches_an_independent_implementation(case: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+    logits, targets, _ = case
+    expected = _numpy_ece(logits.double().numpy(), targets.numpy())
+    assert ece(logits, targets) == pytest.approx(expected, abs=1e-9)
+
+
+@SETTINGS
+@given(labelled_logits(), st.lists(st.integers(0, 80), max_size=4))
+def test_counts_of_parts_sum_to_the_counts_of_the_whole(case: tuple[torch.Tensor, torch.Tensor, int],
+                                                        cuts: list[int]) -> None:
+    """What distributed evaluation does: each process counts its shard, the counts are summed (all-reduce)."""
+    logits, targets, num_classes = case
+    edges = sorted({0, len(targets), *(min(c, len(targets)) for c in cuts)})
+    parts = [count_predictions(logits[a:b], targets[a:b]) for a, b in zip(edges, edges[1:])]
+    summed = parts[0]
+    for part in parts[1:]:
+        summed = summed + part
+    whole = count_predictions(logits, targets)
+    for mine, theirs in zip(summed.tensors(), whole.tensors()):
+        assert torch.allclose(mine.double(), theirs.double(), atol=1e-9), (mine, theirs)
+    classes = [f"c{i}" for i in range(num_classes)]
+    merged, direct = report_from_counts(summed, classes), classification_report(logits, targets, classes)
+    assert merged["confusion_matrix"] == direct["confusion_matrix"]
+    for key in ("accuracy", "loss", "ece", "macro_f1", "weighted_f1", "balanced_accuracy"):
+        assert merged[key] == pytest.approx(direct[key], abs=1e-9), key
+
+
+def test_counts_can_be_all_reduced_in_place() -> None:
+    """tensors() hands out the fields themselves, so an in-place all-reduce updates the counts."""
+    counts = count_predictions(torch.randn(10, 4), torch.arange(10) % 4)
+    for tensor in counts.tensors():
+        tensor.mul_(2)  # what all_reduce(SUM) does with two identical processes
+    assert int(counts.confusion.sum()) == 20 and int(counts.bin_count.sum()) == 20
+    assert isinstance(counts, MetricCounts) and len(counts.tensors()) == 6
+
+
+def test_expected_calibration_error_of_no_examples_is_zero() -> None:
+    empty = torch.zeros(15, dtype=torch.int64)
+    assert expected_calibration_error(empty, empty.double(), empty) == 0.0
+
+
+@SETTINGS
+@given(labelled_logits())
+def test_confusion_matrix_from_logits(case: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+    logits, targets, num_classes = case
+    assert torch.equal(confusion_matrix_from_logits(logits, targets),
+                       confusion_matrix(logits.argmax(1), targets, num_classes))
+
+
+def test_worst_mistakes_are_the_highest_losses_among_the_wrong() -> None:
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 1.0], [3.0, 0.0], [0.0, 9.0]])
+    targets = torch.tensor([0, 0, 0, 1, 1])  # wrong: rows 1 (loss ~5), 2 (~1.3), 3 (~3)
+    assert worst_mistakes(logits, targets, 10).tolist() == [1, 3, 2]
+    assert worst_mistakes(logits, targets, 2).tolist() == [1, 3]
+    assert worst_mistakes(logits[:1], targets[:1], 3).tolist() == []

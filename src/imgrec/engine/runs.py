@@ -31,12 +31,16 @@ def create_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Pa
 
 def default_run_name(data: str, model: str) -> str:
     """<data>-<model> with the data's path reduced to a short, file-safe name."""
+    return f"{data_stem(data)}-{model}"
+
+
+def data_stem(data: str) -> str:
+    """A data set name or path as a short, file-safe name: /x/cifar10-jpeg.tar.gz -> cifar10-jpeg."""
     stem = Path(data.rstrip("/")).name
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "data"
-    return f"{stem}-{model}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "data"
 
 
 class ResultsLog:

@@ -30,15 +30,25 @@ class ListLoader:
         self.batches = batches
         self.num_samples = sum(len(y) for _, y in batches)
         self.epochs_set: list[int] = []
+        self.done = 0
 
     def __iter__(self) -> Any:
-        return iter(self.batches)
+        for batch in self.batches[self.done :]:
+            self.done += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epochs_set.append(epoch)
+        self.done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = state["batches_done"]
 
 
 def cfg_for(**overrides: Any) -> RunConfig:

@@ -191,14 +191,20 @@ def _load_named(name: str, opts: DataOptions) -> DataBundle:
     return DataBundle(info, train, val, test, notes=notes)
 
 
-def _load_folder(path: str, opts: DataOptions) -> DataBundle:
+def folder_of(path: str, cache_dir: str) -> Path:
+    """The image folder a path names: the folder itself, or an archive's extraction in the cache."""
     source = Path(path)
-    folder = extract_archive(source, opts.cache_dir) if source.is_file() and is_archive(source) else source
+    folder = extract_archive(source, cache_dir) if source.is_file() and is_archive(source) else source
     if not folder.is_dir():
         raise UsageError(f"{path} is neither a data set name, an image folder nor an archive ({', '.join(('.zip', '.tar.gz'))})")
-    scanned = scan_folder(folder)
+    return folder
+
+
+def _load_folder(path: str, opts: DataOptions) -> DataBundle:
+    source = Path(path)
+    scanned = scan_folder(folder_of(path, opts.cache_dir))
     notes: list[str] = []
-    splits = _assign_splits(scanned, opts, notes)
+    splits = assign_splits(scanned, opts, notes)
     channels, size = _choose_shape(splits["train"][0], opts, notes)
     file_splits = {
         name: FileSplit(paths, torch.tensor(labels, dtype=torch.int64), channels, size) for name, (paths, labels) in splits.items()
@@ -227,7 +233,7 @@ def _load_folder(path: str, opts: DataOptions) -> DataBundle:
                       skipped=skipped)
 
 
-def _assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
+def assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
     """train/val/test file lists: the folder's own splits, completed by seeded stratified splits."""
     splits = dict(scanned.splits)
 

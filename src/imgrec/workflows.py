@@ -22,9 +22,22 @@ from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_warning
-from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights, run_dir_of
+from imgrec.engine.checkpoint import (
+    load_model_state,
+    load_weights_file,
+    remove_partial_writes,
+    resolve_weights,
+    run_dir_of,
+)
 from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
-from imgrec.engine.state import Progress, check_same_data, load_state, resolve_state, resume_config
+from imgrec.engine.state import (
+    Progress,
+    check_same_data,
+    load_state,
+    make_current,
+    resolve_state,
+    resume_config,
+)
 from imgrec.engine.system import (
     autocast_dtype,
     git_commit,
@@ -76,13 +89,15 @@ def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
     path = resolve_state(run)
     state = load_state(path)
     cfg, notes = resume_config(state, given, path)
+    for folder in (path.parent, path.parent / "weights"):
+        remove_partial_writes(folder)  # what a kill in the middle of a write left behind
     progress = Progress.from_dict(state["progress"])
     summary = path.parent / "summary.json"
     if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
         return TrainOutcome(path.parent, json.loads(summary.read_text()), already_finished=True)
     for note in notes:
         log.info(note)
-    return train(cfg, ResumePoint(path, state))
+    return train(cfg, ResumePoint(make_current(path), state))
 
 
 def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:

@@ -50,6 +50,14 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | None = None) ->
     _fsync_dir(path.parent)
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files that writes cut short by a kill left in a folder (.<name>.<random>.tmp)."""
+    partial = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def _keep_copy(source: Path, target: Path) -> None:
     """Atomically make target a copy of source (a hard link when the file system allows it)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

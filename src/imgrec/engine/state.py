@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -133,6 +134,17 @@ def resolve_state(run_or_file: str | Path) -> Path:
     return path
 
 
+def make_current(path: Path) -> Path:
+    """A state resumed from under another name (train_state.prev.pt, when train_state.pt is damaged) becomes the
+    run's train_state.pt, so that the next save keeps it, not the damaged file, as the previous state."""
+    current = path.parent / STATE_FILE
+    if path.resolve() != current.resolve():
+        tmp = current.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, current)
+    return current
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """Load a training state (weights only); a damaged or foreign file is a one-line error naming it."""
     state = load_checkpoint(path, what="training state")
@@ -145,8 +157,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def check_same_data(state: dict[str, Any], meta: dict[str, Any], train_images: int, source: Path) -> None:
     """The data a run resumes on must be the data it was trained on (classes, shape, statistics, size)."""
-    saved = {k: state["weights_meta"].get(k) for k in DATA_KEYS} | {"train images": state["train_images"]}
-    now = {k: meta.get(k) for k in DATA_KEYS} | {"train images": train_images}
+    saved = {"train images": state["train_images"]} | {k: state["weights_meta"].get(k) for k in DATA_KEYS}
+    now = {"train images": train_images} | {k: meta.get(k) for k in DATA_KEYS}
     changed = [k for k in saved if saved[k] != now[k]]
     if changed:
         k = changed[0]

@@ -268,8 +268,8 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
             with Image.open(p) as img:
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
-        except (OSError, SyntaxError, ValueError):
-            continue  # unreadable files are reported when decoded
+        except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass
+            continue
     channels = opts.channels or (1 if modes and set(modes) <= GREY_MODES else 3)
     if isinstance(opts.image_size, tuple):
         return channels, opts.image_size

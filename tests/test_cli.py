@@ -107,7 +107,7 @@ def run_copy(digits_run: tuple[Any, Path], tmp_path: Path) -> Path:
 # --- help -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["show"], ["models"], ["datasets"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["show"], ["doctor"], ["models"], ["datasets"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main([*command, "--help"], capsys)
     assert code == 0

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 4)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the splits imgrec makes, as in training (default: 0)")
     p.add_argument("--near", type=int, default=None, metavar="BITS",
-                   help="perceptual-hash distance (of 64 bits) up to which two images count as near duplicates")
+                   help="perceptual-hash distance (of 64 bits) up to which two images are near-duplicate candidates, "
+                        "confirmed on thumbnails (default: 6)")
 
     p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json",
                        description="Evaluate a run's weights on a split of its data (or of --data).")

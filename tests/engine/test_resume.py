@@ -251,3 +251,27 @@ def test_the_state_holds_only_tensors_and_plain_values(image_folder: Path, tmp_p
     assert {"model", "optimizer", "scheduler", "scaler", "loader", "rng", "progress", "config"} <= set(state)
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0
+
+
+def test_saves_are_due_by_steps_and_by_minutes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: clock["now"])
+    by_steps = state_module.StateSaver(tmp_path, RunConfig(save_every_steps=3, save_every_minutes=0), lambda p: {})
+    assert [by_steps.due() for _ in range(3)] == [False, False, True]
+    by_time = state_module.StateSaver(tmp_path, RunConfig(save_every_minutes=2), lambda p: {"kind": "x"})
+    clock["now"] += 119
+    assert not by_time.due()
+    clock["now"] += 1
+    assert by_time.due()
+    by_time.save(Progress())
+    assert not by_time.due() and (tmp_path / STATE_FILE).is_file()
+    never = state_module.StateSaver(tmp_path, RunConfig(save_every_minutes=0), lambda p: {})
+    clock["now"] += 10**6
+    assert not any(never.due() for _ in range(1000))
+
+
+def test_only_settings_that_cannot_change_the_past_are_resume_safe() -> None:
+    from imgrec.config import resume_safe_settings
+
+    assert sorted(resume_safe_settings()) == sorted(
+        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps"])

@@ -105,18 +105,18 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
     step_fn = _make_step(model, optimizer, scheduler, scaler, loss_fn, cfg.grad_clip, device, dtype, memory_format)
     with StopSignals() as stop:
+
+        def after_step() -> None:  # a safe point: stop here when asked to, save the state when due
+            stop.check()
+            if saver.due():
+                saver.save(progress)
+
         try:
             while not progress.finished(cfg.epochs, cfg.patience):
                 epoch = progress.epoch
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-
-                def after_step() -> None:
-                    stop.check()
-                    if saver.due():
-                        saver.save(progress)
-
                 train_one_epoch(step_fn, train_loader, progress, cfg.epochs, after_step)
                 # The epoch's last update can make the weights non-finite while its own loss was finite: never
                 # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
@@ -140,12 +140,17 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 raise
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
-    if progress.stopped_early(cfg.epochs, cfg.patience):
+    return _fit_result(progress, cfg)
+
+
+def _fit_result(progress: Progress, cfg: RunConfig) -> FitResult:
+    stopped_early = progress.stopped_early(cfg.epochs, cfg.patience)
+    if stopped_early:
         log.info(f"early stop: no better validation accuracy for {cfg.patience} epochs (best: epoch {progress.best_epoch})")
+    rate = progress.images_seen / progress.train_seconds if progress.train_seconds > 0 else 0.0
     return FitResult(best_epoch=progress.best_epoch, best_val_accuracy=progress.best_val_accuracy,
-                     epochs_run=len(progress.history), train_seconds=progress.train_seconds,
-                     images_per_second=progress.images_seen / progress.train_seconds if progress.train_seconds > 0 else 0.0,
-                     stopped_early=progress.stopped_early(cfg.epochs, cfg.patience), history=list(progress.history))
+                     epochs_run=len(progress.history), train_seconds=progress.train_seconds, images_per_second=rate,
+                     stopped_early=stopped_early, history=list(progress.history))
 
 
 def _checked_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:

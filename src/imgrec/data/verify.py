@@ -44,32 +44,33 @@ def _reason(message: str, path: str) -> str:
     return message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
 
 
-def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[list[torch.Tensor], list[str]]:
-    return [image for image, _ in items], [reason for _, reason in items]
+def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | None, list[str]]:
+    """The batch's good images as one tensor (one shared-memory block per batch, not one per image) and every
+    item's reason ("" for the good ones)."""
+    good = [image for image, reason in items if not reason]
+    return (torch.stack(good) if good else None), [reason for _, reason in items]
 
 
 def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> tuple[torch.Tensor | None, dict[str, str]]:
     """Decode every file once; returns (uint8 (N_good, C, H, W) of the files that decode, or None when not kept,
     {path: reason} of those that do not)."""
     loader = file_loader(CheckedFileDataset(split), workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
-    good: list[torch.Tensor] = []
+    kept = torch.empty((len(split) if keep_images else 0, split.channels, *split.image_size), dtype=torch.uint8)
     failures: dict[str, str] = {}
-    position = 0
+    position, count = 0, 0
     try:
         for images, reasons in loader:
-            for image, reason in zip(images, reasons):
+            for reason in reasons:
                 if reason:
                     failures[split.paths[position]] = reason
-                elif keep_images:
-                    good.append(image)
                 position += 1
+            if keep_images and images is not None:
+                kept[count : count + len(images)] = images
+                count += len(images)
     except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
         traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
         raise ImgrecError(f"decoding the images failed: {worker_error_message(exc)}") from None
-    if not keep_images:
-        return None, failures
-    shape = (0, split.channels, *split.image_size)
-    return (torch.stack(good) if good else torch.empty(shape, dtype=torch.uint8)), failures
+    return (kept[:count] if keep_images else None), failures
 
 
 def without(split: FileSplit, failures: dict[str, str]) -> FileSplit:

@@ -61,6 +61,7 @@ class Progress:
         return done >= epochs or (patience > 0 and self.stale >= patience and self.step == 0)
 
     def stopped_early(self, epochs: int, patience: int) -> bool:
+        """Finished by early stopping, before all epochs ran."""
         return len(self.history) < epochs and self.finished(epochs, patience)
 
     def start_epoch(self, lr: float) -> None:
@@ -81,10 +82,12 @@ class Progress:
         return improved
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values, as the training state stores them."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Progress:
+        """Back from to_dict() (keys it does not know are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -274,7 +277,3 @@ class StateSaver:
         path = save_state(self.capture(progress), self.run_dir)
         self.steps, self.last = 0, time.monotonic()
         return path
-
-    @property
-    def path(self) -> Path:
-        return self.run_dir / STATE_FILE

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,68 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
     """A data folder with fake Fashion-MNIST IDX files (60 train / 20 test)."""
     write_idx(tmp_path / "data" / "FashionMNIST" / "raw")
     return tmp_path / "data"
+
+
+def photo_like(seed: int, size: int = 32) -> np.ndarray:
+    """A distinct colour picture (smooth random blobs): unlike class_image, no two seeds look alike. (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8))
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def make_photo_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 10,
+                      splits: tuple[str, ...] = ("train", "test"), ext: str = ".jpg") -> Path:
+    """root/<split>/<class>/NNN<ext> of distinct pictures (no duplicates anywhere)."""
+    seed = 0
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                seed += 1
+                Image.fromarray(photo_like(seed)).save(folder / f"{i:03d}{ext}")
+    return root
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A tiny valid PNG whose IHDR says width x height (with a correct CRC): a decompression-bomb header."""
+    Image.new("L", (8, 8)).save(path, format="PNG")
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+BAD_KINDS = ("zero-byte", "truncated", "not-an-image", "too-large", "corrupt")
+
+
+def write_bad_file(path: Path, kind: str) -> Path:
+    """Replace (or create) path with a bad file of the given kind; truncated keeps the first half of a real image."""
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = path.read_bytes() if path.is_file() and path.stat().st_size else _encoded(path.suffix)
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not-an-image":
+        path.write_text("<html><body>404 not found</body></html>\n")
+    elif kind == "too-large":
+        png_claiming_size(path, 100_000, 100_000)
+    elif kind == "corrupt":  # a PNG whose compressed pixel data is garbled (its CRCs still check out)
+        buffer = io.BytesIO()
+        Image.fromarray(photo_like(12345)).save(buffer, format="PNG")
+        data = bytearray(buffer.getvalue())
+        start = data.index(b"IDAT") + 4
+        data[start + 10 : start + 60] = bytes(255 - b for b in data[start + 10 : start + 60])
+        end = start + struct.unpack(">I", bytes(data[start - 8 : start - 4]))[0]
+        data[end : end + 4] = struct.pack(">I", zlib.crc32(bytes(data[start - 4 : end])) & 0xFFFFFFFF)
+        path.write_bytes(bytes(data))
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def _encoded(suffix: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photo_like(54321, 64)).save(buffer, format="PNG" if suffix.lower() == ".png" else "JPEG")
+    return buffer.getvalue()

@@ -107,8 +107,8 @@ def run_copy(digits_run: tuple[Any, Path], tmp_path: Path) -> Path:
 # --- help -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["explain"], ["compare"], ["show"], ["models"],
-                                     ["datasets"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["explain"], ["compare"], ["show"], ["doctor"],
+                                     ["models"], ["datasets"]])
 def test_help_for_every_command(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main([*command, "--help"], capsys)
     assert code == 0
@@ -428,9 +428,9 @@ def _folder_with_truncated_png(tmp_path: Path) -> Path:
         (["train", "--data", "fashion-mnist", "--data-dir", "{tmp}/nodata"], 1,
          ["FashionMNIST/raw/train-images-idx3-ubyte", "--download", "{tmp}/nodata"]),
         (["train", "--data", "{empty_class}"], 1, ["{empty_class}/emu", "no images"]),
-        (["train", "--data", "{text_file}", "--workers", "0"], 1, ["{text_file}/dog/notes.png"]),
-        (["train", "--data", "{text_file}", "--workers", "2"], 1, ["{text_file}/dog/notes.png"]),
-        (["train", "--data", "{truncated}", "--workers", "0"], 1, ["{truncated}/fox/cut.png"]),
+        (["train", "--data", "{text_file}", "--workers", "0", "--strict"], 1, ["{text_file}/dog/notes.png", "--strict"]),
+        (["train", "--data", "{text_file}", "--workers", "2", "--strict"], 1, ["{text_file}/dog/notes.png"]),
+        (["train", "--data", "{truncated}", "--workers", "0", "--strict"], 1, ["{truncated}/fox/cut.png", "truncated"]),
         (["show", "--data", "nosuch"], 2, ["unknown data set 'nosuch'"]),
         (["datasets", "--bogus"], 2, ["unrecognized arguments: --bogus"]),
     ],
@@ -522,7 +522,7 @@ def test_image_folder_end_to_end(image_folder: Path, tmp_path: Path, capsys: pyt
     run = run_dir_from(out)
     assert run.name == "photos-lenet"
     rows = _read_split(run)
-    assert list(rows[0]) == ["file", "class", "split"]
+    assert list(rows[0]) == ["file", "class", "split", "skipped"]
     files = [r["file"] for r in rows]
     assert len(files) == len(set(files)) == 36  # every image once
     assert {r["class"] for r in rows} == {"cat", "dog", "fox"}

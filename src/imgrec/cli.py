@@ -7,16 +7,19 @@ Torch is imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
 from imgrec import __version__
-from imgrec.config import RunConfig, load_yaml
-from imgrec.errors import ImgrecError, UsageError
+from imgrec.config import RunConfig, default_cache_dir, default_data_dir, load_yaml
+from imgrec.errors import ImgrecError, Interrupted, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +39,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = argparse.SUPPRESS if f.metadata.get("advanced") else f"{f.metadata.get('help', '')} (default: {default})"
         options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
@@ -58,7 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its train_state.pt (only "
+                   "--epochs, --patience, --workers, --threads and --save-every-minutes may change)")
     _add_config_flags(p)
+
+    p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
+                       description="Check a data set (a name, an image folder or an archive) before any training: "
+                                   "counts per class and split, image sizes and modes, files that do not decode, "
+                                   "exact and near duplicates within and across splits, class imbalance, "
+                                   "EXIF-rotated files; with a suggested fix for each problem. Exit code 0 when "
+                                   "clean, 1 when problems were found.")
+    p.add_argument("data", metavar="DATA", help="data set name, or a path to an image folder or archive")
+    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 4)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the splits imgrec makes, as in training (default: 0)")
+    p.add_argument("--near", type=int, default=None, metavar="BITS",
+                   help="perceptual-hash distance (of 64 bits) up to which two images are near-duplicate candidates, "
+                        "confirmed on thumbnails (default: 6)")
 
     p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json, figures and report.html",
                        description="Evaluate a run's weights on a split of its data (or of --data) and write "
@@ -113,20 +133,28 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ beside the first run)")
 
 
-def _config_from_args(args: argparse.Namespace) -> RunConfig:
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given in --config and as flags (flags win); unset ones are absent."""
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
     known = {f.name for f in fields(RunConfig)}
     values.update({k: v for k, v in vars(args).items() if k in known})
-    return RunConfig.from_dict(values, source=args.config or "the command line")
+    return values
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig.from_dict(_given_settings(args), source=args.config or "the command line")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgrec.workflows import train
+    from imgrec.workflows import resume, train
 
-    cfg = _config_from_args(args)
-    outcome = train(cfg)
+    outcome = resume(args.resume, _given_settings(args)) if args.resume else train(_config_from_args(args))
     s = outcome.summary
     print(f"run folder: {outcome.run_dir}")
+    if outcome.already_finished:
+        print(f"{outcome.run_dir} has already finished ({s['epochs']} epochs, test accuracy {s['test_accuracy']:.2%}): "
+              f"nothing to do; resume with a larger --epochs (or --patience) to train it further")
+        return 0
     print(f"test accuracy: {s['test_accuracy']:.2%} (test loss {s['test_loss']:.4f}, best epoch {s['best_epoch']}/"
           f"{s['epochs']}, {s['train_seconds']:.1f}s training, {s['images_per_second']:,.0f} img/s)")
     return 0
@@ -184,6 +212,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from imgrec.data.doctor import DoctorOptions, diagnose, format_report
+
+    if args.workers is not None and args.workers < 0:
+        raise UsageError("--workers must not be negative")
+    if args.near is not None and not 0 <= args.near <= 32:
+        raise UsageError("--near must be in [0, 32]")
+    options = DoctorOptions(data_dir=args.data_dir or default_data_dir(), cache_dir=default_cache_dir(),
+                            workers=args.workers, split_seed=args.split_seed)
+    if args.near is not None:
+        options.near_bits = args.near
+    report = diagnose(args.data, options)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from imgrec.models.registry import MODELS, build_model, count_parameters
 
@@ -196,7 +240,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from imgrec.config import default_data_dir
     from imgrec.data.datasets import NAMED_DATASETS, missing_files
 
     data_dir = args.data_dir or default_data_dir()
@@ -210,7 +253,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "compare": cmd_compare,
-            "show": cmd_show, "models": cmd_models, "datasets": cmd_datasets}
+            "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models, "datasets": cmd_datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,8 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as exc:  # training saved its state: the message says how to resume
+        print(f"imgrec {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ImgrecError as exc:
         if args.verbose:
             raise
@@ -231,3 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"imgrec {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

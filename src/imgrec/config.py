@@ -56,7 +56,9 @@ class RunConfig:
     split_seed: int = _opt(0, "seed of the train/val/test splits imgrec makes (fixed, so runs share a test set)")
     train_samples: int | None = _opt(None, "train on a seeded, stratified subset of this many training images")
     loader: str = _opt("auto", "data path: memory (one uint8 tensor), stream (DataLoader workers) or auto", choices=LOADERS)
-    workers: int | None = _opt(None, "DataLoader worker processes for streamed data (default: CPU count, at most 4)")
+    workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
+                               resume=True)
+    strict: bool = _opt(False, "fail on image files that do not decode instead of skipping them (with one warning)")
     augment: str = _opt("auto", "comma list of crop, flip, translate, erase; none; or auto (crop,flip for colour data)")
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: the data set's)")
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)")
@@ -70,20 +72,25 @@ class RunConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
     batch_size: int = _opt(100, "images per training step")
-    epochs: int = _opt(10, "training epochs")
+    epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True)
     schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES)
-    patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)")
+    patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
+                         resume=True)
     # system
     device: str = _opt("auto", "device: cuda when available, else cpu", choices=DEVICES)
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto: fp32 on CPU, mixed precision on CUDA", choices=PRECISIONS)
     channels_last: bool = _opt(True, "keep conv activations in channels-last memory format (faster on CPU and GPU)")
-    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core)")
+    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core)", resume=True)
     seed: int = _opt(0, "random seed for weights, splits, data order and augmentation")
     deterministic: bool = _opt(True, "use deterministic algorithms (bit-exact reruns on CPU)")
     # output
     project: str = _opt("runs", "folder that holds run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>, numbered when taken)")
     exist_ok: bool = _opt(False, "reuse the run folder if it exists instead of numbering a new one")
+    save_every_minutes: float = _opt(5.0, "also save the training state (train_state.pt) this often within an epoch "
+                                     "(0: at epoch ends only)", resume=True)
+    save_every_steps: int = _opt(0, "also save the training state every this many steps (0: never)", resume=True,
+                                 advanced=True)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
@@ -101,6 +108,8 @@ class RunConfig:
         _check(self.train_samples is None or self.train_samples >= 1, "--train-samples must be at least 1")
         _check(self.workers is None or self.workers >= 0, "--workers must not be negative")
         _check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
+        _check(self.save_every_minutes >= 0, "--save-every-minutes must not be negative")
+        _check(self.save_every_steps >= 0, "--save-every-steps must not be negative")
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
         _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")
@@ -141,6 +150,11 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (what `--config` reads back)."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def resume_safe_settings() -> list[str]:
+    """The settings a resumed run may change (marked resume=True): none of them alters what is learnt so far."""
+    return [f.name for f in fields(RunConfig) if f.metadata.get("resume")]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

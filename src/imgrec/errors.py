@@ -13,3 +13,9 @@ class UsageError(ImgrecError):
     """A bad command line or option value (unknown data set or model, out-of-range option): exit code 2."""
 
     exit_code = 2
+
+
+class Interrupted(ImgrecError):
+    """Training stopped by Ctrl-C or SIGTERM after saving its state; the message says how to resume. Exit code 130."""
+
+    exit_code = 130

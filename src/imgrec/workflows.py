@@ -7,6 +7,7 @@ calls these functions, which return plain results (and raise ImgrecError for the
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,9 +21,30 @@ from imgrec.data.datasets import DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
-from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights, run_dir_of
+from imgrec.data.verify import skipped_warning
+from imgrec.engine.checkpoint import (
+    load_model_state,
+    load_weights_file,
+    remove_partial_writes,
+    resolve_weights,
+    run_dir_of,
+)
 from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
-from imgrec.engine.system import git_commit, seed_everything, select_device, set_threads, versions
+from imgrec.engine.state import (
+    Progress,
+    check_same_data,
+    load_state,
+    make_current,
+    resolve_state,
+    resume_config,
+)
+from imgrec.engine.system import (
+    git_commit,
+    seed_everything,
+    select_device,
+    set_threads,
+    versions,
+)
 from imgrec.engine.trainer import FitResult, fit
 from imgrec.errors import ImgrecError
 from imgrec.models.registry import build_model, count_parameters
@@ -37,6 +59,15 @@ EVAL_BATCH_SIZE = 500
 class TrainOutcome:
     run_dir: Path
     summary: dict[str, Any]
+    already_finished: bool = False  # a resumed run that had nothing left to do
+
+
+@dataclass
+class ResumePoint:
+    """A run to continue: its training state file and what it holds."""
+
+    path: Path
+    state: dict[str, Any]
 
 
 def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
@@ -45,14 +76,31 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
         data_dir=cfg.data_root, cache_dir=default_cache_dir(), download=cfg.download, image_size=cfg.image_size,
         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
         train_samples=cfg.train_samples, loader=cfg.loader, workers=cfg.workers, mean=cfg.mean, std=cfg.std,
+        strict=cfg.strict,
     )
     for key, value in overrides.items():
         setattr(opts, key, value)
     return opts
 
 
-def train(cfg: RunConfig) -> TrainOutcome:
-    """Load the data, build the model, fit, test the best weights, and write the run folder."""
+def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
+    """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is."""
+    path = resolve_state(run)
+    state = load_state(path)
+    cfg, notes = resume_config(state, given, path)
+    for folder in (path.parent, path.parent / "weights"):
+        remove_partial_writes(folder)  # what a kill in the middle of a write left behind
+    progress = Progress.from_dict(state["progress"])
+    summary = path.parent / "summary.json"
+    if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
+        return TrainOutcome(path.parent, json.loads(summary.read_text()), already_finished=True)
+    for note in notes:
+        log.info(note)
+    return train(cfg, ResumePoint(make_current(path), state))
+
+
+def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
+    """Load the data, build the model, fit (or continue a saved run), test the best weights, write the run folder."""
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     started = time.perf_counter()
@@ -63,10 +111,16 @@ def train(cfg: RunConfig) -> TrainOutcome:
     # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
     seed_everything(cfg.seed, cfg.deterministic)
     model = build_model(cfg.model, info.num_classes, info.channels, info.image_size)
-    run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
+    if resumed:
+        run_dir = resumed.path.parent
+    else:
+        run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
     cfg.save(run_dir / "config.yaml")
     if bundle.manifest:
         _write_manifest(bundle.manifest, run_dir / "split.csv")
+    if bundle.skipped:
+        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{split}\t{why}\n" for p, split, why in bundle.skipped))
+        log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
              f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
@@ -77,7 +131,11 @@ def train(cfg: RunConfig) -> TrainOutcome:
     plain = BatchTransform(info.mean, info.std)
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
     meta = weights_meta(cfg, info, model)
-    result = fit(model, train_loader, val_loader, cfg, run_dir, meta)
+    if resumed:
+        check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
+        at = Progress.from_dict(resumed.state["progress"])
+        log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}/{len(train_loader)}")
+    result = fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None)
     calibrate_weights(model, val_loader, run_dir, cfg)
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
     return TrainOutcome(run_dir, summary)
@@ -162,6 +220,8 @@ def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path) -> DataBun
     """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
     bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
                                               mean=ckpt["mean"], std=ckpt["std"], train_samples=None))
+    if bundle.skipped:
+        log.warning(skipped_warning(bundle.skipped))
     check_classes(bundle, ckpt["classes"], source)
     return bundle
 
@@ -178,6 +238,8 @@ def check_classes(bundle: DataBundle, classes: list[str], source: Path) -> None:
 def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "train", augmented: bool = False) -> Path:
     """A PNG grid of de-normalised images with their labels (optionally as training augments them)."""
     bundle = load_data(cfg.data, data_options(cfg, train_samples=None))
+    if bundle.skipped:
+        log.warning(skipped_warning(bundle.skipped))
     info = bundle.info
     try:
         chosen = bundle.split(split)
@@ -198,8 +260,8 @@ def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "tra
     return plot_image_grid(images, titles, out)
 
 
-def _write_manifest(rows: list[tuple[str, str, str]], path: Path) -> None:
+def _write_manifest(rows: list[tuple[str, str, str, str]], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(("file", "class", "split"))
+        writer.writerow(("file", "class", "split", "skipped"))
         writer.writerows(rows)

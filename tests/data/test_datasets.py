@@ -220,9 +220,10 @@ def test_image_folder_splits_and_manifest(image_folder: Path, tmp_path: Path) ->
     # the manifest lists every file exactly once, with its class and split
     files = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.png"))
     assert sorted(row[0] for row in bundle.manifest) == files
-    for file, cls, split in bundle.manifest:
+    for file, cls, split, _ in bundle.manifest:
         assert file.split("/")[0] == cls and split in ("train", "val", "test")
-    assert Counter(split for _, _, split in bundle.manifest) == {"train": 27, "val": 3, "test": 6}
+    assert Counter(split for _, _, split, _ in bundle.manifest) == {"train": 27, "val": 3, "test": 6}
+    assert {skipped for *_, skipped in bundle.manifest} == {""} and bundle.skipped == []
     assert any("split" in note and "seed 0" in note and "20%" in note for note in bundle.notes)
 
 
@@ -421,15 +422,45 @@ def test_damaged_cache_entry_is_rebuilt(image_folder: Path, tmp_path: Path, monk
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_in_a_folder_names_the_file(image_folder: Path, tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_corrupt_image_in_a_folder_is_skipped_and_named(image_folder: Path, tmp_path: Path, workers: int,
+                                                         loader: str) -> None:
+    clean = load_data(str(image_folder), options(tmp_path, workers=workers, loader=loader))
+    assert clean.skipped == []
+    bad = image_folder / "dog" / "005.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    bundle = load_data(str(image_folder), options(tmp_path, workers=workers, loader=loader))
+    [(path, split, reason)] = bundle.skipped
+    assert path == str(bad) and "truncated" in reason
+    # left out of its split, which otherwise stays as drawn; the manifest keeps it, marked
+    assert len(bundle.split(split)) == len(clean.split(split)) - 1
+    [row] = [r for r in bundle.manifest if r[0] == "dog/005.png"]
+    assert row[2] == split and row[3] == reason
+    if loader == "stream":
+        assert str(bad) not in bundle.split(split).paths
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_strict_makes_a_corrupt_image_an_error_naming_it(image_folder: Path, tmp_path: Path, workers: int) -> None:
     bad = image_folder / "dog" / "005.png"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImgrecError) as info:
-        load_data(str(image_folder), options(tmp_path, workers=workers, loader="memory"))
+        load_data(str(image_folder), options(tmp_path, workers=workers, loader="memory", strict=True))
     message = str(info.value)
-    assert type(info.value) in (ImgrecError, imageio.ImageDecodeError)
-    assert str(bad) in message and "\n" not in message and "Traceback" not in message
+    assert type(info.value) is ImgrecError
+    assert str(bad) in message and "--strict" in message and "\n" not in message and "Traceback" not in message
+
+
+def test_skipped_files_are_cached_with_the_decoded_images(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "fox" / "001.png").write_bytes(b"not a png")
+    first = load_data(str(image_folder), options(tmp_path, workers=0))
+    second = load_data(str(image_folder), options(tmp_path, workers=0))
+    assert first.skipped == second.skipped and len(first.skipped) == 1
+    assert torch.equal(first.train.images, second.train.images)
+    stream = [load_data(str(image_folder), options(tmp_path, workers=0, loader="stream")) for _ in range(2)]
+    assert stream[0].skipped == stream[1].skipped == first.skipped
 
 
 def test_unreadable_class_folder_layout_is_an_error(tmp_path: Path) -> None:
@@ -446,11 +477,13 @@ def test_decode_workers_stop_after_an_error(image_folder: Path, tmp_path: Path) 
     gc.disable()
     try:
         try:
-            load_data(str(image_folder), options(tmp_path, workers=2, loader="memory"))
+            load_data(str(image_folder), options(tmp_path, workers=2, loader="memory", strict=True))
         except ImgrecError as exc:
             error = exc
         assert str(bad) in str(error)
         del error
+        assert not [p for p in multiprocessing.active_children() if p.pid not in before]
+        assert load_data(str(image_folder), options(tmp_path / "b", workers=2, loader="memory")).skipped
         assert not [p for p in multiprocessing.active_children() if p.pid not in before]
     finally:
         gc.enable()

@@ -232,3 +232,53 @@ def test_worker_error_message() -> None:
     assert worker_error_message(wrapped) == "/data/cat/1.png: cannot decode image (image file is truncated)"
     assert worker_error_message(RuntimeError("plain message")) == "plain message"
     assert worker_error_message(RuntimeError("")) == "RuntimeError"
+
+
+# --- resuming within an epoch --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 5])
+def test_a_loaded_state_continues_with_the_very_next_batch(splits: tuple[ArraySplit, FileSplit], kind: str,
+                                                            stop_after: int) -> None:
+    """Draw some batches, save the state, load it into a fresh loader: the rest of the epoch (order and
+    augmentation) is what the first loader would have drawn."""
+    split = splits[0] if kind == "memory" else splits[1]
+    make = (lambda: TensorLoader(split, 4, AUGMENTED, shuffle=True, augment=True, seed=3)) if kind == "memory" else (
+        lambda: StreamLoader(split, 4, AUGMENTED, shuffle=True, augment=True, seed=3, workers=0))
+    whole = run_epoch(make(), 2)
+    first = make()
+    first.set_epoch(2)
+    batches = iter(first)
+    drawn = [next(batches) for _ in range(stop_after)]
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["batches_done"] == stop_after
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert_same_batches(drawn + list(fresh), whole)
+    assert fresh.batches_done == len(whole)
+    assert_same_batches(run_epoch(fresh, 3), run_epoch(make(), 3))  # and the next epoch starts afresh
+
+
+def test_a_state_of_another_loader_is_refused(splits: tuple[ArraySplit, FileSplit]) -> None:
+    loader = TensorLoader(splits[0], 4, PLAIN, shuffle=True, seed=3)
+    loader.set_epoch(1)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="does not fit"):
+        TensorLoader(splits[0], 5, PLAIN, shuffle=True, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="does not fit"):
+        TensorLoader(splits[0], 4, PLAIN, shuffle=True, seed=4).load_state_dict(state)
+
+
+def test_file_loaders_leave_the_global_generator_alone(splits: tuple[ArraySplit, FileSplit]) -> None:
+    """A DataLoader seeds its workers from torch's global generator unless given its own: that would make a
+    resumed run's dropout differ from an uninterrupted one's."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for workers in (0, 2):
+        loader = StreamLoader(splits[1], 8, PLAIN, shuffle=True, workers=workers)
+        run_epoch(loader, 1)
+        run_epoch(loader, 2)
+        del loader
+    assert torch.equal(torch.rand(3), expected)

@@ -17,6 +17,7 @@ from imgrec import workflows
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file
 from imgrec.engine.runs import RESULT_FIELDS, create_run_dir, default_run_name, read_results
+from imgrec.engine.state import load_state
 from imgrec.engine.trainer import build_scheduler, evaluate, fit
 from imgrec.errors import ImgrecError
 from imgrec.models.registry import build_model
@@ -31,15 +32,25 @@ class ListLoader:
         self.batches = batches
         self.num_samples = sum(len(y) for _, y in batches)
         self.epochs_set: list[int] = []
+        self.done = 0
 
     def __iter__(self) -> Any:
-        return iter(self.batches)
+        for batch in self.batches[self.done :]:
+            self.done += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epochs_set.append(epoch)
+        self.done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = state["batches_done"]
 
 
 def cfg_for(**overrides: Any) -> RunConfig:
@@ -270,6 +281,9 @@ def test_nan_loss_stops_training_naming_epoch_and_step(image_folder: Path, tmp_p
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
     _, rows = results_rows(tmp_path / "runs" / "nan")
     assert len(rows) == 1
+    saved = load_state(tmp_path / "runs" / "nan" / "train_state.pt")
+    assert saved["progress"]["epoch"] == 2 and saved["progress"]["step"] < 2  # never the poisoned step
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
 def test_huge_learning_rate_fails_cleanly(image_folder: Path, tmp_path: Path) -> None:
@@ -316,6 +330,31 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
         ckpt = load_weights_file(tmp_path / "weights" / name)
         assert ckpt["epoch"] == 1
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    saved = load_state(tmp_path / "train_state.pt")  # the end of epoch 1: the last finite weights
+    assert (saved["progress"]["epoch"], saved["progress"]["step"]) == (2, 0)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_state_save_within_an_epoch_refuses_non_finite_weights(tmp_path: Path) -> None:
+    """Saving every step: the step that blows the weights up (with a finite loss) stops training at its save,
+    naming it, and train_state.pt keeps the step before."""
+    torch.manual_seed(0)
+    model = _Flat()
+    train = ListLoader([(torch.randn(4, 1, 2, 2), torch.ones(4, dtype=torch.int64))] * 3)
+    steps = {"n": 0}
+
+    def poison_grad(grad: torch.Tensor) -> torch.Tensor:
+        steps["n"] += 1
+        return grad * float("nan") if steps["n"] == 5 else grad  # epoch 2, step 2
+
+    model.fc.weight.register_hook(poison_grad)
+    cfg = cfg_for(epochs=3, lr=1e-3, channels_last=False, save_every_steps=1)
+    with pytest.raises(ImgrecError, match=r"^training diverged: the weights are not finite at epoch 2, step 2;"):
+        fit(model, train, None, cfg, tmp_path, meta())
+    saved = load_state(tmp_path / "train_state.pt")
+    assert (saved["progress"]["epoch"], saved["progress"]["step"]) == (2, 1)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert load_state(tmp_path / "train_state.prev.pt")["progress"]["step"] == 0  # the end of epoch 1
 
 
 def test_run_dirs_auto_increment_and_exist_ok(tmp_path: Path) -> None:

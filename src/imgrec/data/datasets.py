@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pickle
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
-from imgrec.data.imageio import ImageDecodeError
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
+from imgrec.data.verify import decode_checked, strict_error, without
 from imgrec.errors import ImgrecError, UsageError
 
 MEMORY_LIMIT_BYTES = 2 * 1024**3  # folders whose decoded pixels fit in this are held in memory
@@ -49,6 +48,7 @@ class DataOptions:
     workers: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    strict: bool = False  # fail on files that do not decode instead of skipping them
 
 
 @dataclass(frozen=True)
@@ -191,35 +191,49 @@ def _load_named(name: str, opts: DataOptions) -> DataBundle:
     return DataBundle(info, train, val, test, notes=notes)
 
 
-def _load_folder(path: str, opts: DataOptions) -> DataBundle:
+def folder_of(path: str, cache_dir: str) -> Path:
+    """The image folder a path names: the folder itself, or an archive's extraction in the cache."""
     source = Path(path)
-    folder = extract_archive(source, opts.cache_dir) if source.is_file() and is_archive(source) else source
+    folder = extract_archive(source, cache_dir) if source.is_file() and is_archive(source) else source
     if not folder.is_dir():
         raise UsageError(f"{path} is neither a data set name, an image folder nor an archive ({', '.join(('.zip', '.tar.gz'))})")
-    scanned = scan_folder(folder)
+    return folder
+
+
+def _load_folder(path: str, opts: DataOptions) -> DataBundle:
+    source = Path(path)
+    scanned = scan_folder(folder_of(path, opts.cache_dir))
     notes: list[str] = []
-    splits = _assign_splits(scanned, opts, notes)
+    splits = assign_splits(scanned, opts, notes)
     channels, size = _choose_shape(splits["train"][0], opts, notes)
     file_splits = {
         name: FileSplit(paths, torch.tensor(labels, dtype=torch.int64), channels, size) for name, (paths, labels) in splits.items()
     }
     pixels = sum(len(s) for s in file_splits.values()) * channels * size[0] * size[1]
     in_memory = opts.loader == "memory" or (opts.loader == "auto" and pixels <= MEMORY_LIMIT_BYTES)
-    final: dict[str, Split] = {
-        name: _decode_split(s, opts) if in_memory else s for name, s in file_splits.items()
-    }
+    # Every file is decoded once before training (in memory: that decode is the data; streamed: a check pass),
+    # and files that do not decode are left out of their split, which is otherwise kept as drawn.
+    final: dict[str, Split] = {}
+    failures: dict[str, str] = {}
+    for name, split in file_splits.items():
+        final[name], failed = _decode_split(split, opts) if in_memory else _check_split(split, opts)
+        failures.update(failed)
+    skipped = [(path, name, failures[path]) for name, (paths, _) in splits.items() for path in paths if path in failures]
+    if skipped and opts.strict:
+        raise strict_error(skipped)
     mean, std = (opts.mean, opts.std) if opts.mean is not None else _train_stats(final["train"], opts)
     mean, std = normalize_stats(mean, std or [], channels)
     info = DatasetInfo(str(source), scanned.classes, channels, size, mean, std)
     manifest = [
-        (os.path.relpath(p, scanned.root), scanned.classes[lab], name)
+        (os.path.relpath(p, scanned.root), scanned.classes[lab], name, failures.get(p, ""))
         for name, (paths, labels) in splits.items()
         for p, lab in zip(paths, labels)
     ]
-    return DataBundle(info, final["train"], final.get("val"), final["test"], manifest=manifest, notes=notes)
+    return DataBundle(info, final["train"], final.get("val"), final["test"], manifest=manifest, notes=notes,
+                      skipped=skipped)
 
 
-def _assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
+def assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
     """train/val/test file lists: the folder's own splits, completed by seeded stratified splits."""
     splits = dict(scanned.splits)
 
@@ -254,8 +268,8 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
             with Image.open(p) as img:
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
-        except (OSError, SyntaxError, ValueError):
-            continue  # unreadable files are reported when decoded
+        except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass
+            continue
     channels = opts.channels or (1 if modes and set(modes) <= GREY_MODES else 3)
     if isinstance(opts.image_size, tuple):
         return channels, opts.image_size
@@ -278,33 +292,38 @@ def _fingerprint(split: FileSplit, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
-def _decode_split(split: FileSplit, opts: DataOptions) -> ArraySplit:
-    """Decode every file of a split once into a uint8 tensor, cached under cache_dir/decoded/."""
-    from imgrec.data.loaders import FileDataset, _collate_uint8, default_workers, worker_error_message
-
+def _decode_split(split: FileSplit, opts: DataOptions) -> tuple[ArraySplit, dict[str, str]]:
+    """Decode every file of a split once into a uint8 tensor, leaving out (and returning) the files that do not
+    decode; cached under cache_dir/decoded/."""
     cache = Path(opts.cache_dir) / "decoded" / f"{_fingerprint(split)}.pt"
     if cache.is_file():
         try:
             saved = torch.load(cache, weights_only=True)
-            return ArraySplit(saved["images"], saved["labels"])
+            return ArraySplit(saved["images"], saved["labels"]), dict(saved["failures"])
         except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError):
-            cache.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-    workers = default_workers() if opts.workers is None else opts.workers
-    loader = torch.utils.data.DataLoader(FileDataset(split), batch_size=256, num_workers=workers, collate_fn=_collate_uint8)
-    images = torch.empty((len(split), split.channels, *split.image_size), dtype=torch.uint8)
-    start = 0
-    try:
-        for batch, _ in loader:
-            images[start : start + len(batch)] = batch
-            start += len(batch)
-    except (ImageDecodeError, RuntimeError) as exc:
-        traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
-        raise ImgrecError(worker_error_message(exc)) from None
+            cache.unlink(missing_ok=True)  # a damaged (or older) cache entry is rebuilt
+    images, failures = decode_checked(split, opts.workers, keep_images=True)
+    assert images is not None
+    labels = without(split, failures).labels.clone()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "labels": split.labels.clone()}, tmp)
+    torch.save({"images": images, "labels": labels, "failures": failures}, tmp)
     os.replace(tmp, cache)
-    return ArraySplit(images, split.labels.clone())
+    return ArraySplit(images, labels), failures
+
+
+def _check_split(split: FileSplit, opts: DataOptions) -> tuple[FileSplit, dict[str, str]]:
+    """A streamed split without the files that do not decode (found by one decoding pass, cached by content)."""
+    cache = Path(opts.cache_dir) / "checked" / f"{_fingerprint(split)}.json"
+    try:
+        failures = {str(k): str(v) for k, v in json.loads(cache.read_text())["failures"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        _, failures = decode_checked(split, opts.workers, keep_images=False)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"failures": failures}))
+        os.replace(tmp, cache)
+    return without(split, failures), failures
 
 
 def _train_stats(train: Split, opts: DataOptions) -> tuple[list[float], list[float]]:
@@ -319,7 +338,7 @@ def _train_stats(train: Split, opts: DataOptions) -> tuple[list[float], list[flo
         pass  # not cached yet, or a damaged entry: compute again
     rng = np.random.default_rng(0)
     sample = rng.choice(len(train), size=min(len(train), 2000), replace=False)
-    mean, std = channel_stats(_decode_split(train.subset(torch.from_numpy(np.sort(sample))), opts).images)
+    mean, std = channel_stats(_decode_split(train.subset(torch.from_numpy(np.sort(sample))), opts)[0].images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"mean": mean, "std": std}))

@@ -1,7 +1,7 @@
 """The one image decoder of imgrec: training, evaluation and prediction all read files through `load_image`.
 
 Pillow does the decoding, with its decompression-bomb limits left on and truncated files refused (never
-`LOAD_TRUNCATED_IMAGES`). EXIF orientation is applied, and every mode is turned into grey ("L") or colour
+`LOAD_TRUNCATED_IMAGES`); whatever a broken file makes the decoder raise comes out as ImageDecodeError. EXIF orientation is applied, and every mode is turned into grey ("L") or colour
 ("RGB") the same way everywhere: transparency is composited on white, 16-bit values are scaled, not clipped.
 Imports: Pillow, numpy and torch only.
 """
@@ -48,6 +48,8 @@ def load_image(path: str | Path, channels: int) -> Image.Image:
         raise ImageDecodeError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from None
+    except Exception as exc:  # hostile bytes can trip any error inside a decoder: still just a bad file
+        raise ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -79,15 +81,19 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def resize_center(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize so the image covers (H, W), keeping its aspect ratio, then crop the centre."""
+    """Resize so the image covers (H, W), keeping its aspect ratio, and keep the centre.
+
+    One resampling of the source's centre region straight to (H, W): an image of extreme aspect ratio (say
+    1 x 80 million pixels, a 100 kB PNG) never becomes a huge intermediate image on its way.
+    """
     height, width = size
     if img.size == (width, height):
         return img
     scale = max(width / img.width, height / img.height)
-    new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    box_w, box_h = width / scale, height / scale  # the part of the source that lands in the output
+    left, top = (img.width - box_w) / 2, (img.height - box_h) / 2
+    return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h),
+                      reducing_gap=None)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

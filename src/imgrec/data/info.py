@@ -79,8 +79,9 @@ class DataBundle:
     train: Split
     val: Split | None
     test: Split
-    manifest: list[tuple[str, str, str]] = field(default_factory=list)  # (file, class, split)
+    manifest: list[tuple[str, str, str, str]] = field(default_factory=list)  # (file, class, split, why skipped or "")
     notes: list[str] = field(default_factory=list)  # things the user should know (split made, size chosen)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (path, split, reason): files that do not decode
 
     def split(self, name: str) -> Split:
         chosen = {"train": self.train, "val": self.val, "test": self.test}[name]

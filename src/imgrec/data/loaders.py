@@ -2,14 +2,18 @@
 
 Both loaders draw the epoch's order from a generator seeded by (seed, epoch), gather uint8 images, then
 apply the same BatchTransform with the same generator. For the same seed they give the same batches,
-whichever path the images come from. Imports: torch and the data package.
+whichever path the images come from. Their state_dict (epoch, batches drawn, the generator after them) lets
+a resumed run continue an epoch with the very next batch and the same augmentation.
+Imports: torch and the data package.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,31 +37,72 @@ def _batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool, genera
     return batches
 
 
-class TensorLoader:
+class _EpochPosition:
+    """The part both loaders share: the epoch, its batch order, and how far into it the loader has come.
+
+    The order is drawn from the epoch's generator; the same generator then augments batch after batch. So
+    (epoch, batches drawn, generator state) is all it takes to continue an epoch exactly where it stopped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, augment: bool, seed: int,
+                 drop_last: bool) -> None:
+        self.batch_size, self.shuffle, self.augment, self.seed, self.drop_last = batch_size, shuffle, augment, seed, drop_last
+        self.num_samples = num_samples
+        self.epoch = 0
+        self.batches_done = 0
+        self._generator: torch.Generator | None = None
+        self._resume: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the given epoch from its first batch at the next iteration."""
+        self.epoch, self._resume = epoch, None
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and a tensor: the epoch, the batches drawn in it, the generator after them."""
+        generator = self._generator.get_state() if self._generator is not None else None
+        return {"seed": self.seed, "epoch": self.epoch, "batches_done": self.batches_done, "batches": len(self),
+                "generator": generator}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration continue state's epoch with its next batch (and the same augmentation)."""
+        if state["seed"] != self.seed or state["batches"] != len(self):
+            raise ValueError(f"loader state of seed {state['seed']} with {state['batches']} batches does not fit "
+                             f"this loader (seed {self.seed}, {len(self)} batches)")
+        self.epoch = state["epoch"]
+        self._resume = state if state["batches_done"] and state["generator"] is not None else None
+
+    def _epoch_batches(self) -> tuple[list[torch.Tensor], torch.Generator]:
+        """This epoch's batches still to draw, and the generator to augment them with."""
+        generator = epoch_generator(self.seed, self.epoch)
+        batches = _batch_order(self.num_samples, self.batch_size, self.shuffle, self.drop_last, generator)
+        skip, resume = 0, self._resume
+        if resume is not None:
+            skip = resume["batches_done"]
+            generator.set_state(resume["generator"])
+            self._resume = None
+        self._generator, self.batches_done = generator, skip
+        return batches[skip:], generator
+
+
+class TensorLoader(_EpochPosition):
     """Batches of an in-memory split: index the uint8 tensor, transform the whole batch. No workers."""
 
     def __init__(self, split: ArraySplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
                  augment: bool = False, seed: int = 0, drop_last: bool = False) -> None:
-        self.split, self.batch_size, self.transform = split, batch_size, transform
-        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.split)
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last)
+        self.split, self.transform = split, transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = epoch_generator(self.seed, self.epoch)
-        for idx in _batch_order(len(self.split), self.batch_size, self.shuffle, self.drop_last, generator):
+        batches, generator = self._epoch_batches()
+        for idx in batches:
             images = self.split.images[idx]
-            yield self.transform(images, generator if self.augment else None), self.split.labels[idx]
+            x = self.transform(images, generator if self.augment else None)
+            self.batches_done += 1
+            yield x, self.split.labels[idx]
 
 
 class FileDataset(Dataset):
@@ -91,41 +136,43 @@ class _EpochBatches:
         return len(self.batches)
 
 
-class StreamLoader:
+class StreamLoader(_EpochPosition):
     """Batches of a file split, decoded by DataLoader workers; transformed in the main process."""
 
     def __init__(self, split: FileSplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
                  augment: bool = False, seed: int = 0, drop_last: bool = False, workers: int | None = None) -> None:
-        self.split, self.batch_size, self.transform = split, batch_size, transform
-        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.epoch = 0
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last)
+        self.split, self.transform = split, transform
         self._batches = _EpochBatches()
-        workers = default_workers() if workers is None else workers
-        self._loader = DataLoader(FileDataset(split), batch_sampler=self._batches, num_workers=workers,
-                                  persistent_workers=workers > 0, collate_fn=_collate_uint8)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.split)
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+        self._loader = file_loader(FileDataset(split), workers, batch_sampler=self._batches,
+                                   persistent_workers=(default_workers() if workers is None else workers) > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = epoch_generator(self.seed, self.epoch)
-        self._batches.batches = _batch_order(len(self.split), self.batch_size, self.shuffle, self.drop_last, generator)
+        self._batches.batches, generator = self._epoch_batches()
         try:
             for images, labels in self._loader:
-                yield self.transform(images, generator if self.augment else None), labels
+                x = self.transform(images, generator if self.augment else None)
+                self.batches_done += 1
+                yield x, labels
         except (ImageDecodeError, RuntimeError) as exc:
             if "DataLoader worker" not in str(exc) and not isinstance(exc, ImageDecodeError):
                 raise
             traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
             raise ImgrecError(worker_error_message(exc)) from None
+
+
+def file_loader(dataset: Dataset, workers: int | None, **options: Any) -> DataLoader:
+    """A DataLoader over files whose workers leave Ctrl-C to the main process and whose seeding draws nothing
+    from torch's global generator (so a resumed run's dropout and initialisation stay those of an uninterrupted one)."""
+    workers = default_workers() if workers is None else workers
+    options.setdefault("collate_fn", _collate_uint8)
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=_ignore_interrupts if workers else None,
+                      generator=torch.Generator(), **options)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process saves and stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _collate_uint8(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,15 @@ A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors 
   format_version, model {name, num_classes, in_channels, image_size}, state_dict,
   classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit,
   and temperature (a float, once fitted on the validation split: predictions divide the logits by it).
-Everything inference needs is in it; nothing in it can run code when loaded.
+Everything inference needs is in it; nothing in it can run code when loaded. The training state
+(runs/<run>/train_state.pt, see state.py) is written and read by the same two functions.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -22,10 +24,16 @@ from imgrec.errors import ImgrecError
 
 FORMAT_VERSION = 1
 WEIGHTS_NAMES = ("best.pt", "last.pt")
+# Where else good weights (or state) may be when a file is damaged: the other weights file, the previous state.
+FALLBACKS = {"best.pt": ("last.pt",), "last.pt": ("best.pt",), "train_state.pt": ("train_state.prev.pt",)}
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync it, then rename over the target."""
+def save_atomic(obj: Any, path: str | Path, keep_previous: str | None = None) -> None:
+    """torch.save to a temporary file in the same folder, fsync it, then rename over the target.
+
+    With keep_previous (a file name), the file being replaced is first kept under that name (hard-linked, or
+    copied where links are not possible), so the target always exists and the one before it survives too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,11 +42,32 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            _keep_copy(path, path.parent / keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files that writes cut short by a kill left in a folder (.<name>.<random>.tmp)."""
+    partial = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
+def _keep_copy(source: Path, target: Path) -> None:
+    """Atomically make target a copy of source (a hard link when the file system allows it)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -54,11 +83,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, what: str = "weights file") -> dict[str, Any]:
     """Load a checkpoint with weights_only=True; a damaged or foreign file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ImgrecError(f"weights file not found: {path}")
+        raise ImgrecError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -85,7 +114,7 @@ def _unpickler_detail(message: str) -> str:
 
 
 def _previous_good(path: Path) -> str:
-    for name in WEIGHTS_NAMES:
+    for name in FALLBACKS.get(path.name, WEIGHTS_NAMES):
         other = path.parent / name
         if other != path and other.is_file():
             return f"; {other} may still be good"

@@ -46,13 +46,19 @@ def data_stem(data: str) -> str:
 class ResultsLog:
     """results.csv, one row per epoch, flushed as each row is written.
 
-    A new log starts a new file: a run in a reused folder (--exist-ok) must not inherit the old run's rows.
+    A new log starts a new file with the given rows: a run in a reused folder (--exist-ok) must not inherit the
+    old run's rows, and a resumed run keeps exactly the rows of its saved state (a run killed after writing a
+    row but before saving its state writes that row again).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = Path(path)
-        with self.path.open("w", newline="") as f:
-            csv.writer(f).writerow(RESULT_FIELDS)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(RESULT_FIELDS)
+            writer.writerows([_fmt(row.get(k)) for k in RESULT_FIELDS] for row in rows or [])
+        tmp.replace(self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:

@@ -1,14 +1,17 @@
-"""The training loop: fit -> train_one_epoch -> evaluate, with checkpoints and results.csv each epoch.
+"""The training loop: fit -> train_one_epoch -> evaluate, with checkpoints, results.csv and the training state.
 
-fit() gets a model, a training loader, an optional validation loader, the RunConfig and a run folder. It
-knows nothing of where batches come from: a loader is anything with __iter__ over (images, labels),
-__len__, num_samples and set_epoch(epoch).
+fit() gets a model, a training loader, an optional validation loader, the RunConfig and a run folder, and
+optionally a saved training state to continue from. It knows nothing of where batches come from: a loader
+is anything with __iter__ over (images, labels), __len__, num_samples, set_epoch(epoch), and
+state_dict()/load_state_dict() for its position within an epoch. runs/<run>/train_state.pt (state.py) is
+written at every epoch end and every few minutes; Ctrl-C or SIGTERM saves it and stops (exit 130).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -23,8 +26,10 @@ from tqdm import tqdm
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
+from imgrec.engine.signals import StopRequested, StopSignals
+from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
 from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,12 @@ class Loader(Protocol):
     def __iter__(self) -> Any: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingDiverged(ImgrecError):
+    """The loss or the weights are not finite: training stops, and nothing is saved from this point on."""
 
 
 @dataclass
@@ -77,8 +88,9 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
 
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
-        weights_meta: dict[str, Any]) -> FitResult:
-    """Train for cfg.epochs (or until early stopping); write results.csv and weights/{last,best}.pt."""
+        weights_meta: dict[str, Any], state: dict[str, Any] | None = None) -> FitResult:
+    """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
+    results.csv, weights/{last,best}.pt and train_state.pt."""
     device = select_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -87,47 +99,81 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(1, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    results = ResultsLog(run_dir / "results.csv")
+    parts = TrainParts(model, optimizer, scheduler, scaler, train_loader)
+    progress = Progress() if state is None else restore_state(state, parts, cfg)
+    results = ResultsLog(run_dir / "results.csv", progress.history)  # a resumed run keeps the rows of its state
+    saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
     step_fn = _make_step(model, optimizer, scheduler, scaler, loss_fn, cfg.grad_clip, device, dtype, memory_format)
-    out = FitResult(best_epoch=0, best_val_accuracy=None, epochs_run=0, train_seconds=0.0, images_per_second=0.0,
-                    stopped_early=False)
-    best, stale, images_seen = -math.inf, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        train_loader.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        train_loss, train_acc, seen = train_one_epoch(step_fn, train_loader, epoch, cfg.epochs)
-        seconds = time.perf_counter() - start
-        out.train_seconds += seconds
-        images_seen += seen
-        # The epoch's last update can make the weights non-finite while its own loss was finite: never
-        # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
-        if not _all_finite(model):
-            raise ImgrecError(f"training diverged: the weights are not finite at epoch {epoch}, step {len(train_loader)}; "
-                              f"lower --lr or add --grad-clip")
-        val = evaluate(model, val_loader, device, dtype, memory_format) if val_loader is not None else None
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val.loss if val else None, "val_acc": val.accuracy if val else None,
-               "lr": lr, "seconds": round(seconds, 3)}
-        results.append(row)
-        out.history.append(row)
-        out.epochs_run = epoch
-        metric = val.accuracy if val else float(epoch)  # no validation split: the last epoch is the best
-        weights = _weights(model, weights_meta, epoch, row)
-        save_atomic(weights, run_dir / "weights" / "last.pt")
-        if metric > best:
-            best, stale = metric, 0
-            out.best_epoch, out.best_val_accuracy = epoch, val.accuracy if val else None
-            save_atomic(weights, run_dir / "weights" / "best.pt")
-        else:
-            stale += 1
-        _log_epoch(row, cfg.epochs, seen / seconds if seconds > 0 else 0.0)
-        if cfg.patience and stale >= cfg.patience:
-            log.info(f"early stop: no better validation accuracy for {cfg.patience} epochs (best: epoch {out.best_epoch})")
-            out.stopped_early = True
-            break
-    out.images_per_second = images_seen / out.train_seconds if out.train_seconds > 0 else 0.0
-    return out
+    with StopSignals() as stop:
+
+        def after_step() -> None:  # a safe point: stop here when asked to, save the state when due
+            stop.check()
+            if saver.due():
+                saver.save(progress)
+
+        try:
+            while not progress.finished(cfg.epochs, cfg.patience):
+                epoch = progress.epoch
+                if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
+                    train_loader.set_epoch(epoch)
+                    progress.start_epoch(optimizer.param_groups[0]["lr"])
+                train_one_epoch(step_fn, train_loader, progress, cfg.epochs, after_step)
+                # The epoch's last update can make the weights non-finite while its own loss was finite: never
+                # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
+                _check_finite(model, progress)
+                val = evaluate(model, val_loader, device, dtype, memory_format, interrupt=stop.check) if val_loader else None
+                row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
+                       "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
+                       "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
+                rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+                improved = progress.end_epoch(row, val.accuracy if val else float(epoch))  # no validation: last is best
+                results.append(row)
+                weights = _weights(model, weights_meta, epoch, row)
+                save_atomic(weights, run_dir / "weights" / "last.pt")
+                if improved:
+                    save_atomic(weights, run_dir / "weights" / "best.pt")
+                saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
+                _log_epoch(row, cfg.epochs, rate)
+                stop.check()
+        except Exception as exc:
+            if stop.requested is None or isinstance(exc, TrainingDiverged):
+                raise
+            # StopRequested at a safe point, or the data loader failing because the signal reached its workers
+            raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
+    return _fit_result(progress, cfg)
+
+
+def _fit_result(progress: Progress, cfg: RunConfig) -> FitResult:
+    stopped_early = progress.stopped_early(cfg.epochs, cfg.patience)
+    if stopped_early:
+        log.info(f"early stop: no better validation accuracy for {cfg.patience} epochs (best: epoch {progress.best_epoch})")
+    rate = progress.images_seen / progress.train_seconds if progress.train_seconds > 0 else 0.0
+    return FitResult(best_epoch=progress.best_epoch, best_val_accuracy=progress.best_val_accuracy,
+                     epochs_run=len(progress.history), train_seconds=progress.train_seconds, images_per_second=rate,
+                     stopped_early=stopped_early, history=list(progress.history))
+
+
+def _checked_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """The training state to save; non-finite weights are never saved (training stops instead)."""
+    _check_finite(parts.model, progress)
+    if progress.step and parts.loader.state_dict()["batches_done"] != progress.step:
+        raise RuntimeError(f"the loader drew {parts.loader.state_dict()['batches_done']} batches but "
+                           f"{progress.step} steps ran: the state would not resume exactly")
+    return capture_state(parts, progress, cfg, meta)
+
+
+def _interrupted(saver: StateSaver, progress: Progress, signal_name: str) -> Interrupted:
+    """Save the state at the last completed step; the error says how to resume."""
+    path = saver.save(progress)
+    where = f"epoch {progress.epoch}, step {progress.step}" if progress.step else f"the end of epoch {progress.epoch - 1}"
+    return Interrupted(f"stopped by {signal_name} at {where}; the training state is saved in {path}; resume with: "
+                       f"imgrec train --resume {shlex.quote(str(saver.run_dir))}")
+
+
+def _check_finite(model: nn.Module, progress: Progress) -> None:
+    if not _all_finite(model):
+        raise TrainingDiverged(f"training diverged: the weights are not finite at epoch {progress.epoch}, step "
+                               f"{progress.step}; lower --lr or add --grad-clip")
 
 
 def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
@@ -153,49 +199,60 @@ def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, 
     return step
 
 
-def train_one_epoch(step_fn: Callable, loader: Loader, epoch: int, epochs: int) -> tuple[float, float, int]:
-    """Run one epoch of steps; returns (mean loss, accuracy, images seen). Stops at a non-finite loss."""
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    seen = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-               disable=None, file=sys.stderr, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar, start=1):
+def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epochs: int,
+                    after_step: Callable[[], None] = lambda: None) -> None:
+    """Run the rest of an epoch's steps, adding to progress's running sums; after_step runs after each one
+    (the state may be saved there). Stops at a non-finite loss."""
+    total_loss = torch.tensor(progress.loss_sum, dtype=torch.float64)
+    correct = torch.tensor(progress.correct, dtype=torch.int64)
+    start, seconds_before = time.perf_counter(), progress.seconds
+    bar = tqdm(loader, total=len(loader), initial=progress.step, desc=f"epoch {progress.epoch}/{epochs}", unit="batch",
+               leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
+    for x, y in bar:
         loss, hits = step_fn(x, y)
         if not torch.isfinite(loss):
-            raise ImgrecError(f"training diverged: the loss is {loss.item()} at epoch {epoch}, step {step}; "
-                              f"lower --lr or add --grad-clip")
+            raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at epoch {progress.epoch}, step "
+                                   f"{progress.step + 1}; lower --lr or add --grad-clip")
         total_loss += loss.cpu().double() * len(y)
         correct += hits.cpu()
-        seen += len(y)
-        if step % 25 == 0 or step == len(loader):
-            rate = seen / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}", img_s=f"{rate:.0f}")
+        progress.step += 1
+        progress.seen += len(y)
+        progress.loss_sum, progress.correct = total_loss.item(), int(correct.item())
+        progress.seconds = seconds_before + time.perf_counter() - start
+        if progress.step % 25 == 0 or progress.step == len(loader):
+            rate = progress.seen / max(progress.seconds, 1e-9)
+            bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}", acc=f"{progress.correct / progress.seen:.2%}",
+                            img_s=f"{rate:.0f}")
+        after_step()
     bar.close()
-    return total_loss.item() / max(seen, 1), correct.item() / max(seen, 1), seen
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None = None,
-             memory_format: torch.memory_format = torch.contiguous_format, collect: bool = False) -> EvalResult:
-    """Mean cross-entropy and accuracy over a loader (in eval mode); optionally keep logits and targets."""
+             memory_format: torch.memory_format = torch.contiguous_format, collect: bool = False,
+             interrupt: Callable[[], None] | None = None) -> EvalResult:
+    """Mean cross-entropy and accuracy over a loader (in eval mode); optionally keep logits and targets.
+    interrupt runs after each batch (it may raise to stop the evaluation)."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     all_logits, all_targets = [], []
-    for x, y in loader:
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(x).float()
-        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
-        if collect:
-            all_logits.append(logits.cpu())
-            all_targets.append(y.cpu())
-    model.train(was_training)
+    try:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                logits = model(x).float()
+            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+            if collect:
+                all_logits.append(logits.cpu())
+                all_targets.append(y.cpu())
+            if interrupt is not None:
+                interrupt()
+    finally:
+        model.train(was_training)
     result = EvalResult(total_loss / max(count, 1), correct / max(count, 1), count)
     if collect:
         result.logits, result.targets = torch.cat(all_logits), torch.cat(all_targets)

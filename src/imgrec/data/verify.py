@@ -1,0 +1,97 @@
+"""The decodability check: which files of a split do not decode, found before any training in one pass.
+
+Every file goes through the one image loader (imageio.read_image) in DataLoader workers; a file that fails
+is recorded with its reason instead of raising, so a bad file is dropped before training rather than ending
+a run in the middle of an epoch. Training, evaluation and `imgrec doctor` all use this pass.
+Imports: torch and the data package.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from imgrec.data.imageio import ImageDecodeError, read_image
+from imgrec.data.info import FileSplit
+from imgrec.data.loaders import file_loader, worker_error_message
+from imgrec.errors import ImgrecError
+
+DECODE_BATCH = 64
+LISTED_IN_WARNING = 100  # the warning names this many files; skipped.txt in the run folder has them all
+
+
+class CheckedFileDataset(Dataset):
+    """Item i: (uint8 (C, H, W) image, "") when file i decodes, else (an empty tensor, the reason)."""
+
+    def __init__(self, split: FileSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return read_image(self.split.paths[index], self.split.channels, self.split.image_size), ""
+        except ImageDecodeError as exc:
+            return torch.empty(0, dtype=torch.uint8), _reason(str(exc), self.split.paths[index])
+
+
+def _reason(message: str, path: str) -> str:
+    """The loader's message without the leading path (it is listed beside the reason)."""
+    return message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
+
+
+def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | None, list[str]]:
+    """The batch's good images as one tensor (one shared-memory block per batch, not one per image) and every
+    item's reason ("" for the good ones)."""
+    good = [image for image, reason in items if not reason]
+    return (torch.stack(good) if good else None), [reason for _, reason in items]
+
+
+def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> tuple[torch.Tensor | None, dict[str, str]]:
+    """Decode every file once; returns (uint8 (N_good, C, H, W) of the files that decode, or None when not kept,
+    {path: reason} of those that do not)."""
+    loader = file_loader(CheckedFileDataset(split), workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
+    kept = torch.empty((len(split) if keep_images else 0, split.channels, *split.image_size), dtype=torch.uint8)
+    failures: dict[str, str] = {}
+    position, count = 0, 0
+    try:
+        for images, reasons in loader:
+            for reason in reasons:
+                if reason:
+                    failures[split.paths[position]] = reason
+                position += 1
+            if keep_images and images is not None:
+                kept[count : count + len(images)] = images
+                count += len(images)
+    except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
+        traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
+        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc)}") from None
+    return (kept[:count] if keep_images else None), failures
+
+
+def without(split: FileSplit, failures: dict[str, str]) -> FileSplit:
+    """The split without the files that failed to decode."""
+    keep = [i for i, path in enumerate(split.paths) if path not in failures]
+    return split.subset(torch.tensor(keep, dtype=torch.int64))
+
+
+def skipped_warning(skipped: list[tuple[str, str, str]], where: str | Path | None = None) -> str:
+    """One warning naming every file left out (up to LISTED_IN_WARNING of them) and why."""
+    lines = [f"warning: skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that do not decode "
+             f"(run `imgrec doctor` on the data for a full report){f'; all listed in {where}' if where else ''}:"]
+    lines += [f"  {path} ({split}): {reason}" for path, split, reason in skipped[:LISTED_IN_WARNING]]
+    if len(skipped) > LISTED_IN_WARNING:
+        lines.append(f"  ... and {len(skipped) - LISTED_IN_WARNING} more")
+    return "\n".join(lines)
+
+
+def strict_error(skipped: list[tuple[str, str, str]]) -> ImgrecError:
+    """--strict: one line naming the files that do not decode."""
+    names = "; ".join(f"{path}: {reason}" for path, _, reason in skipped[:20])
+    more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+    return ImgrecError(f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} do not decode (--strict): {names}{more}; "
+                       f"remove or replace them, or train without --strict to skip them")

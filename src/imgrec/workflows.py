@@ -33,6 +33,7 @@ from imgrec.engine.system import (
 from imgrec.engine.trainer import evaluate, fit
 from imgrec.errors import ImgrecError
 from imgrec.evaluation.metrics import classification_report
+from imgrec.inference.calibrate import record_prediction_stats
 from imgrec.models.registry import build_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def train(cfg: RunConfig) -> TrainOutcome:
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
     meta = weights_meta(cfg, info, model)
     result = fit(model, train_loader, val_loader, cfg, run_dir, meta)
+    record_prediction_stats(run_dir, bundle, cfg)  # OOD threshold and training-image background, for `predict`
 
     best = load_weights_file(run_dir / "weights" / "best.pt")
     load_model_state(model, best["state_dict"], run_dir / "weights" / "best.pt")

@@ -20,6 +20,7 @@ BORDER_FRACTION = 0.05  # the border ring that shows the background: 5% of the s
 TRIM = 0.005  # mass trimmed from each side of the object's box, so that a speck of dirt does not widen it
 NOISE_SIGMAS = 3.0  # pixels within this many noise deviations of the background are background
 MEASURE_SAMPLES = 1000  # training images measured at most
+CENTRED_OFFSET = 0.1  # objects whose box centres lie this far from the frame's centre (median) are not centred
 SHRINK_TO = 16  # photos larger than 16x the model's size are box-reduced first (speed; no visible loss)
 
 
@@ -65,18 +66,19 @@ def foreground_box(mass: np.ndarray, trim: float = TRIM) -> tuple[float, float, 
     Rows and columns holding the outermost `trim` of the mass on each side are left out. None for a blank image.
     """
     rows, cols = mass.sum(axis=1, dtype=np.float64), mass.sum(axis=0, dtype=np.float64)
-    total = rows.sum()
-    if total <= 0:
+    if rows.sum() <= 0:
         return None
-    top, bottom = _bounds(rows / total, trim)
-    left, right = _bounds(cols / total, trim)
+    top, bottom = _bounds(rows, trim)
+    left, right = _bounds(cols, trim)
     return top, bottom, left, right
 
 
 def _bounds(profile: np.ndarray, trim: float) -> tuple[float, float]:
+    """First and one-past-last index of a profile once `trim` of its mass is cut from each end."""
     cumulative = np.cumsum(profile)
-    start = int(np.searchsorted(cumulative, trim, side="right"))
-    end = int(np.searchsorted(cumulative, 1.0 - trim, side="left")) + 1
+    total = cumulative[-1]  # compared with the cumulative sum's own last value: exact for trim=0
+    start = int(np.searchsorted(cumulative, trim * total, side="right"))
+    end = int(np.searchsorted(cumulative, (1.0 - trim) * total, side="left")) + 1
     start = min(start, len(profile) - 1)
     return float(start), float(min(max(end, start + 1), len(profile)))
 
@@ -88,9 +90,12 @@ def object_extent(box: tuple[float, float, float, float], size: tuple[int, int])
 
 
 def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> dict[str, object]:
-    """What training images look like: {"background": "dark"|"light", "object_extent": median fraction of the frame}.
+    """What training images look like, measured on up to `samples` of them (uint8 (N, C, H, W), colour made grey).
 
-    images: uint8 (N, C, H, W); colour is averaged to grey. Up to `samples` images, evenly spaced, are measured.
+    background: "dark" or "light" (the median border level); object_extent: the median fraction of the frame the
+    object spans; object_centred: whether objects sit in the middle of the frame (median offset of their box
+    centre under CENTRED_OFFSET of the frame). Data whose classes differ by where things are is not centred, and
+    prediction must not move its objects.
     """
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, C, H, W) array, got shape {images.shape}")
@@ -98,22 +103,30 @@ def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> di
     grey = images[::step].astype(np.float32).mean(axis=1)  # (n, H, W)
     size = grey.shape[1:]
     levels = [float(np.median(border_ring(g))) for g in grey]
-    extents = []
+    extents, offsets = [], []
     for g in grey:
         box = foreground_box(normalize_foreground(g)[0])
         if box is not None:
+            top, bottom, left, right = box
             extents.append(object_extent(box, size))
+            offsets.append(max(abs((top + bottom) / 2 / size[0] - 0.5), abs((left + right) / 2 / size[1] - 0.5)))
     return {
         "background": "light" if float(np.median(levels)) > 127.5 else "dark",
         "object_extent": round(float(np.median(extents)), 4) if extents else 1.0,
+        "object_centred": bool(float(np.median(offsets)) < CENTRED_OFFSET) if offsets else True,
     }
 
 
-def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float) -> Image.Image:
-    """A grey ("L") photo -> the model's (H, W): object bright on black, cropped, centred, spanning `extent`."""
+def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float, centre: bool = True) -> Image.Image:
+    """A grey ("L") photo -> the model's (H, W): object bright on black, cropped, centred, spanning `extent`.
+
+    With centre=False (training objects are not centred) the object stays where it is: the whole frame is resized.
+    """
     height, width = size
     image = _shrink(image, SHRINK_TO * max(size))
     a, _ = normalize_foreground(np.asarray(image))
+    if not centre:
+        return _resize_cover(Image.fromarray(np.round(a).astype(np.uint8)), size)
     box = foreground_box(a)
     if box is None:  # nothing but background
         return Image.new("L", (width, height), 0)
@@ -128,6 +141,15 @@ def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float) -> I
     source = Image.fromarray(np.round(a).astype(np.uint8))
     box_in_source = (window[0] + pad, window[1] + pad, window[2] + pad, window[3] + pad)
     return source.resize((width, height), Image.Resampling.LANCZOS, box=box_in_source, reducing_gap=None)
+
+
+def _resize_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Cover (H, W) keeping the aspect ratio, then crop the centre (as imageio.resize_center, but antialiased)."""
+    height, width = size
+    scale = max(width / image.width, height / image.height)
+    w, h = width / scale, height / scale
+    left, top = (image.width - w) / 2, (image.height - h) / 2
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + w, top + h), reducing_gap=None)
 
 
 def _shrink(image: Image.Image, longest: int) -> Image.Image:

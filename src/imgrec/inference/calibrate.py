@@ -3,10 +3,11 @@
 `record_prediction_stats` is one post-fit step of `workflows.train`. It rewrites weights/best.pt and
 weights/last.pt (atomically, through engine.checkpoint.save_atomic), adding to each:
   ood          {score, threshold, keep, split, count}: the out-of-distribution threshold of that file's own
-               weights, set so that `keep` of the validation images (the training images if there is no
-               validation split) score above it
+               weights, set so that `keep` of the validation images score above it (with fewer than
+               MIN_CALIBRATION validation images, the training images count too)
   background   "dark" or "light": the training images' border brightness (light strokes on dark, or not)
   object_extent  how much of the frame the training images' objects span (median over a sample)
+  object_centred whether those objects sit in the middle of the frame (else photos are not re-centred)
 Prediction (inference.predictor) reads them; files without them still predict, with a note.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from imgrec.config import RunConfig
 from imgrec.data.imageio import read_image
-from imgrec.data.info import ArraySplit, DataBundle, Split
+from imgrec.data.info import ArraySplit, DataBundle, FileSplit, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.photo import MEASURE_SAMPLES, measure_foreground
 from imgrec.data.transforms import BatchTransform
@@ -35,6 +36,7 @@ from imgrec.models.registry import build_model
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+MIN_CALIBRATION = 200  # a threshold from fewer validation images than this also uses the training images
 FILE_SAMPLES = 300  # streamed (file) training splits: images decoded for the background measurement
 
 
@@ -42,7 +44,7 @@ def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunCon
     """Measure the OOD threshold and the training images' background; add them to the run's weights files."""
     weights_dir = Path(run_dir) / "weights"
     foreground = measure_foreground(training_sample(bundle.train))
-    split_name, split = ("val", bundle.val) if bundle.val is not None else ("train", bundle.train)
+    split_name, split = calibration_split(bundle)
     loader = make_loader(split, BATCH_SIZE, BatchTransform(bundle.info.mean, bundle.info.std), train=False,
                          workers=cfg.workers)
     device = select_device(cfg.device)
@@ -60,7 +62,8 @@ def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunCon
     best = next(iter(by_epoch.values()), None)
     if best is not None:
         log.info(f"prediction: {foreground['background']} background, objects span {foreground['object_extent']:.0%} "
-                 f"of the frame; 'none of my classes' below {best['score']} {best['threshold']:.3f} "
+                 f"of the frame{'' if foreground['object_centred'] else ' (not centred)'}; "
+                 f"'none of my classes' below {best['score']} {best['threshold']:.3f} "
                  f"({best['keep']:.0%} of {best['count']} {split_name} images are above)")
     return {**foreground, "ood": best}
 
@@ -79,6 +82,22 @@ def ood_entry(ckpt: dict[str, Any], loader: Any, device: torch.device, split_nam
     if not math.isfinite(threshold):
         raise ValueError(f"non-finite OOD threshold from {source}")
     return {"score": score, "threshold": threshold, "keep": keep, "split": split_name, "count": int(scores.numel())}
+
+
+def calibration_split(bundle: DataBundle) -> tuple[str, Split]:
+    """The images the threshold is set on: the validation split, joined by the training split when small."""
+    val = bundle.val
+    if val is not None and len(val) >= MIN_CALIBRATION:
+        return "val", val
+    if val is None or len(val) == 0:
+        return "train", bundle.train
+    train = bundle.train
+    if isinstance(val, ArraySplit) and isinstance(train, ArraySplit):
+        return "val+train", ArraySplit(torch.cat([val.images, train.images]), torch.cat([val.labels, train.labels]))
+    if isinstance(val, FileSplit) and isinstance(train, FileSplit):
+        return "val+train", FileSplit(val.paths + train.paths, torch.cat([val.labels, train.labels]), val.channels,
+                                      val.image_size)
+    return "val", val
 
 
 def training_sample(split: Split) -> np.ndarray:

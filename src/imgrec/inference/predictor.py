@@ -46,12 +46,13 @@ class Preprocessing:
     std: tuple[float, ...]
     photo: bool  # convert photos like the training images (grey models trained on a dark background)
     object_extent: float  # how much of the frame the training images' objects span
+    object_centred: bool  # whether they sit in the middle (else photos are not cropped and centred)
 
     def to_image(self, image: Image.Image) -> Image.Image:
         """A decoded image in any mode -> the model's mode and size (photo conversion when it applies)."""
         image = to_mode(image, self.channels)
         if self.photo:
-            return prepare_photo(image, self.image_size, self.object_extent)
+            return prepare_photo(image, self.image_size, self.object_extent, self.object_centred)
         return resize_center(image, self.image_size)
 
 
@@ -134,6 +135,9 @@ class Predictor:
         probabilities = torch.softmax(logits / self.temperature if self.temperature else logits, dim=1)
         top_p, top_i = probabilities.topk(min(topk, len(self.classes)), dim=1)
         in_distribution = scores >= self.ood.threshold if self.ood else None
+        if in_distribution is not None and self.preprocessing.photo:
+            # the photo conversion found nothing standing out of the background (a blank or pure-noise image)
+            in_distribution &= batch.flatten(1).amax(dim=1).to(self.device) > 0
         return BatchPrediction(top_i[:, 0].cpu(), top_p[:, 0].cpu(), top_i.cpu(), top_p.cpu(), scores.cpu(),
                                in_distribution.cpu() if in_distribution is not None else None)
 
@@ -215,7 +219,7 @@ def _preprocessing(ckpt: dict[str, Any], source: str, auto: bool, notes: list[st
         notes.append(f"{source} does not record its training images' background: photos are not converted "
                      f"(inverted, cropped, centred) for this grey model; retrain with this imgrec to get that")
     return Preprocessing(channels, size, tuple(ckpt["mean"]), tuple(ckpt["std"]), photo,
-                         float(extent) if photo else 1.0)
+                         float(extent) if photo else 1.0, bool(ckpt.get("object_centred", True)))
 
 
 def _ood_rule(ckpt: dict[str, Any], source: str, notes: list[str]) -> OodRule | None:

@@ -149,8 +149,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size), ("--threads", args.threads or 1)):
-        if value < 1:
+    for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1")
     from imgrec.engine.system import set_threads
     from imgrec.inference import Failure, Predictor, expand_paths

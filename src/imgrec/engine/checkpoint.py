@@ -2,7 +2,9 @@
 
 A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors and plain values:
   format_version, model {name, num_classes, in_channels, image_size}, state_dict,
-  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit.
+  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit;
+  after training (inference.calibrate): ood {score, threshold, keep, split, count}, background ("dark" or
+  "light"), object_extent, object_centred. Readers treat these as optional (older files lack them).
 Everything inference needs is in it; nothing in it can run code when loaded.
 """
 

@@ -115,9 +115,10 @@ def test_every_input_kind_gives_the_same_prediction(runs: dict[str, Path]) -> No
     pil = Image.open(path)
     array = np.array(pil.convert("RGB"))
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    results = predictor.predict([str(path), path, pil, array, tensor])
+    opaque = np.concatenate([array, np.full(array.shape[:2] + (1,), 255, np.uint8)], axis=2)  # (H, W, 4)
+    results = predictor.predict([str(path), path, pil, array, tensor, opaque])
     results.append(predictor.predict(tensor.unsqueeze(0))[0])  # a ready batch of the model's shape
-    assert [r.source for r in results][2:] == ["<image 2>", "<array 3>", "<tensor 4>", "<tensor 0>"]
+    assert [r.source for r in results][2:] == ["<image 2>", "<array 3>", "<tensor 4>", "<array 5>", "<tensor 0>"]
     assert len({r.label for r in results}) == 1
     assert all(r.probability == pytest.approx(results[0].probability, abs=1e-5) for r in results)
     assert all([name for name, _ in r.topk] == [name for name, _ in results[0].topk] for r in results)
@@ -127,6 +128,12 @@ def test_every_input_kind_gives_the_same_prediction(runs: dict[str, Path]) -> No
         predictor.predict(array.astype(np.float32))
     with pytest.raises(TypeError, match="cannot predict"):
         predictor.predict([3.5])
+    grey = Predictor.from_run(runs["grey"])
+    grey_path = own_images(runs, "grey")[30]
+    grey_array = np.asarray(Image.open(grey_path))
+    as_16bit = grey.predict([grey_array, grey_array.astype(np.uint16) * 257])
+    assert as_16bit[0].label == as_16bit[1].label == grey_path.parent.name
+    assert as_16bit[0].probability == as_16bit[1].probability
 
 
 def test_predict_batch_is_the_vectorised_core(runs: dict[str, Path]) -> None:

@@ -50,6 +50,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, **options)
 
 
+def _add_predict_parser(sub: Any) -> None:
+    """The `predict` sub-command's arguments."""
+    p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
+                       description="Predict the classes of images with a run's weights; 'unsure' marks images that "
+                                   "look like none of its classes. Unreadable inputs are named on stderr (exit 1).")
+    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (searched recursively), globs ('x/*.jpg')")
+    p.add_argument("--topk", type=int, default=3, help="how many best classes to show per image (default: 3)")
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"),
+                   help="table, JSON lines or CSV on stdout (default: table)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    p.add_argument("--no-auto-preprocess", dest="auto_preprocess", action="store_false",
+                   help="do not convert photos like the training images (grey models of light strokes on dark: "
+                        "invert, crop, centre); only resize")
+    p.add_argument("--show-input", metavar="PNG", help="save what the model saw (the first 64 images) as a PNG grid")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgrec", description="Train, evaluate and look at image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
@@ -80,22 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
     p.add_argument("--out", help="PNG file to write (default: samples-<data>.png)")
 
-    p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
-                       description="Predict the classes of images with a run's weights; 'unsure' marks images that "
-                                   "look like none of its classes. Unreadable inputs are named on stderr (exit 1).")
-    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
-    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (searched recursively), globs ('x/*.jpg')")
-    p.add_argument("--topk", type=int, default=3, help="how many best classes to show per image (default: 3)")
-    p.add_argument("--format", default="table", choices=("table", "json", "csv"),
-                   help="table, JSON lines or CSV on stdout (default: table)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
-    p.add_argument("--no-auto-preprocess", dest="auto_preprocess", action="store_false",
-                   help="do not convert photos like the training images (grey models of light strokes on dark: "
-                        "invert, crop, centre); only resize")
-    p.add_argument("--show-input", metavar="PNG", help="save what the model saw (the first 64 images) as a PNG grid")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-
+    _add_predict_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")

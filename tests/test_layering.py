@@ -5,6 +5,7 @@
   imgrec.engine: never imgrec.data, imgrec.models or imgrec.workflows
   the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
+  imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -99,7 +100,7 @@ LEAF_PACKAGES = ("imgrec.models", "imgrec.data", "imgrec.evaluation")
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(LEAF_PACKAGES)))
 def test_leaf_packages_stay_apart(module: str) -> None:
     own = next(p for p in LEAF_PACKAGES if module == p or module.startswith(p + "."))
-    forbidden = [p for p in LEAF_PACKAGES if p != own] + ["imgrec.engine", "imgrec.cli", *COMMAND_MODULES]
+    forbidden = [p for p in LEAF_PACKAGES if p != own] + ["imgrec.engine", "imgrec.cli", *COMMAND_MODULES, "imgrec.inference"]
     imported = imports_of(MODULES[module])
     bad = sorted(set().union(*(_names(imported, p) for p in forbidden)))
     assert not bad, f"{module} imports {bad}"
@@ -109,7 +110,14 @@ def test_leaf_packages_stay_apart(module: str) -> None:
 def test_engine_never_names_data_models_or_workflows(module: str) -> None:
     imported = imports_of(MODULES[module])
     bad = sorted(set().union(*(_names(imported, p) for p in
-                               ("imgrec.data", "imgrec.models", "imgrec.cli", *COMMAND_MODULES))))
+                               ("imgrec.data", "imgrec.models", "imgrec.cli", *COMMAND_MODULES, "imgrec.inference"))))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.inference")))
+def test_inference_never_imports_the_workflows(module: str) -> None:
+    imported = imports_of(MODULES[module])
+    bad = sorted(_names(imported, "imgrec.workflows") | _names(imported, "imgrec.cli"))
     assert not bad, f"{module} imports {bad}"
 
 

@@ -1,5 +1,31 @@
-"""imgrec: train, understand, compare and ship image classifiers with PyTorch and torchvision."""
+"""imgrec: train, understand, compare and ship image classifiers with PyTorch and torchvision.
+
+`imgrec.Predictor` (and the other names in `_LAZY`) load on first use, so `import imgrec` and `imgrec --help`
+stay free of torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from imgrec.inference import Failure, Prediction, Predictor
+
+_LAZY = {"Predictor": "imgrec.inference", "Prediction": "imgrec.inference", "Failure": "imgrec.inference"}
+__all__ = ["Failure", "Prediction", "Predictor", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy public names (torch) only when they are first used."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imgrec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

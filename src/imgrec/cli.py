@@ -53,6 +53,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, **options)
 
 
+def _add_predict_parser(sub: Any) -> None:
+    """The `predict` sub-command's arguments."""
+    p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
+                       description="Predict the classes of images with a run's weights; 'unsure' marks images that "
+                                   "look like none of its classes. Unreadable inputs are named on stderr (exit 1).")
+    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (searched recursively), globs ('x/*.jpg')")
+    p.add_argument("--topk", type=int, default=3, help="how many best classes to show per image (default: 3)")
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"),
+                   help="table, JSON lines or CSV on stdout (default: table)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    p.add_argument("--no-auto-preprocess", dest="auto_preprocess", action="store_false",
+                   help="do not convert photos like the training images (grey models of light strokes on dark: "
+                        "invert, crop, centre); only resize")
+    p.add_argument("--show-input", metavar="PNG", help="save what the model saw (the first 64 images) as a PNG grid")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgrec", description="Train, evaluate and look at image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
@@ -104,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG file to write (default: samples-<data>.png)")
 
     _add_understanding_commands(sub)
+    _add_predict_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
@@ -228,6 +248,40 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1")
+    from imgrec.engine.system import set_threads
+    from imgrec.inference import Failure, Predictor, expand_paths
+    from imgrec.inference.formats import MAX_SHOWN, make_writer, save_input_sheet
+
+    set_threads(args.threads)
+    predictor = Predictor.from_run(args.target, device=args.device, auto_preprocess=args.auto_preprocess)
+    sources, failures = expand_paths(args.paths)
+    for failure in failures:
+        print(f"imgrec predict: error: {failure.message}", file=sys.stderr)
+    topk = min(args.topk, len(predictor.classes))
+    writer = make_writer(args.format, sys.stdout, sources, predictor.classes, topk)
+    shown, predicted = [], 0
+    for item in predictor.predict_files(sources, topk, args.batch_size, keep_inputs=bool(args.show_input)):
+        if isinstance(item, Failure):
+            failures.append(item)
+            print(f"imgrec predict: error: {item.message}", file=sys.stderr)
+            continue
+        writer.write(item)
+        predicted += 1
+        if args.show_input and len(shown) < MAX_SHOWN:
+            shown.append(item.model_input)
+    if shown:
+        print(f"model inputs: {save_input_sheet(shown, args.show_input)}", file=sys.stderr)
+    if failures:
+        print(f"imgrec predict: {len(failures)} input(s) could not be predicted (named above); "
+              f"{predicted} predicted", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from imgrec.models.registry import MODELS, build_model, count_parameters
 
@@ -252,8 +306,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "compare": cmd_compare,
-            "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models, "datasets": cmd_datasets}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
+            "compare": cmd_compare, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
+            "datasets": cmd_datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

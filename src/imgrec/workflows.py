@@ -47,6 +47,7 @@ from imgrec.engine.system import (
 )
 from imgrec.engine.trainer import FitResult, fit
 from imgrec.errors import ImgrecError
+from imgrec.inference.calibrate import record_prediction_stats
 from imgrec.models.registry import build_model, count_parameters
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
 
@@ -137,6 +138,7 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
         log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}/{len(train_loader)}")
     result = fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None)
     calibrate_weights(model, val_loader, run_dir, cfg)
+    record_prediction_stats(run_dir, bundle, cfg)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
     return TrainOutcome(run_dir, summary)
 

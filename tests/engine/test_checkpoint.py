@@ -28,6 +28,8 @@ from imgrec.workflows import train
 WEIGHTS_KEYS = {"format_version", "kind", "model", "state_dict", "classes", "channels", "image_size", "mean", "std",
                 "data", "config", "epoch", "metrics", "params", "versions", "git_commit",
                 "temperature"}  # fitted on the validation split once training ends
+# added after training for prediction (inference.calibrate)
+PREDICTION_KEYS = {"ood", "background", "object_extent", "object_centred"}
 
 
 def train_run(data: Path, project: Path, **overrides: Any) -> Path:
@@ -74,7 +76,7 @@ def test_weights_file_of_a_real_run_loads_weights_only(run_dir: Path, image_fold
     for name in ("best.pt", "last.pt"):
         path = run_dir / "weights" / name
         raw = torch.load(path, map_location="cpu", weights_only=True)
-        assert set(raw) == WEIGHTS_KEYS
+        assert set(raw) == WEIGHTS_KEYS | PREDICTION_KEYS
         assert _plain(raw)
         assert raw["format_version"] == FORMAT_VERSION
         assert type(raw["temperature"]) is float and raw["temperature"] > 0

@@ -2,8 +2,10 @@
 
 A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors and plain values:
   format_version, model {name, num_classes, in_channels, image_size}, state_dict,
-  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit,
-  and temperature (a float, once fitted on the validation split: predictions divide the logits by it).
+  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit;
+  after training: temperature (a float fitted on the validation split: predictions divide the logits by it),
+  and (inference.calibrate) ood {score, threshold, keep, split, count}, background ("dark" or "light"),
+  object_extent, object_centred. Readers treat these as optional (older files lack them).
 Everything inference needs is in it; nothing in it can run code when loaded. The training state
 (runs/<run>/train_state.pt, see state.py) is written and read by the same two functions.
 """

@@ -1,0 +1,175 @@
+"""Photos to model inputs: the conversion the tutorial does by hand before asking an MNIST-like net about a photo.
+
+A net trained on light strokes on a dark background (MNIST, Fashion-MNIST, the digits) only understands a
+photo that looks like its data. `prepare_photo` makes it so: grey (the caller decodes with `load_image`, which
+applies EXIF orientation), background detected from the border and inverted when light, lifted to black with
+the sensor noise, contrast stretched, the object cropped and centred with the margin the training images have,
+and resized (antialiased) to the model's size. `measure_foreground` measures that margin, and whether the
+background is dark at all, on the training images, so the weights file can record it.
+Pure image operations on Pillow images and numpy arrays: no model, no torch. Imports: numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+BORDER_FRACTION = 0.05  # the border ring that shows the background: 5% of the shorter side, at least 1 px
+TRIM = 0.005  # mass trimmed from each side of the object's box, so that a speck of dirt does not widen it
+NOISE_SIGMAS = 3.0  # pixels within this many noise deviations of the background are background
+MEASURE_SAMPLES = 1000  # training images measured at most
+CENTRED_OFFSET = 0.1  # objects whose box centres lie this far from the frame's centre (median) are not centred
+SHRINK_TO = 16  # photos larger than 16x the model's size are box-reduced first (speed; no visible loss)
+
+
+def border_ring(image: np.ndarray) -> np.ndarray:
+    """The pixels of the outer ring of a (H, W) image, flattened."""
+    height, width = image.shape
+    k = max(1, round(min(height, width) * BORDER_FRACTION))
+    if 2 * k >= min(height, width):
+        return image.ravel()
+    parts = (image[:k, :], image[-k:, :], image[k:-k, :k], image[k:-k, -k:])
+    return np.concatenate([p.ravel() for p in parts])
+
+
+def normalize_foreground(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(H, W) grey levels -> object bright on exactly black, stretched to 0..255 (float32); and whether inverted.
+
+    The background level is the median of the border ring; a light background is inverted. Everything within
+    NOISE_SIGMAS of the background (a robust deviation of the ring) becomes 0, and the brightest 1% of the
+    object becomes 255.
+    """
+    a = image.astype(np.float32, copy=True)
+    ring = border_ring(a)
+    level = float(np.median(ring))
+    inverted = level > 127.5
+    if inverted:
+        a = 255.0 - a
+        ring = 255.0 - ring
+        level = 255.0 - level
+    noise = 1.4826 * float(np.median(np.abs(ring - level)))
+    floor = level + NOISE_SIGMAS * noise
+    above = a[a > floor]
+    if above.size == 0:
+        return np.zeros_like(a), inverted
+    peak = max(float(np.percentile(above, 99.0)), floor + 1.0)
+    np.subtract(a, floor, out=a)
+    np.multiply(a, 255.0 / (peak - floor), out=a)
+    return np.clip(a, 0.0, 255.0, out=a), inverted
+
+
+def foreground_box(mass: np.ndarray, trim: float = TRIM) -> tuple[float, float, float, float] | None:
+    """(top, bottom, left, right) of the object in a non-negative (H, W) image, bottom/right exclusive.
+
+    Rows and columns holding the outermost `trim` of the mass on each side are left out. None for a blank image.
+    """
+    rows, cols = mass.sum(axis=1, dtype=np.float64), mass.sum(axis=0, dtype=np.float64)
+    if rows.sum() <= 0:
+        return None
+    top, bottom = _bounds(rows, trim)
+    left, right = _bounds(cols, trim)
+    return top, bottom, left, right
+
+
+def _bounds(profile: np.ndarray, trim: float) -> tuple[float, float]:
+    """First and one-past-last index of a profile once `trim` of its mass is cut from each end."""
+    cumulative = np.cumsum(profile)
+    total = cumulative[-1]  # compared with the cumulative sum's own last value: exact for trim=0
+    start = int(np.searchsorted(cumulative, trim * total, side="right"))
+    end = int(np.searchsorted(cumulative, (1.0 - trim) * total, side="left")) + 1
+    start = min(start, len(profile) - 1)
+    return float(start), float(min(max(end, start + 1), len(profile)))
+
+
+def object_extent(box: tuple[float, float, float, float], size: tuple[int, int]) -> float:
+    """How much of the frame the object spans: its box's longer side, as a fraction of the frame's side."""
+    top, bottom, left, right = box
+    return max((bottom - top) / size[0], (right - left) / size[1])
+
+
+def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> dict[str, object]:
+    """What training images look like, measured on up to `samples` of them (uint8 (N, C, H, W), colour made grey).
+
+    background: "dark" or "light" (the median border level); object_extent: the median fraction of the frame the
+    object spans; object_centred: whether objects sit in the middle of the frame (median offset of their box
+    centre under CENTRED_OFFSET of the frame). Data whose classes differ by where things are is not centred, and
+    prediction must not move its objects.
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N, C, H, W) array, got shape {images.shape}")
+    step = max(1, math.ceil(images.shape[0] / samples))
+    grey = images[::step].astype(np.float32).mean(axis=1)  # (n, H, W)
+    size = grey.shape[1:]
+    levels = [float(np.median(border_ring(g))) for g in grey]
+    extents, offsets = [], []
+    for g in grey:
+        box = foreground_box(normalize_foreground(g)[0])
+        if box is not None:
+            top, bottom, left, right = box
+            extents.append(object_extent(box, size))
+            offsets.append(max(abs((top + bottom) / 2 / size[0] - 0.5), abs((left + right) / 2 / size[1] - 0.5)))
+    return {
+        "background": "light" if float(np.median(levels)) > 127.5 else "dark",
+        "object_extent": round(float(np.median(extents)), 4) if extents else 1.0,
+        "object_centred": bool(float(np.median(offsets)) < CENTRED_OFFSET) if offsets else True,
+    }
+
+
+def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float, centre: bool = True) -> Image.Image:
+    """A grey ("L") photo -> the model's (H, W): object bright on black, cropped, centred, spanning `extent`.
+
+    With centre=False (training objects are not centred) the object stays where it is: the whole frame is resized.
+    """
+    height, width = size
+    image = _shrink(image, SHRINK_TO * max(size))
+    a, _ = normalize_foreground(np.asarray(image))
+    if not centre:
+        return _resize_cover(Image.fromarray(np.round(a).astype(np.uint8)), size)
+    box = foreground_box(a)
+    if box is None:  # nothing but background
+        return Image.new("L", (width, height), 0)
+    top, bottom, left, right = box
+    zoom = extent / object_extent(box, size)  # output pixels per source pixel; one for both axes (aspect kept)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    window = (cx - width / zoom / 2, cy - height / zoom / 2, cx + width / zoom / 2, cy + height / zoom / 2)
+    # Pillow resizes a window of the source (antialiased, sub-pixel exact) but only one inside it: pad with black.
+    pad = max(0, math.ceil(max(-window[0], -window[1], window[2] - a.shape[1], window[3] - a.shape[0])))
+    if pad:
+        a = np.pad(a, pad)
+    source = Image.fromarray(np.round(a).astype(np.uint8))
+    box_in_source = (window[0] + pad, window[1] + pad, window[2] + pad, window[3] + pad)
+    return source.resize((width, height), Image.Resampling.LANCZOS, box=box_in_source, reducing_gap=None)
+
+
+def _resize_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Cover (H, W) keeping the aspect ratio, then crop the centre (as imageio.resize_center, but antialiased)."""
+    height, width = size
+    scale = max(width / image.width, height / image.height)
+    w, h = width / scale, height / scale
+    left, top = (image.width - w) / 2, (image.height - h) / 2
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + w, top + h), reducing_gap=None)
+
+
+def _shrink(image: Image.Image, longest: int) -> Image.Image:
+    factor = max(image.size) // longest
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def tile_images(images: np.ndarray, columns: int = 8, min_tile: int = 96, gap: int = 2) -> Image.Image:
+    """uint8 (N, C, H, W) -> one image: each enlarged by a whole factor (nearest neighbour, pixels kept), in a grid."""
+    n, channels, height, width = images.shape
+    factor = max(1, math.ceil(min_tile / max(height, width)))
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    tile_h, tile_w = height * factor, width * factor
+    mode = "L" if channels == 1 else "RGB"
+    sheet = Image.new(mode, (columns * (tile_w + gap) - gap, rows * (tile_h + gap) - gap), 128)
+    for i, chw in enumerate(images):
+        hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
+        tile = Image.fromarray(hwc[:, :, 0] if channels == 1 else hwc)
+        tile = tile.resize((tile_w, tile_h), Image.Resampling.NEAREST)
+        row, col = divmod(i, columns)
+        sheet.paste(tile, (col * (tile_w + gap), row * (tile_h + gap)))
+    return sheet

@@ -1,0 +1,109 @@
+"""After training: what prediction needs besides the weights, measured once and written into the weights files.
+
+`record_prediction_stats` is one post-fit step of `workflows.train`. It rewrites weights/best.pt and
+weights/last.pt (atomically, through engine.checkpoint.save_atomic), adding to each:
+  ood          {score, threshold, keep, split, count}: the out-of-distribution threshold of that file's own
+               weights, set so that `keep` of the validation images score above it (with fewer than
+               MIN_CALIBRATION validation images, the training images count too)
+  background   "dark" or "light": the training images' border brightness (light strokes on dark, or not)
+  object_extent  how much of the frame the training images' objects span (median over a sample)
+  object_centred whether those objects sit in the middle of the frame (else photos are not re-centred)
+Prediction (inference.predictor) reads them; files without them still predict, with a note.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgrec.config import RunConfig
+from imgrec.data.imageio import read_image
+from imgrec.data.info import ArraySplit, DataBundle, FileSplit, Split
+from imgrec.data.loaders import make_loader
+from imgrec.data.photo import MEASURE_SAMPLES, measure_foreground
+from imgrec.data.transforms import BatchTransform
+from imgrec.engine.checkpoint import WEIGHTS_NAMES, load_model_state, load_weights_file, save_atomic
+from imgrec.engine.system import select_device
+from imgrec.engine.trainer import evaluate
+from imgrec.evaluation.ood import DEFAULT_KEEP, DEFAULT_SCORE, OOD_SCORES, ood_threshold
+from imgrec.models.registry import build_model
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+MIN_CALIBRATION = 200  # a threshold from fewer validation images than this also uses the training images
+FILE_SAMPLES = 300  # streamed (file) training splits: images decoded for the background measurement
+
+
+def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunConfig) -> dict[str, Any]:
+    """Measure the OOD threshold and the training images' background; add them to the run's weights files."""
+    weights_dir = Path(run_dir) / "weights"
+    foreground = measure_foreground(training_sample(bundle.train))
+    split_name, split = calibration_split(bundle)
+    loader = make_loader(split, BATCH_SIZE, BatchTransform(bundle.info.mean, bundle.info.std), train=False,
+                         workers=cfg.workers)
+    device = select_device(cfg.device)
+    by_epoch: dict[Any, dict[str, Any]] = {}  # best.pt and last.pt often hold the same epoch's weights
+    for name in WEIGHTS_NAMES:
+        path = weights_dir / name
+        if not path.is_file():
+            continue
+        ckpt = load_weights_file(path)
+        key = ckpt.get("epoch")
+        if key not in by_epoch:
+            by_epoch[key] = ood_entry(ckpt, loader, device, split_name, str(path))
+        ckpt.update(ood=by_epoch[key], **foreground)
+        save_atomic(ckpt, path)
+    best = next(iter(by_epoch.values()), None)
+    if best is not None:
+        log.info(f"prediction: {foreground['background']} background, objects span {foreground['object_extent']:.0%} "
+                 f"of the frame{'' if foreground['object_centred'] else ' (not centred)'}; "
+                 f"'none of my classes' below {best['score']} {best['threshold']:.3f} "
+                 f"({best['keep']:.0%} of {best['count']} {split_name} images are above)")
+    return {**foreground, "ood": best}
+
+
+def ood_entry(ckpt: dict[str, Any], loader: Any, device: torch.device, split_name: str, source: str,
+              score: str = DEFAULT_SCORE, keep: float = DEFAULT_KEEP) -> dict[str, Any]:
+    """The OOD threshold of a weights file's model on one split's images (raw logits, fp32, no temperature)."""
+    spec = ckpt["model"]
+    model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
+    load_model_state(model, ckpt["state_dict"], source)
+    model.to(device)
+    result = evaluate(model, loader, device, None, collect=True)
+    assert result.logits is not None
+    scores = OOD_SCORES[score](result.logits)
+    threshold = ood_threshold(scores, keep)
+    if not math.isfinite(threshold):
+        raise ValueError(f"non-finite OOD threshold from {source}")
+    return {"score": score, "threshold": threshold, "keep": keep, "split": split_name, "count": int(scores.numel())}
+
+
+def calibration_split(bundle: DataBundle) -> tuple[str, Split]:
+    """The images the threshold is set on: the validation split, joined by the training split when small."""
+    val = bundle.val
+    if val is not None and len(val) >= MIN_CALIBRATION:
+        return "val", val
+    if val is None or len(val) == 0:
+        return "train", bundle.train
+    train = bundle.train
+    if isinstance(val, ArraySplit) and isinstance(train, ArraySplit):
+        return "val+train", ArraySplit(torch.cat([val.images, train.images]), torch.cat([val.labels, train.labels]))
+    if isinstance(val, FileSplit) and isinstance(train, FileSplit):
+        return "val+train", FileSplit(val.paths + train.paths, torch.cat([val.labels, train.labels]), val.channels,
+                                      val.image_size)
+    return "val", val
+
+
+def training_sample(split: Split) -> np.ndarray:
+    """Up to MEASURE_SAMPLES training images (FILE_SAMPLES for streamed files), evenly spaced: uint8 (N, C, H, W)."""
+    if isinstance(split, ArraySplit):
+        step = max(1, math.ceil(len(split) / MEASURE_SAMPLES))
+        return split.images[::step].numpy()
+    step = max(1, math.ceil(len(split) / FILE_SAMPLES))
+    return np.stack([read_image(p, split.channels, split.image_size).numpy() for p in split.paths[::step]])

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgrec.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 # The real data sets (read-only): $IMGREC_TEST_DATA, else ../shared/data beside the checkout.
 SHARED_DATA = Path(os.environ.get("IMGREC_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -145,3 +147,23 @@ def _encoded(suffix: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(photo_like(54321, 64)).save(buffer, format="PNG" if suffix.lower() == ".png" else "JPEG")
     return buffer.getvalue()
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """imgrec.cli.main in-process: (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one error line on stderr (any log lines come before it); never a traceback."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines, "nothing on stderr"
+    errors = [ln for ln in lines if ln.startswith("imgrec")]
+    assert len(errors) == 1 and errors[0] == lines[-1], err
+    return lines[-1]

@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file, save_atomic
@@ -43,26 +43,6 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | N
     full_env = {**os.environ, "MPLBACKEND": "Agg", **(env or {})}
     return subprocess.run([sys.executable, "-m", "imgrec", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """imgrec.cli.main in-process: (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    """The one error line on stderr (any log lines come before it); never a traceback."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines, "nothing on stderr"
-    errors = [ln for ln in lines if ln.startswith("imgrec")]
-    assert len(errors) == 1 and errors[0] == lines[-1], err
-    return lines[-1]
 
 
 def run_dir_from(out: str) -> Path:

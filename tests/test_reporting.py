@@ -19,7 +19,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import load_weights_file
@@ -30,24 +30,6 @@ from imgrec.workflows import load_run, load_run_data
 
 FAST = ["--threads", "1", "--workers", "0", "--device", "cpu"]
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "mistakes.png", "samples.png", "calibration.png")
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """imgrec.cli.main in-process: (exit code, stdout, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    """The one error line on stderr; never a traceback."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("imgrec"), err
-    return lines[-1]
 
 
 def train(capsys: pytest.CaptureFixture[str], *args: str) -> Path:

@@ -30,10 +30,12 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import evaluate, fit
+from imgrec.engine.trainer import FitResult, evaluate, fit
 from imgrec.errors import ImgrecError
 from imgrec.evaluation.metrics import classification_report
+from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.models.registry import build_model, count_parameters
+from imgrec.models.transfer import TransferModel
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,18 @@ def train(cfg: RunConfig) -> TrainOutcome:
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     started = time.perf_counter()
+    source = resolve_source(cfg)  # --pretrained / --weights: a missing or foreign file fails before the data loads
     bundle = load_data(cfg.data, data_options(cfg))
     info = bundle.info
     for note in bundle.notes:
         log.info(note)
     # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
     seed_everything(cfg.seed, cfg.deterministic)
-    model = build_model(cfg.model, info.num_classes, info.channels, info.image_size)
+    spec = input_spec(info, source)
+    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
+    if source:
+        load_source(model, cfg.model, source)
+    params = count_parameters(model)
     run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
     cfg.save(run_dir / "config.yaml")
     if bundle.manifest:
@@ -77,14 +84,12 @@ def train(cfg: RunConfig) -> TrainOutcome:
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
              f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
-    log.info(f"model: {cfg.model}, {count_parameters(model):,} parameters")
-    augment = parse_augment(cfg.augment, info.channels)
-    train_loader = make_loader(bundle.train, cfg.batch_size, BatchTransform(info.mean, info.std, augment), train=True,
-                               seed=cfg.seed, workers=cfg.workers)
-    plain = BatchTransform(info.mean, info.std)
-    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
-    meta = weights_meta(cfg, info, model)
-    result = fit(model, train_loader, val_loader, cfg, run_dir, meta)
+    log.info(f"model: {cfg.model}, {params:,} parameters" + (f", weights from {source.description}" if source else ""))
+    if source:
+        log.info(transfer_plan(cfg, info, spec))
+    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
+    meta = weights_meta(cfg, info, model, spec)
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, run_dir, meta)
 
     best = load_weights_file(run_dir / "weights" / "best.pt")
     load_model_state(model, best["state_dict"], run_dir / "weights" / "best.pt")
@@ -95,11 +100,13 @@ def train(cfg: RunConfig) -> TrainOutcome:
     summary = {
         "data": cfg.data, "model": cfg.model, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
-        "best_val_accuracy": result.best_val_accuracy, "params": count_parameters(model),
+        "best_val_accuracy": result.best_val_accuracy, "params": params,
         "train_seconds": round(result.train_seconds, 3), "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
         "train_images": len(bundle.train), "classes": info.classes, "versions": versions(), "git_commit": git_commit(),
     }
+    if source:
+        summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
 
@@ -107,16 +114,41 @@ def train(cfg: RunConfig) -> TrainOutcome:
     return TrainOutcome(run_dir, summary)
 
 
-def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module) -> dict[str, Any]:
-    """What a weights file records besides the tensors: enough to rebuild the model and its preprocessing."""
+def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+         run_dir: Path, meta: dict[str, Any]) -> tuple[FitResult, float | None]:
+    """fit() on batches of images, or (--cache-features) on the backbone's features computed once."""
+    if cfg.cache_features:
+        assert isinstance(model, TransferModel)
+        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
+    augment = parse_augment(cfg.augment, bundle.info.channels, photos=isinstance(model, TransferModel))
+    transform = BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
+    train_loader = make_loader(bundle.train, cfg.batch_size, transform, train=True, seed=cfg.seed, workers=cfg.workers)
+    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
+    return fit(model, train_loader, val_loader, cfg, run_dir, meta), None
+
+
+def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,
+                 ) -> dict[str, Any]:
+    """What a weights file records besides the tensors: enough to rebuild the model and its preprocessing.
+
+    image_size and channels say how images are decoded; input_size and input_channels what the model takes
+    (batches are resized and converted on the fly); mean and std have input_channels values.
+    """
+    spec = spec or input_spec(info, None)
     return {
         "kind": "imgrec-weights",
-        "model": {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.channels,
-                  "image_size": list(info.image_size)},
+        "model": {"name": cfg.model, "num_classes": info.num_classes, "in_channels": spec.channels,
+                  "image_size": list(spec.size)},
         "classes": list(info.classes), "channels": info.channels, "image_size": list(info.image_size),
-        "mean": list(info.mean), "std": list(info.std), "data": cfg.data, "config": cfg.to_dict(),
+        "input_channels": spec.channels, "input_size": list(spec.size),
+        "mean": list(spec.mean), "std": list(spec.std), "data": cfg.data, "config": cfg.to_dict(),
         "params": count_parameters(model), "versions": versions(), "git_commit": git_commit(),
     }
+
+
+def eval_transform(ckpt: dict[str, Any]) -> BatchTransform:
+    """The preprocessing a weights file's model was trained with (files without input_* take their images as decoded)."""
+    return BatchTransform(ckpt["mean"], ckpt["std"], size=ckpt.get("input_size"), channels=ckpt.get("input_channels"))
 
 
 def _evaluate_split(model: torch.nn.Module, loader: Any, classes: list[str], cfg: RunConfig) -> dict[str, Any]:
@@ -147,14 +179,18 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
         cfg.data = data
     if device:
         cfg.device = device
+    # The data's own statistics are not used (the weights file's are); passing them skips computing them,
+    # unless the model takes other channels than the images have (grey images fed to a colour backbone).
+    stats = len(ckpt["mean"]) == ckpt["channels"]
     bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                                              mean=ckpt["mean"], std=ckpt["std"], train_samples=None))
+                                              mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None,
+                                              train_samples=None))
     check_classes(bundle, ckpt["classes"], path)
     try:
         chosen = bundle.split(split)
     except KeyError:
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    loader = make_loader(chosen, EVAL_BATCH_SIZE, BatchTransform(ckpt["mean"], ckpt["std"]), train=False)
+    loader = make_loader(chosen, EVAL_BATCH_SIZE, eval_transform(ckpt), train=False)
     metrics = _evaluate_split(model, loader, ckpt["classes"], cfg)
     metrics.update(split=split, data=cfg.data, weights=str(path))
     out_path = Path(out) if out else run_dir_of(path) / "metrics.json"

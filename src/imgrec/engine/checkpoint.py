@@ -2,7 +2,9 @@
 
 A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors and plain values:
   format_version, model {name, num_classes, in_channels, image_size}, state_dict,
-  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit.
+  classes, channels, image_size, input_channels, input_size, mean, std, data, config, epoch, metrics, versions,
+  git_commit. channels and image_size say how images are decoded; input_channels and input_size what the model
+  takes (they differ for pretrained backbones: 224 px, three channels), and mean/std has input_channels values.
 Everything inference needs is in it; nothing in it can run code when loaded.
 """
 

@@ -73,7 +73,7 @@ def resolve_source(cfg: RunConfig) -> WeightSource | None:
 
 
 def hub_checkpoint_path(file_name: str) -> Path:
-    """Where torch.hub keeps a downloaded weights file: $TORCH_HOME/hub/checkpoints/<file> (~/.cache/torch by default)."""
+    """Where torch.hub keeps a downloaded weights file: $TORCH_HOME/hub/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
@@ -215,7 +215,7 @@ def extract_features(model: TransferModel, loader: Any, cfg: RunConfig) -> torch
 
 def fit_on_features(model: TransferModel, train: Split, val: Split | None, transform: BatchTransform, cfg: RunConfig,
                     run_dir: Path, meta: dict[str, Any], batch_size: int = 500) -> tuple[FitResult, float]:
-    """--cache-features: compute the features once (no augmentation), fit the head on them; returns (result, seconds)."""
+    """--cache-features: features computed once (no augmentation), the head fitted on them; (result, seconds)."""
     start = time.perf_counter()
     model.set_frozen(True)
     splits = {"train": train, "val": val}
@@ -231,8 +231,8 @@ def fit_on_features(model: TransferModel, train: Split, val: Split | None, trans
         return x
 
     # Same seed, same order: TensorLoader draws the batches as the image loaders would
-    train_loader = TensorLoader(ArraySplit(features["train"], train.labels), cfg.batch_size, unchanged,  # type: ignore[arg-type]
-                                shuffle=True, seed=cfg.seed)
+    train_loader = TensorLoader(ArraySplit(features["train"], train.labels), cfg.batch_size,
+                                unchanged, shuffle=True, seed=cfg.seed)  # type: ignore[arg-type]
     val_loader = (TensorLoader(ArraySplit(features["val"], val.labels), batch_size, unchanged)  # type: ignore[arg-type]
                   if val is not None else None)
     vectors = dataclasses.replace(cfg, channels_last=False)  # features are (B, D) vectors: no memory format

@@ -147,7 +147,7 @@ def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec
 
 
 def eval_transform(ckpt: dict[str, Any]) -> BatchTransform:
-    """The preprocessing a weights file's model was trained with (files without input_* take their images as decoded)."""
+    """The preprocessing a weights file's model was trained with (older files: the images as decoded)."""
     return BatchTransform(ckpt["mean"], ckpt["std"], size=ckpt.get("input_size"), channels=ckpt.get("input_channels"))
 
 

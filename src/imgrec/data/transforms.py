@@ -65,7 +65,8 @@ class BatchTransform:
         x = images.float()
         size = self.size or (x.shape[-2], x.shape[-1])
         # one interpolation: a random crop resized to the model's size, or just the resize
-        x = random_resized_crop(x, generator, size) if "resized-crop" in ops else resize(x, size)  # type: ignore[arg-type]
+        crop = "resized-crop" in ops
+        x = random_resized_crop(x, generator, size) if crop else resize(x, size)  # type: ignore[arg-type]
         if self.channels is not None:
             x = convert_channels(x, self.channels)
         x = torch.addcmul(self.shift, x, self.scale)
@@ -158,7 +159,7 @@ def random_erase(x: torch.Tensor, generator: torch.Generator, probability: float
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, size: Sequence[int],
                         scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         ) -> torch.Tensor:
-    """torchvision's RandomResizedCrop for a whole float batch, as one affine grid sample: (B, C, H, W) -> (B, C, *size).
+    """torchvision's RandomResizedCrop for a float batch, as one grid sample: (B, C, H, W) -> (B, C, *size).
 
     Each image gets a box of 35-100% of its area (fastai's milder minimum for small data; torchvision's is 8%)
     and aspect ratio 3/4-4/3, at a random place inside it, resized bilinearly to `size`.

@@ -61,9 +61,10 @@ class TransferModel(nn.Module):
         return self
 
     def parameter_groups(self, lr: float, backbone_mult: float) -> list[dict[str, Any]]:
-        """Optimiser groups: the head at lr, then the backbone's blocks from late to early at lr*mult^(k/n), down to lr*mult.
+        """Optimiser groups: the head at lr, then the backbone's blocks in four groups, earliest first.
 
-        With mult 0.1 and four groups, the backbone's last blocks train at 0.56 lr, its first at 0.1 lr.
+        Group k of n (k = 0 the earliest) trains at lr * mult^((n - k) / n): with mult 0.1, the first blocks at
+        0.1 lr, the last at 0.56 lr.
         """
         groups: list[dict[str, Any]] = [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
         chunks = _split_evenly(backbone_blocks(self.backbone), STAGE_GROUPS)

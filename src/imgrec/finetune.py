@@ -30,7 +30,7 @@ from torch import nn
 
 from imgrec.config import RunConfig
 from imgrec.data.info import ArraySplit, DatasetInfo, Split
-from imgrec.data.loaders import TensorLoader, make_loader
+from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import load_checkpoint, resolve_weights
 from imgrec.engine.system import autocast, autocast_dtype, select_device
@@ -230,10 +230,10 @@ def fit_on_features(model: TransferModel, train: Split, val: Split | None, trans
     def unchanged(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return x
 
-    # Same seed, same order: TensorLoader draws the batches as the image loaders would
-    train_loader = TensorLoader(ArraySplit(features["train"], train.labels), cfg.batch_size,
-                                unchanged, shuffle=True, seed=cfg.seed)  # type: ignore[arg-type]
-    val_loader = (TensorLoader(ArraySplit(features["val"], val.labels), batch_size, unchanged)  # type: ignore[arg-type]
+    # Same seed, same batches: make_loader draws them as it does for the images
+    train_loader = make_loader(ArraySplit(features["train"], train.labels), cfg.batch_size, unchanged,  # type: ignore[arg-type]
+                               train=True, seed=cfg.seed)
+    val_loader = (make_loader(ArraySplit(features["val"], val.labels), batch_size, unchanged, train=False)  # type: ignore[arg-type]
                   if val is not None else None)
     vectors = dataclasses.replace(cfg, channels_last=False)  # features are (B, D) vectors: no memory format
     return fit(HeadOnFeatures(model), train_loader, val_loader, vectors, run_dir, meta), seconds

@@ -168,7 +168,8 @@ def load_source(model: nn.Module, name: str, source: WeightSource) -> None:
 
 def transfer_plan(cfg: RunConfig, info: DatasetInfo, spec: InputSpec) -> str:
     """One log line on what transfer does in this run."""
-    frozen = ("frozen all through (only the head trains)" if cfg.freeze else
+    always = cfg.freeze or (cfg.freeze_epochs or 0) >= cfg.epochs
+    frozen = ("frozen all through (only the head trains)" if always else
               f"frozen for {cfg.freeze_epochs} epoch(s), then trained at {cfg.lr_backbone_mult:g}-1x the head's rate")
     grey = " (grey images repeated to 3 channels)" if info.channels == 1 and spec.channels == 3 else ""
     return (f"transfer: new head for {info.num_classes} classes; backbone {frozen}; input "

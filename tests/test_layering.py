@@ -68,7 +68,8 @@ COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations"
 
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
-            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", *COMMAND_MODULES} <= set(MODULES)
+            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
+            "imgrec.models.transfer", "imgrec.models.backbones", *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:

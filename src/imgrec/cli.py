@@ -283,13 +283,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from imgrec.models.registry import MODELS, build_model, count_parameters
+    from imgrec.models.registry import MODELS, model_size
 
-    print(f"{'model':<8} {'params 1x28x28':>15} {'params 3x32x32':>15}  description")
+    print(f"{'model':<19} {'params 1x28x28':>15} {'params 3x32x32':>15}  {'pretrained':<10}  description")
     for name, entry in MODELS.items():
-        grey = count_parameters(build_model(name, 10, 1, (28, 28)))
-        colour = count_parameters(build_model(name, 10, 3, (32, 32)))
-        print(f"{name:<8} {grey:>15,} {colour:>15,}  {entry.description}")
+        grey, colour = model_size(name, 10, 1, (28, 28)), model_size(name, 10, 3, (32, 32))
+        weights = "ImageNet" if entry.pretrained else "-"
+        print(f"{name:<19} {grey:>15,} {colour:>15,}  {weights:<10}  {entry.description}")
+    print("pretrained: --pretrained starts from torchvision's ImageNet weights (--weights: a file or an imgrec run);"
+          " a new head is built for the data's classes")
     return 0
 
 

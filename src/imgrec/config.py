@@ -22,7 +22,11 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUGMENT_OPS = ("crop", "flip", "translate", "erase")
+AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop")
+# Models built on torchvision backbones: they take --pretrained, --weights and the freezing options.
+# models/backbones.py describes each one; tests/models/test_transfer.py keeps the two lists equal.
+TRANSFER_MODELS = ("resnet18", "resnet50", "vgg16", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                   "convnext_tiny")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -49,7 +53,7 @@ class RunConfig:
     # data
     data: str = _opt("digits", "data set: mnist, fashion-mnist, cifar10, digits, or a path to an image folder or archive")
     data_dir: str | None = _opt(None, "where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
-    download: bool = _opt(False, "download a named data set that is missing (needs internet)")
+    download: bool = _opt(False, "download a missing named data set or --pretrained weights file (needs internet)")
     image_size: int | None = _opt(None, "resize folder images to this size (default: their own size when uniform)")
     val_fraction: float = _opt(0.1, "fraction of the training split held out for validation when the data has none")
     test_fraction: float = _opt(0.2, "fraction held out for testing when an image folder has no test or val split")
@@ -59,11 +63,23 @@ class RunConfig:
     workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
                                resume=True)
     strict: bool = _opt(False, "fail on image files that do not decode instead of skipping them (with one warning)")
-    augment: str = _opt("auto", "comma list of crop, flip, translate, erase; none; or auto (crop,flip for colour data)")
+    augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop; none; or auto (colour data: "
+                             "resized-crop,flip for torchvision backbones, crop,flip for the others)")
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: the data set's)")
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)")
     # model
     model: str = _opt("lenet", "model name; `imgrec models` lists them")
+    # transfer learning (torchvision backbones)
+    pretrained: bool = _opt(False, "start from torchvision's ImageNet weights for --model (found in torch's cache)")
+    weights: str | None = _opt(None, "start from these weights: a torchvision state dict file, or an imgrec run "
+                                     "folder or weights file of the same model")
+    freeze_epochs: int | None = _opt(None, "epochs that train only the new head before the backbone is unfrozen "
+                                           "(default: 1 with --pretrained or --weights, else 0)")
+    freeze: bool = _opt(False, "keep the backbone frozen all through: train only the new head (a feature extractor)")
+    lr_backbone_mult: float = _opt(0.1, "after unfreezing, the learning rate of the earliest backbone layers is "
+                                        "--lr times this; later layers get rates between it and --lr")
+    cache_features: bool = _opt(False, "with --freeze: compute the backbone's features of the training and "
+                                       "validation images once and train the head on them (no augmentation)")
     # optimisation
     optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "learning rate (the peak rate for onecycle)")
@@ -113,6 +129,7 @@ class RunConfig:
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
         _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")
+        self._check_transfer()
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -123,6 +140,26 @@ class RunConfig:
             for op in self.augment.split(","):
                 if op not in AUGMENT_OPS:
                     raise UsageError(f"unknown augmentation {op!r} in --augment; use {', '.join(AUGMENT_OPS)}, none or auto")
+
+    def _check_transfer(self) -> None:
+        """The transfer-learning options: which models take them, and which go together."""
+        transfer = self.pretrained or self.weights is not None
+        if self.freeze_epochs is None:
+            self.freeze_epochs = 1 if transfer else 0  # fastai's fine_tune: one epoch for the new head alone
+        backbones = "|".join(TRANSFER_MODELS)
+        _check(not (self.pretrained and self.weights is not None), "give --pretrained or --weights, not both")
+        _check(not self.pretrained or self.model in TRANSFER_MODELS,
+               f"--pretrained: model {self.model!r} has no pretrained weights; use --model {backbones}")
+        _check(self.weights is None or self.model in TRANSFER_MODELS,
+               f"--weights: model {self.model!r} has no backbone to transfer; use --model {backbones}")
+        _check(self.freeze_epochs >= 0, "--freeze-epochs must not be negative")
+        _check(transfer or not (self.freeze or self.freeze_epochs),
+               "--freeze and --freeze-epochs need --pretrained or --weights: a random backbone has no features to keep")
+        _check(0 < self.lr_backbone_mult <= 1, "--lr-backbone-mult must be in (0, 1]")
+        _check(not self.cache_features or self.freeze,
+               "--cache-features needs --freeze: features can be computed once only while the backbone never changes")
+        _check(not self.cache_features or self.augment.strip().lower() in ("auto", "none", ""),
+               "--cache-features trains on features computed once, so images cannot be augmented: drop --augment")
 
     @property
     def data_root(self) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from imgrec.data.imageio import read_image
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchTransform, denormalize
+from imgrec.data.transforms import denormalize, weights_transform
 from imgrec.engine.checkpoint import run_dir_of
 from imgrec.engine.system import select_device
 from imgrec.errors import UsageError
@@ -64,7 +64,7 @@ def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes
     target = select_device(cfg.device)
     model.to(target)
     if pixels:
-        x = BatchTransform(ckpt["mean"], ckpt["std"])(torch.stack(pixels))
+        x = weights_transform(ckpt)(torch.stack(pixels))
         names = _unique_names([Path(image).stem for image in images])
         for image, name, xi in zip(images, names, x):
             _explain_one(model, xi, ckpt, method, str(image), None, out_dir / f"{name}.png", outcome)
@@ -76,7 +76,7 @@ def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes
 def _explain_mistakes(model: torch.nn.Module, ckpt: dict[str, Any], cfg: Any, path: Path, n: int, method: str,
                       out_dir: Path, outcome: ExplainOutcome) -> None:
     bundle = load_run_data(cfg, ckpt, path)
-    loader = make_loader(bundle.test, EVAL_BATCH_SIZE, BatchTransform(ckpt["mean"], ckpt["std"]), train=False,
+    loader = make_loader(bundle.test, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False,
                          workers=cfg.workers)
     p = predict(model, loader, cfg)
     worst = worst_mistakes(p.logits, p.targets, n)

@@ -20,7 +20,7 @@ import yaml
 from imgrec.config import RunConfig
 from imgrec.data.info import DataBundle, Split
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchTransform, denormalize
+from imgrec.data.transforms import denormalize, weights_transform
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, save_atomic
 from imgrec.engine.runs import read_results
 from imgrec.engine.system import autocast_dtype, select_device
@@ -89,8 +89,8 @@ def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
 def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, split_name: str, cfg: RunConfig,
                  out_dir: Path, dataset: dict[str, Any]) -> dict[str, Any]:
     """Run the model over a split; return its metrics and write the figures into out_dir."""
-    classes, mean, std = ckpt["classes"], ckpt["mean"], ckpt["std"]
-    loader = make_loader(split, EVAL_BATCH_SIZE, BatchTransform(mean, std), train=False, workers=cfg.workers)
+    classes = ckpt["classes"]
+    loader = make_loader(split, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False, workers=cfg.workers)
     p = predict(model, loader, cfg)
     temperature = ckpt.get("temperature")
     metrics = classification_report(p.logits, p.targets, classes)
@@ -138,7 +138,7 @@ def _write_figures(metrics: dict[str, Any], p: Predictions, split: Split, ckpt: 
 
 def model_inputs(split: Split, indices: torch.Tensor, ckpt: dict[str, Any]) -> torch.Tensor:
     """The normalised inputs (B, C, H, W) the model saw for these rows of the split."""
-    loader = make_loader(split.subset(indices), max(1, len(indices)), BatchTransform(ckpt["mean"], ckpt["std"]),
+    loader = make_loader(split.subset(indices), max(1, len(indices)), weights_transform(ckpt),
                          train=False, workers=0)
     return next(iter(loader))[0]
 

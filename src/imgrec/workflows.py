@@ -46,9 +46,11 @@ from imgrec.engine.system import (
     versions,
 )
 from imgrec.engine.trainer import FitResult, fit
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, UsageError
+from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import record_prediction_stats
 from imgrec.models.registry import build_model, count_parameters
+from imgrec.models.transfer import TransferModel
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
 
 log = logging.getLogger(__name__)
@@ -105,14 +107,20 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     started = time.perf_counter()
+    source = resolve_source(cfg)  # --pretrained / --weights: a missing or foreign file fails before the data loads
     bundle = load_data(cfg.data, data_options(cfg))
     info = bundle.info
     for note in bundle.notes:
         log.info(note)
     # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
     seed_everything(cfg.seed, cfg.deterministic)
-    model = build_model(cfg.model, info.num_classes, info.channels, info.image_size)
+    spec = input_spec(info, source)
+    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
+    if source and not resumed:  # a resumed run's weights come from its training state
+        load_source(model, cfg.model, source)
     if resumed:
+        if cfg.cache_features:
+            raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
         run_dir = resumed.path.parent
     else:
         run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
@@ -125,21 +133,24 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
              f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
-    log.info(f"model: {cfg.model}, {count_parameters(model):,} parameters")
-    augment = parse_augment(cfg.augment, info.channels)
-    train_loader = make_loader(bundle.train, cfg.batch_size, BatchTransform(info.mean, info.std, augment), train=True,
-                               seed=cfg.seed, workers=cfg.workers)
-    plain = BatchTransform(info.mean, info.std)
+    log.info(f"model: {cfg.model}, {count_parameters(model):,} parameters"
+             + (f", weights from {source.description}" if source else ""))
+    if source:
+        log.info(transfer_plan(cfg, info, spec))
+    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
-    meta = weights_meta(cfg, info, model)
+    meta = weights_meta(cfg, info, model, spec)
     if resumed:
         check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
         at = Progress.from_dict(resumed.state["progress"])
-        log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}/{len(train_loader)}")
-    result = fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None)
+        log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed)
     calibrate_weights(model, val_loader, run_dir, cfg)
-    record_prediction_stats(run_dir, bundle, cfg)  # OOD threshold and training-image background, for `predict`
+    record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    if source:
+        summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
+        write_json(run_dir / "summary.json", summary)
     return TrainOutcome(run_dir, summary)
 
 
@@ -171,14 +182,35 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     return summary
 
 
-def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module) -> dict[str, Any]:
-    """What a weights file records besides the tensors: enough to rebuild the model and its preprocessing."""
+def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+         val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
+         ) -> tuple[FitResult, float | None]:
+    """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
+    features computed once."""
+    if cfg.cache_features:
+        assert isinstance(model, TransferModel)
+        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
+    augment = parse_augment(cfg.augment, bundle.info.channels, photos=isinstance(model, TransferModel))
+    transform = BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
+    train_loader = make_loader(bundle.train, cfg.batch_size, transform, train=True, seed=cfg.seed, workers=cfg.workers)
+    return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None), None
+
+
+def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,
+                 ) -> dict[str, Any]:
+    """What a weights file records besides the tensors: enough to rebuild the model and its preprocessing.
+
+    image_size and channels say how images are decoded; input_size and input_channels what the model takes
+    (batches are resized and converted on the fly); mean and std have input_channels values.
+    """
+    spec = spec or input_spec(info, None)
     return {
         "kind": "imgrec-weights",
-        "model": {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.channels,
-                  "image_size": list(info.image_size)},
+        "model": {"name": cfg.model, "num_classes": info.num_classes, "in_channels": spec.channels,
+                  "image_size": list(spec.size)},
         "classes": list(info.classes), "channels": info.channels, "image_size": list(info.image_size),
-        "mean": list(info.mean), "std": list(info.std), "data": cfg.data, "config": cfg.to_dict(),
+        "input_channels": spec.channels, "input_size": list(spec.size),
+        "mean": list(spec.mean), "std": list(spec.std), "data": cfg.data, "config": cfg.to_dict(),
         "params": count_parameters(model), "versions": versions(), "git_commit": git_commit(),
     }
 
@@ -220,8 +252,12 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
 
 def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path) -> DataBundle:
     """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
+    # The data's own statistics are not used (the weights file's are); passing them skips computing them,
+    # unless the model takes other channels than the images have (grey images fed to a colour backbone).
+    stats = len(ckpt["mean"]) == ckpt["channels"]
     bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                                              mean=ckpt["mean"], std=ckpt["std"], train_samples=None))
+                                              mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None,
+                                              train_samples=None))
     if bundle.skipped:
         log.warning(skipped_warning(bundle.skipped))
     check_classes(bundle, ckpt["classes"], source)

@@ -282,3 +282,13 @@ def test_file_loaders_leave_the_global_generator_alone(splits: tuple[ArraySplit,
         run_epoch(loader, 2)
         del loader
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("n,train,sizes", [(9, True, [4, 4]), (9, False, [4, 4, 1]), (10, True, [4, 4, 2]),
+                                           (1, True, [1])])
+def test_training_never_ends_on_a_lone_image(n: int, train: bool, sizes: list[int]) -> None:
+    """BatchNorm cannot train on a batch of one image: make_loader drops such a last training batch."""
+    split = ArraySplit(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+    loader = make_loader(split, 4, PLAIN, train=train)
+    assert len(loader) == len(sizes)
+    assert [len(y) for _, y in loader] == sizes

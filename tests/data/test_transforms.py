@@ -12,13 +12,16 @@ from imgrec.data.transforms import (
     KNOWN_STATS,
     BatchTransform,
     channel_stats,
+    convert_channels,
     denormalize,
     normalize_stats,
     parse_augment,
     random_crop,
     random_erase,
     random_flip,
+    random_resized_crop,
     random_translate,
+    resize,
 )
 from imgrec.errors import UsageError
 
@@ -203,3 +206,81 @@ def test_parse_augment() -> None:
     assert parse_augment("none", 3) == []
     assert parse_augment("flip", 1) == ["flip"]
     assert parse_augment("crop,translate,erase", 3) == ["crop", "translate", "erase"]
+
+
+# --- input for pretrained models: resize, channels, random resized crop -------------------------------------
+
+
+def test_parse_augment_for_photo_models() -> None:
+    assert parse_augment("auto", 3, photos=True) == ["resized-crop", "flip"]
+    assert parse_augment("auto", 1, photos=True) == []
+    assert parse_augment("none", 3, photos=True) == []
+
+
+def test_resize_to_the_models_size() -> None:
+    images = batch(n=4, size=16)
+    out = BatchTransform(MEAN, STD, size=(40, 24))(images)
+    assert out.shape == (4, 3, 40, 24)
+    # a constant image stays that constant (bilinear weights sum to one)
+    flat = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
+    expected = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    resized = BatchTransform(MEAN, STD, size=(224, 224))(flat)
+    assert torch.allclose(resized, expected.view(1, 3, 1, 1).expand_as(resized), atol=1e-5)
+
+
+def test_resize_to_the_same_size_changes_nothing() -> None:
+    images = batch()
+    assert torch.equal(BatchTransform(MEAN, STD, size=(16, 16))(images), BatchTransform(MEAN, STD)(images))
+    x = images.float()
+    assert resize(x, (16, 16)) is x
+
+
+def test_shrinking_is_antialiased() -> None:
+    """A one-pixel checkerboard averages to grey when shrunk, instead of aliasing to black or white."""
+    board = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).float().view(1, 1, 32, 32)
+    small = resize(board, (8, 8))
+    assert torch.allclose(small, torch.full_like(small, 127.5), atol=1.0)
+
+
+def test_grey_images_for_a_colour_model_repeat_the_channel_then_use_its_statistics() -> None:
+    grey = batch(n=3, channels=1)
+    out = BatchTransform(MEAN, STD, channels=3)(grey)
+    assert out.shape == (3, 3, 16, 16)
+    as_rgb = BatchTransform(MEAN, STD)(grey.expand(-1, 3, -1, -1).contiguous())  # what PIL's convert("RGB") gives
+    assert torch.allclose(out, as_rgb, atol=1e-6)
+
+
+def test_colour_images_for_a_grey_model_use_pils_luma() -> None:
+    from PIL import Image
+
+    rgb = batch(n=1, channels=3, size=8)
+    pil = Image.fromarray(rgb[0].permute(1, 2, 0).numpy(), "RGB").convert("L")
+    expected = torch.from_numpy(np.array(pil)).float()
+    got = convert_channels(rgb.float(), 1)[0, 0]
+    assert got.shape == (8, 8) and (got - expected).abs().max() <= 1.0  # PIL rounds to integers
+    with pytest.raises(UsageError, match="4-channel"):
+        convert_channels(torch.zeros(1, 4, 2, 2), 3)
+
+
+def test_resized_crop_is_seeded_and_sized() -> None:
+    images = batch(n=16)
+    transform = BatchTransform(MEAN, STD, ["resized-crop"], size=(24, 20))
+    a, b, c = transform(images, gen(1)), transform(images, gen(1)), transform(images, gen(2))
+    assert a.shape == (16, 3, 24, 20) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert transform(images).shape == (16, 3, 24, 20)  # no generator: only the resize
+
+
+def test_resized_crop_of_the_whole_image_is_the_image() -> None:
+    x = batch(n=4).float()
+    out = random_resized_crop(x, gen(0), (16, 16), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(out, x, atol=1e-3)
+
+
+def test_resized_crop_takes_a_part_of_the_image() -> None:
+    """A crop of a quarter of the area, upsampled: its values come from inside the image (no padding mixed in)."""
+    x = torch.arange(64.0).view(1, 1, 8, 8).expand(6, 1, 8, 8).contiguous() + 100
+    out = random_resized_crop(x, gen(3), (8, 8), scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    assert out.min() >= 100 and out.max() <= 163
+    spans = out.amax(dim=(1, 2, 3)) - out.amin(dim=(1, 2, 3))
+    assert (spans < 63 * 0.6).all()  # a 4x4 box spans about half the range of the whole image

@@ -26,7 +26,7 @@ from imgrec.models.registry import build_model
 from imgrec.workflows import train
 
 WEIGHTS_KEYS = {"format_version", "kind", "model", "state_dict", "classes", "channels", "image_size", "mean", "std",
-                "data", "config", "epoch", "metrics", "params", "versions", "git_commit",
+                "input_channels", "input_size", "data", "config", "epoch", "metrics", "params", "versions", "git_commit",
                 "temperature"}  # fitted on the validation split once training ends
 # added after training for prediction (inference.calibrate)
 PREDICTION_KEYS = {"ood", "background", "object_extent", "object_centred"}

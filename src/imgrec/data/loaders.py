@@ -196,7 +196,10 @@ def default_workers() -> int:
 def make_loader(split: Split, batch_size: int, transform: BatchTransform, *, train: bool, seed: int = 0,
                 workers: int | None = None) -> TensorLoader | StreamLoader:
     """A loader for one split: shuffled and augmented for training, in order and plain otherwise."""
-    options = dict(shuffle=train, augment=train, seed=seed, drop_last=False)
+    # A last training batch of one image makes BatchNorm fail ("Expected more than 1 value per channel"): drop it.
+    # The order is shuffled, so it is another image each epoch.
+    lone = train and len(split) > batch_size and len(split) % batch_size == 1
+    options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone)
     if isinstance(split, ArraySplit):
         return TensorLoader(split, batch_size, transform, **options)
     return StreamLoader(split, batch_size, transform, workers=workers, **options)

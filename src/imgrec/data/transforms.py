@@ -2,12 +2,16 @@
 
 Both data paths (in-memory tensors and streamed files) end here, so they share one definition of
 normalisation and augmentation. Every random choice comes from the generator the loader passes in,
-which makes data order and augmentation reproducible from (seed, epoch). Imports: torch only.
+which makes data order and augmentation reproducible from (seed, epoch). A model that expects another input
+(pretrained weights: 224 px, three channels) gets it here too: batches are resized and their channels
+converted on the fly, so images stay stored at their own size. Imports: torch only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -21,35 +25,62 @@ KNOWN_STATS: dict[str, tuple[list[float], list[float]]] = {
 }
 
 
-def parse_augment(spec: str, channels: int) -> list[str]:
-    """Turn the --augment value into a list of ops; auto is crop+flip for colour data, nothing for grey."""
+def parse_augment(spec: str, channels: int, photos: bool = False) -> list[str]:
+    """Turn the --augment value into a list of ops.
+
+    auto: nothing for grey data; for colour data crop+flip, or resized-crop+flip when `photos` (models pretrained
+    on photographs, whose usual fine-tuning recipe is a random resized crop and a flip).
+    """
     if spec == "auto":
-        return ["crop", "flip"] if channels == 3 else []
+        if channels != 3:
+            return []
+        return ["resized-crop", "flip"] if photos else ["crop", "flip"]
     if spec == "none":
         return []
     return spec.split(",")
 
 
 class BatchTransform:
-    """uint8 (B, C, H, W) -> float32 (B, C, H, W), normalised; augmented when a generator is given."""
+    """uint8 (B, C, H, W) -> float32 (B, C', H', W'), normalised; augmented when a generator is given.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = ()) -> None:
+    size: the (H', W') the model takes (default: the images' own); channels: the C' it takes (1 <-> 3 converted;
+    default: the images' own). mean and std have C' values.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
+                 size: Sequence[int] | None = None, channels: int | None = None) -> None:
         mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -mean_t / std_t
         self.augment = list(augment)
+        self.size = (int(size[0]), int(size[1])) if size is not None else None
+        self.channels = channels
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if generator is not None:
-            for op in self.augment:
-                if op != "erase":
-                    images = _AUGMENTS[op](images, generator)
-        x = torch.addcmul(self.shift, images.float(), self.scale)
-        if generator is not None and "erase" in self.augment:
-            x = random_erase(x, generator)
+        ops = self.augment if generator is not None else []
+        for op in ops:
+            if op in _AUGMENTS:
+                images = _AUGMENTS[op](images, generator)
+        x = images.float()
+        size = self.size or (x.shape[-2], x.shape[-1])
+        # one interpolation: a random crop resized to the model's size, or just the resize
+        crop = "resized-crop" in ops
+        x = random_resized_crop(x, generator, size) if crop else resize(x, size)  # type: ignore[arg-type]
+        if self.channels is not None:
+            x = convert_channels(x, self.channels)
+        x = torch.addcmul(self.shift, x, self.scale)
+        if "erase" in ops:
+            x = random_erase(x, generator)  # type: ignore[arg-type]
         return x
+
+
+def weights_transform(weights: Mapping[str, Any]) -> BatchTransform:
+    """The evaluation preprocessing a weights file records: its mean/std, and the model's input size and channels
+    when they differ from the decoded images' (pretrained backbones; older files lack them)."""
+    return BatchTransform(weights["mean"], weights["std"], size=weights.get("input_size"),
+                          channels=weights.get("input_channels"))
 
 
 def normalize_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[list[float], list[float]]:
@@ -131,6 +162,55 @@ def random_erase(x: torch.Tensor, generator: torch.Generator, probability: float
     in_rows = ((ys - cy).abs() <= side // 2)[:, None, :, None]  # (B, 1, H, 1)
     in_cols = ((xs - cx).abs() <= side // 2)[:, None, None, :]  # (B, 1, 1, W)
     return x.masked_fill(apply & in_rows & in_cols, 0.0)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, size: Sequence[int],
+                        scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        ) -> torch.Tensor:
+    """torchvision's RandomResizedCrop for a float batch, as one grid sample: (B, C, H, W) -> (B, C, *size).
+
+    Each image gets a box of 35-100% of its area (fastai's milder minimum for small data; torchvision's is 8%)
+    and aspect ratio 3/4-4/3, at a random place inside it, resized bilinearly to `size`.
+    """
+    batch, _, height, width = x.shape
+    area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
+    log_ratio = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    box_w = (area * log_ratio.exp()).sqrt().clamp(max=width) / width  # fractions of the image
+    box_h = (area / log_ratio.exp()).sqrt().clamp(max=height) / height
+    # centres in affine_grid's [-1, 1] coordinates, keeping the box inside the image
+    centre_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - box_w)
+    centre_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - box_h)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = box_w, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = box_h, centre_y
+    grid = torch.nn.functional.affine_grid(theta, [batch, x.shape[1], int(size[0]), int(size[1])], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of a float batch to (H, W) (antialiased when shrinking); a no-op at the same size."""
+    if tuple(x.shape[-2:]) == (int(size[0]), int(size[1])):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return torch.nn.functional.interpolate(x, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False,
+                                           antialias=shrink)
+
+
+# ITU-R 601-2 luma, the weights PIL's convert("L") uses
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> colour by repeating the channel (as PIL's convert("RGB")); colour -> grey by luma; else unchanged."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    if have == 3 and channels == 1:
+        weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * weights).sum(dim=1, keepdim=True)
+    raise UsageError(f"cannot feed {have}-channel images to a model that takes {channels} channels")
 
 
 _AUGMENTS = {"crop": random_crop, "translate": random_translate, "flip": random_flip}

@@ -2,8 +2,10 @@
 
 A weights file (runs/<run>/weights/best.pt, last.pt) is a plain dict of tensors and plain values:
   format_version, model {name, num_classes, in_channels, image_size}, state_dict,
-  classes, channels, image_size, mean, std, data, config, epoch, metrics, versions, git_commit;
-  after training: temperature (a float fitted on the validation split: predictions divide the logits by it),
+  classes, channels, image_size, input_channels, input_size, mean, std, data, config, epoch, metrics, versions,
+  git_commit. channels and image_size say how images are decoded; input_channels and input_size what the model
+  takes (they differ for pretrained backbones: 224 px, three channels), and mean/std has input_channels values.
+  After training: temperature (a float fitted on the validation split: predictions divide the logits by it),
   and (inference.calibrate) ood {score, threshold, keep, split, count}, background ("dark" or "light"),
   object_extent, object_centred. Readers treat these as optional (older files lack them).
 Everything inference needs is in it; nothing in it can run code when loaded. The training state

@@ -83,7 +83,8 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
         )
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total_steps)
     return None
 
 
@@ -95,7 +96,9 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     dtype = autocast_dtype(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
+    # A model with parameter_groups (a TransferModel) gets lower learning rates for its earlier layers
+    groups = getattr(model, "parameter_groups", None)
+    optimizer = OPTIMIZERS[cfg.optimizer](groups(cfg.lr, cfg.lr_backbone_mult) if groups else model.parameters(), cfg)
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(1, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -114,6 +117,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(cfg.epochs, cfg.patience):
                 epoch = progress.epoch
+                if hasattr(model, "set_frozen"):  # the backbone trains only after the frozen epochs
+                    model.set_frozen(cfg.freeze or epoch <= cfg.freeze_epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])

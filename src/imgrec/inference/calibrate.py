@@ -40,13 +40,15 @@ MIN_CALIBRATION = 200  # a threshold from fewer validation images than this also
 FILE_SAMPLES = 300  # streamed (file) training splits: images decoded for the background measurement
 
 
-def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunConfig) -> dict[str, Any]:
-    """Measure the OOD threshold and the training images' background; add them to the run's weights files."""
+def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunConfig,
+                            transform: BatchTransform) -> dict[str, Any]:
+    """Measure the OOD threshold and the training images' background; add them to the run's weights files.
+
+    transform: the model's evaluation preprocessing (normalisation, and its input size and channels)."""
     weights_dir = Path(run_dir) / "weights"
     foreground = measure_foreground(training_sample(bundle.train))
     split_name, split = calibration_split(bundle)
-    loader = make_loader(split, BATCH_SIZE, BatchTransform(bundle.info.mean, bundle.info.std), train=False,
-                         workers=cfg.workers)
+    loader = make_loader(split, BATCH_SIZE, transform, train=False, workers=cfg.workers)
     device = select_device(cfg.device)
     by_epoch: dict[Any, dict[str, Any]] = {}  # best.pt and last.pt often hold the same epoch's weights
     for name in WEIGHTS_NAMES:

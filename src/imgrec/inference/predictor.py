@@ -22,6 +22,7 @@ from PIL import Image
 
 from imgrec.data.imageio import ImageDecodeError, image_to_tensor, load_image, resize_center, to_mode
 from imgrec.data.photo import prepare_photo
+from imgrec.data.transforms import convert_channels, resize
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights
 from imgrec.engine.system import select_device
 from imgrec.errors import ImgrecError
@@ -47,6 +48,8 @@ class Preprocessing:
     photo: bool  # convert photos like the training images (grey models trained on a dark background)
     object_extent: float  # how much of the frame the training images' objects span
     object_centred: bool  # whether they sit in the middle (else photos are not cropped and centred)
+    input_size: tuple[int, int] | None = None  # what the model takes, when not the decoded size (pretrained backbones)
+    input_channels: int | None = None  # likewise for channels (grey images fed to a colour backbone)
 
     def to_image(self, image: Image.Image) -> Image.Image:
         """A decoded image in any mode -> the model's mode and size (photo conversion when it applies)."""
@@ -128,8 +131,12 @@ class Predictor:
         if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"expected a uint8 batch (B, {', '.join(map(str, self.input_shape))}), "
                              f"got {batch.dtype} {tuple(batch.shape)}")
-        x = batch.to(self.device, non_blocking=True)
-        x = torch.addcmul(self._shift, x.float(), self._scale).contiguous(memory_format=self.memory_format)
+        x = batch.to(self.device, non_blocking=True).float()
+        if self.preprocessing.input_size is not None:
+            x = resize(x, self.preprocessing.input_size)
+        if self.preprocessing.input_channels is not None:
+            x = convert_channels(x, self.preprocessing.input_channels)
+        x = torch.addcmul(self._shift, x, self._scale).contiguous(memory_format=self.memory_format)
         logits = self.model(x).float()  # (B, C, H, W) -> (B, num_classes), raw
         scores = OOD_SCORES[self.ood.score](logits) if self.ood else torch.logsumexp(logits, dim=1)
         probabilities = torch.softmax(logits / self.temperature if self.temperature else logits, dim=1)
@@ -218,8 +225,10 @@ def _preprocessing(ckpt: dict[str, Any], source: str, auto: bool, notes: list[st
     if auto and channels == 1 and (background is None or extent is None):
         notes.append(f"{source} does not record its training images' background: photos are not converted "
                      f"(inverted, cropped, centred) for this grey model; retrain with this imgrec to get that")
+    input_size = ckpt.get("input_size")
     return Preprocessing(channels, size, tuple(ckpt["mean"]), tuple(ckpt["std"]), photo,
-                         float(extent) if photo else 1.0, bool(ckpt.get("object_centred", True)))
+                         float(extent) if photo else 1.0, bool(ckpt.get("object_centred", True)),
+                         (int(input_size[0]), int(input_size[1])) if input_size else None, ckpt.get("input_channels"))
 
 
 def _ood_rule(ckpt: dict[str, Any], source: str, notes: list[str]) -> OodRule | None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+import torch
 from torch import nn
 
 from imgrec.errors import UsageError
+from imgrec.models.backbones import BACKBONES, build_backbone
 from imgrec.models.lenet import build_lenet
 from imgrec.models.mlp import MLP
 
@@ -16,11 +19,14 @@ from imgrec.models.mlp import MLP
 class ModelEntry:
     builder: Callable[[int, int, Sequence[int]], nn.Module]
     description: str
+    pretrained: bool = False  # torchvision publishes ImageNet weights for it (--pretrained); it is a TransferModel
 
 
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(lambda n, c, s: MLP(n, c, s), "the tutorial's naive fully-connected net (hidden 125, 65)"),
     "lenet": ModelEntry(build_lenet, "the tutorial's CNN: conv 20/50 5x5 for grey, conv 16/32/64 3x3 for colour; fc 500"),
+    **{name: ModelEntry(partial(build_backbone, name), spec.description, pretrained=True)
+       for name, spec in BACKBONES.items()},
 }
 
 
@@ -36,3 +42,9 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: Seque
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_size(name: str, num_classes: int, in_channels: int, image_size: Sequence[int]) -> int:
+    """Parameters of a model as build_model makes it, counted on the meta device (instant even for VGG-16)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(name, num_classes, in_channels, image_size))

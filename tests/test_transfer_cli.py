@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import make_image_folder
+from conftest import error_line, make_image_folder, run_main
 from imgrec import finetune
 from imgrec.cli import main
 from imgrec.engine.checkpoint import load_weights_file
@@ -27,23 +27,6 @@ from imgrec.errors import ImgrecError
 FAST = ["--threads", "1", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
 CACHE_FILE = "resnet18-f37072fd.pth"  # the file name in torchvision's ResNet18_Weights.IMAGENET1K_V1 URL
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    """The one error line on stderr, and no traceback."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("imgrec") and sum(ln.startswith("imgrec") for ln in lines) == 1, err
-    return lines[-1]
 
 
 def train(data: Path, project: Path, name: str, *extra: str, capsys: pytest.CaptureFixture[str],

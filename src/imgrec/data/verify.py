@@ -12,27 +12,20 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from imgrec.data.imageio import ImageDecodeError, read_image
 from imgrec.data.info import FileSplit
-from imgrec.data.loaders import file_loader, worker_error_message
+from imgrec.data.loaders import FileDataset, file_loader, worker_error_message
 from imgrec.errors import ImgrecError
 
 DECODE_BATCH = 64
 LISTED_IN_WARNING = 100  # the warning names this many files; skipped.txt in the run folder has them all
 
 
-class CheckedFileDataset(Dataset):
+class CheckedFileDataset(FileDataset):
     """Item i: (uint8 (C, H, W) image, "") when file i decodes, else (an empty tensor, the reason)."""
 
-    def __init__(self, split: FileSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:  # type: ignore[override]
         try:
             return read_image(self.split.paths[index], self.split.channels, self.split.image_size), ""
         except ImageDecodeError as exc:

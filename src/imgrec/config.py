@@ -94,7 +94,7 @@ class RunConfig:
                          resume=True)
     # system
     device: str = _opt("auto", "device: cuda when available, else cpu", choices=DEVICES)
-    precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto: fp32 on CPU, mixed precision on CUDA", choices=PRECISIONS)
+    precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto: bf16 on CPUs that compute it natively (AVX512-BF16, AMX) and on CUDA, else fp32", choices=PRECISIONS)
     channels_last: bool = _opt(True, "keep conv activations in channels-last memory format (faster on CPU and GPU)")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core)", resume=True)
     seed: int = _opt(0, "random seed for weights, splits, data order and augmentation")

@@ -29,6 +29,7 @@ from imgrec.engine.checkpoint import (
     resolve_weights,
     run_dir_of,
 )
+from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
 from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
 from imgrec.engine.state import (
     Progress,
@@ -39,7 +40,9 @@ from imgrec.engine.state import (
     resume_config,
 )
 from imgrec.engine.system import (
+    autocast_dtype,
     git_commit,
+    precision_name,
     seed_everything,
     select_device,
     set_threads,
@@ -172,7 +175,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
         "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
-        "versions": versions(), "git_commit": git_commit(),
+        "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result),
     }
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
@@ -180,6 +183,16 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     plot_results(read_results(run_dir / "results.csv"), run_dir / "results.png")
     write_html_report(run_dir, run_dir, metrics)
     return summary
+
+
+def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult) -> dict[str, Any]:
+    """Precision, FLOPs per training image, achieved GFLOP/s and peak memory of the run."""
+    flops = training_flops_per_image(model, best["input_channels"], best["input_size"])
+    # a feature-cache run trains only the head on precomputed features: the model's FLOPs would overstate it
+    rate = None if cfg.cache_features else round(flops * result.images_per_second / 1e9, 2)
+    return {"precision": precision_name(autocast_dtype(cfg.precision, select_device(cfg.device))),
+            "train_gflop_per_image": round(flops / 1e9, 6), "train_gflops_per_second": rate,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,

@@ -28,12 +28,26 @@ def select_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting, or None for plain fp32."""
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes in bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains the
+    registry's models faster than fp32 (benchmarks/RESULTS.md); elsewhere it is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume no native bf16
+        return False
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The precision a resolved autocast dtype stands for, as the --precision flag spells it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 @contextlib.contextmanager

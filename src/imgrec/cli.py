@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -321,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    _patient_threads()
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
@@ -340,6 +342,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _patient_threads() -> None:
+    """Let torch's OpenMP threads sleep instead of spin while they wait, unless the user chose otherwise.
+
+    Spinning threads are a little quicker on an idle machine, but when another process wants the same cores
+    they spin away each other's time slices and training runs many times slower (benchmarks/RESULTS.md). The
+    OpenMP runtime reads this once, when torch is first imported, so it is set before any command imports it.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _terminate(signum: int, frame: Any) -> None:

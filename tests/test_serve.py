@@ -273,24 +273,39 @@ def test_client_file_names_are_only_shown_and_kept_short(client: TestClient) -> 
     assert "etc" not in detail and "\x1b" not in detail and "x" * 80 + "..." in detail
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.one_of(st.binary(max_size=2048),
-                      st.tuples(st.integers(0, 400), st.binary(min_size=1, max_size=8)).map(
-                          lambda cut: _mutated(*cut))))
+def _encoded(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 12, 3), dtype=np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+SEEDS = [_encoded(fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")]
+
+
+def _mutated(seed: int, at: int, patch: bytes, keep: int) -> bytes:
+    """A valid image file with a few bytes overwritten (headers, lengths, pixel data: all fair game), maybe cut."""
+    data = SEEDS[seed]
+    at = at % len(data)
+    return (data[:at] + patch + data[at + len(patch):])[: max(keep, 1)]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(min_size=1, max_size=2048),
+                      st.builds(_mutated, st.integers(0, len(SEEDS) - 1), st.integers(0, 2000),
+                                st.binary(min_size=1, max_size=8), st.integers(1, 5000))))
 def test_fuzzed_uploads_never_make_a_500(client: TestClient, data: bytes) -> None:
     response = post(client, data, "fuzz.png")
     assert response.status_code in (200, 415, 422), response.text
     if response.status_code == 200:
         assert abs(sum(t["probability"] for t in response.json()["top"]) - 1) < 1e-4
+    else:
+        assert response.json()["detail"].startswith("'fuzz.png' ")
 
 
-_SEED_PNG = png(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8))
-
-
-def _mutated(at: int, patch: bytes) -> bytes:
-    """A valid PNG with a few bytes overwritten (headers, chunk lengths, pixel data, all fair game)."""
-    at = at % len(_SEED_PNG)
-    return _SEED_PNG[:at] + patch + _SEED_PNG[at + len(patch):]
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3000), (3000, 1), (2, 5)])
+def test_degenerate_sizes_are_answered(client: TestClient, shape: tuple[int, int]) -> None:
+    answer = post(client, png(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))).json()
+    assert len(answer["top"]) == 3 and answer["input_png"].startswith("data:image/png;base64,")
 
 
 # --- concurrency on a real server ----------------------------------------------------------------------------

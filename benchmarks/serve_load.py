@@ -3,7 +3,7 @@
 Trains a quick LeNet on Fashion-MNIST (1 epoch on 10,000 images, as `imgrec train` does; speed does not depend on
 accuracy), or takes --run, starts `imgrec serve` on it in a subprocess on a free loopback port, and sends
 --requests POST /api/predict requests, --concurrency at a time, from an httpx async client, each a real
-Fashion-MNIST test image as a 28x28 PNG (the first 1,000 test images, in turn). Reports errors (anything but
+Fashion-MNIST test image as a 28x28 PNG (the first 1,000 test images, in turn; --side enlarges them). Reports errors (anything but
 200 with a label), latency percentiles (from sending the request to reading the whole answer), requests/s, how
 many answers were right, and the server's resident memory (VmRSS from /proc) when ready, after 50 warm-up
 requests (start), half-way (middle) and at the end.
@@ -44,15 +44,15 @@ def quick_run(data_dir: str, project: Path, threads: int) -> Path:
     return project / "serve-load"
 
 
-def fashion_pngs(data_dir: str, n: int = 1000) -> list[tuple[bytes, str]]:
-    """The first n Fashion-MNIST test images as PNG bytes, with their class names."""
+def fashion_pngs(data_dir: str, n: int = 1000, side: int = 28) -> list[tuple[bytes, str]]:
+    """The first n Fashion-MNIST test images as PNG bytes (enlarged to side x side), with their class names."""
     raw = Path(data_dir) / "FashionMNIST" / "raw"
     images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
     out = []
     for image, label in zip(images[:n], labels[:n]):
         buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
+        Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC).save(buffer, format="PNG")
         out.append((buffer.getvalue(), FASHION[label]))
     return out
 
@@ -132,13 +132,15 @@ def main() -> None:
     parser.add_argument("--run", help="serve this run instead of training a quick one")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers-threads", type=int, default=2, help="passed to imgrec serve (default: 2)")
+    parser.add_argument("--workers-threads", type=int, default=1, help="passed to imgrec serve (default: 1, its default)")
+    parser.add_argument("--side", type=int, default=28,
+                        help="enlarge the test images to this many pixels a side (bigger uploads; default: 28)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else quick_run(args.data_dir, Path(tmp) / "runs", threads=2)
-        pngs = fashion_pngs(args.data_dir)
+        pngs = fashion_pngs(args.data_dir, side=args.side)
         proc, url = start_server(run, args.workers_threads, Path(tmp) / "serve.log")
         try:
             rss = {"ready": rss_mb(proc.pid)}
@@ -149,7 +151,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    report = {**summarise(result, args.requests), "concurrency": args.concurrency,
+    report = {**summarise(result, args.requests), "concurrency": args.concurrency, "image_side": args.side,
+              "mean_upload_bytes": round(statistics.mean(len(data) for data, _ in pngs)),
               "workers_threads": args.workers_threads, "rss_mb": {k: round(v, 1) for k, v in rss.items()},
               "run": str(run) if args.run else "fashion-mnist lenet, 1 epoch on 10,000 images",
               "machine": {"cpus": os.cpu_count(), "load_average_after": os.getloadavg(),

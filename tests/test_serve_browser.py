@@ -141,6 +141,10 @@ def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, 
     assert page.eval_on_selector("#seen", "img => img.complete && img.naturalWidth") == 28
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve-fashion-mnist.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing scrolls sideways
+    assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+    page.screenshot(path=str(ARTIFACTS / "serve-phone.png"), full_page=True)
+    page.set_viewport_size({"width": 1100, "height": 900})
 
     upload(page, "big.png", b"\x89PNG" + bytes(2 * 2**20), "image/png")
     assert error_shown(page) == ("Too large", "big.png is 2.0 MB, larger than the 1 MB upload limit: send a smaller image.")

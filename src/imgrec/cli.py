@@ -84,9 +84,9 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0,
                    help="largest upload accepted, in MB; larger ones get 413 before they are read (default: 10)")
-    p.add_argument("--workers-threads", type=int, default=2,
+    p.add_argument("--workers-threads", type=int, default=1,
                    help="predictions running at once, each in a worker thread; torch gets the CPU cores divided "
-                        "among them (default: 2)")
+                        "among them (default: 1)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
 
 

@@ -39,7 +39,7 @@ from imgrec.inference import Predictor
 from imgrec.serve.limits import BodyLimit
 
 FORM_OVERHEAD = 16 * 1024  # multipart boundary and part headers around the file, allowed on top of the limit
-ERRORS = {413: {"description": "the upload is larger than --max-upload-mb"},
+ERRORS: dict[int | str, dict[str, Any]] = {413: {"description": "the upload is larger than --max-upload-mb"},
           415: {"description": "not an image (or not a multipart form)"},
           422: {"description": "an empty, damaged or decompression-bomb image, or a bad parameter"}}
 
@@ -49,7 +49,7 @@ class ServeSettings:
     """What the server allows: the upload size (bytes) and how many predictions run at once."""
 
     max_upload_bytes: int = 10 * 2**20  # the file; the form around it may add FORM_OVERHEAD
-    max_concurrent: int = 2
+    max_concurrent: int = 1
 
 
 def create_app(predictor: Predictor, card: dict[str, Any], settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -67,7 +67,6 @@ def create_app(predictor: Predictor, card: dict[str, Any], settings: ServeSettin
                        detail=f"the file is larger than the {megabytes} upload limit: send a smaller image "
                               f"(the server's --max-upload-mb sets the limit)")
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
     _add_routes(app, predictor, {**card, "max_upload_mb": float(f"{settings.max_upload_bytes / 2**20:.3g}")})
     return app
 
@@ -90,7 +89,7 @@ def _add_routes(app: FastAPI, predictor: Predictor, card: dict[str, Any]) -> Non
         """The model card: data set, model, classes, test accuracy and when it was measured, the upload limit."""
         return card
 
-    @app.post("/api/predict", responses=ERRORS)  # type: ignore[arg-type]
+    @app.post("/api/predict", responses=ERRORS)
     async def predict(request: Request,
                       file: Annotated[UploadFile, File(description="the image (any format Pillow reads)")],
                       topk: Annotated[int, Query(ge=1, le=1000, description="how many best classes to return")] = 3,
@@ -158,11 +157,6 @@ def _reason(message: str, name: str) -> str:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

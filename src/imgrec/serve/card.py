@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 
-def model_card(weights_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+def model_card(weights_path: Path, run_dir: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """A JSON-ready description of the model behind a server: where it came from and how well it did."""
-    run_dir = weights_path.parent.parent if weights_path.parent.name == "weights" else weights_path.parent
     metrics = _read_json(run_dir / "metrics.json")
     summary = _read_json(run_dir / "summary.json")
     spec, config = ckpt.get("model") or {}, ckpt.get("config") or {}

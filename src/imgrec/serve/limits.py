@@ -1,9 +1,9 @@
 """The upload limit as ASGI middleware: a too-large request body is refused with 413 before it is read whole.
 
-Two checks, because a client can lie or send no length at all: a Content-Length over the limit is answered at
-once (the app never runs and no body byte is read), and the bytes actually received are counted as they stream
-in (chunked transfer encoding, or a body longer than announced), so reading stops at the first chunk past the
-limit. The whole body is never held: the form parser spools what it gets, and it never gets more than the limit.
+Two checks, because a client need not announce a length: a Content-Length over the limit is answered at once
+(the app never runs and no body byte is read), and the bytes actually received are counted as they stream in
+(chunked transfer encoding has no length; the count does not trust the header either), so reading stops at the
+first chunk past the limit. The whole body is never held: the form parser spools what it gets, and it never gets more than the limit.
 """
 
 from __future__ import annotations

@@ -51,10 +51,10 @@ def torch_threads(workers_threads: int) -> int:
     return max(1, cores // workers_threads)
 
 
-def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 2, device: str = "auto") -> Any:
+def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, device: str = "auto") -> Any:
     """The app for a run folder or weights file (the model loaded once, its card read once)."""
     require_dependencies()
-    from imgrec.engine.checkpoint import load_weights_file, resolve_weights
+    from imgrec.engine.checkpoint import load_weights_file, resolve_weights, run_dir_of
     from imgrec.inference import Predictor
     from imgrec.serve.app import ServeSettings, create_app
     from imgrec.serve.card import model_card
@@ -63,11 +63,11 @@ def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 2, 
     ckpt = load_weights_file(path)
     predictor = Predictor.from_checkpoint(ckpt, source=str(path), device=device)
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 2**20), max_concurrent=workers_threads)
-    return create_app(predictor, model_card(path, ckpt), settings)
+    return create_app(predictor, model_card(path, run_dir_of(path), ckpt), settings)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
-          workers_threads: int = 2, device: str = "auto") -> None:
+          workers_threads: int = 1, device: str = "auto") -> None:
     """Load the model, then serve the page and the API until Ctrl-C."""
     check_options(host, port, max_upload_mb, workers_threads)
     require_dependencies()

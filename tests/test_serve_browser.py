@@ -146,6 +146,13 @@ def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, 
     page.screenshot(path=str(ARTIFACTS / "serve-phone.png"), full_page=True)
     page.set_viewport_size({"width": 1100, "height": 900})
 
+    blank = tmp_path / "blank.png"  # nothing stands out of the background: the model is not asked to pretend
+    Image.new("L", (120, 90), 255).save(blank)
+    page.set_input_files("#pick", str(blank))
+    page.wait_for_selector("#unsure", state="visible")
+    assert "none of the classes" in page.inner_text("#ood")
+    page.screenshot(path=str(ARTIFACTS / "serve-unsure.png"), full_page=True)
+
     upload(page, "big.png", b"\x89PNG" + bytes(2 * 2**20), "image/png")
     assert error_shown(page) == ("Too large", "big.png is 2.0 MB, larger than the 1 MB upload limit: send a smaller image.")
     assert page.is_hidden("#prediction")

@@ -39,9 +39,11 @@ from imgrec.inference import Predictor
 from imgrec.serve.limits import BodyLimit
 
 FORM_OVERHEAD = 16 * 1024  # multipart boundary and part headers around the file, allowed on top of the limit
-ERRORS: dict[int | str, dict[str, Any]] = {413: {"description": "the upload is larger than --max-upload-mb"},
-          415: {"description": "not an image (or not a multipart form)"},
-          422: {"description": "an empty, damaged or decompression-bomb image, or a bad parameter"}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "the upload is larger than --max-upload-mb"},
+    415: {"description": "not an image (or not a multipart form)"},
+    422: {"description": "an empty, damaged or decompression-bomb image, or a bad parameter"},
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class ServeSettings:
 
 
 def create_app(predictor: Predictor, card: dict[str, Any], settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app serving one model (use it as a context manager in tests: the lifespan sets up the limiter)."""
+    """The FastAPI app serving one model; its lifespan sets up the limiter (uvicorn runs it, as does a TestClient
+    used as a context manager)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -6,6 +6,8 @@
   the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
+  imgrec.serve: only the CLI imports it; it never imports the workflows, the command modules or finetune, and
+  its model card is built by the standard library alone
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -69,7 +71,8 @@ COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations"
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
             "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
-            "imgrec.models.transfer", "imgrec.models.backbones", *COMMAND_MODULES} <= set(MODULES)
+            "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.serve.app", "imgrec.serve.server",
+            *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
@@ -120,6 +123,23 @@ def test_inference_never_imports_the_workflows(module: str) -> None:
     imported = imports_of(MODULES[module])
     bad = sorted(_names(imported, "imgrec.workflows") | _names(imported, "imgrec.cli"))
     assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "imgrec.cli" and not m.startswith("imgrec.serve")))
+def test_only_the_cli_imports_the_server(module: str) -> None:
+    assert not _names(imports_of(MODULES[module]), "imgrec.serve"), f"{module} imports imgrec.serve"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.serve")))
+def test_the_server_sits_on_inference(module: str) -> None:
+    imported = imports_of(MODULES[module])
+    bad = sorted(set().union(*(_names(imported, p) for p in ("imgrec.cli", "imgrec.finetune", *COMMAND_MODULES))))
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_the_model_card_is_pure() -> None:
+    card = {m.split(".")[0] for m in imports_of(MODULES["imgrec.serve.card"])}
+    assert card <= {"__future__", "json", "math", "datetime", "pathlib", "typing"}, card
 
 
 def test_reporting_sits_below_the_workflows() -> None:

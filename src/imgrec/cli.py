@@ -73,6 +73,24 @@ def _add_predict_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
+def _add_serve_parser(sub: Any) -> None:
+    """The `serve` sub-command's arguments."""
+    p = sub.add_parser("serve", help="a local web page and JSON API to try a run's model",
+                       description="Serve a page (drop or photograph an image: top classes, 'unsure', what the model "
+                                   "saw, the model card) and a JSON API (POST /api/predict, GET /api/model, /healthz, "
+                                   "docs at /docs). Needs the serve extra: pip install 'imgrec[serve]'.")
+    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; anything else warns: no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0,
+                   help="largest upload accepted, in MB; larger ones get 413 before they are read (default: 10)")
+    p.add_argument("--workers-threads", type=int, default=1,
+                   help="predictions running at once, each in a worker thread; torch gets the CPU cores divided "
+                        "among them (default: 1)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgrec", description="Train, evaluate and look at image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
@@ -125,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_understanding_commands(sub)
     _add_predict_parser(sub)
+    _add_serve_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
@@ -283,6 +302,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgrec.serve.server import serve
+
+    serve(args.target, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          workers_threads=args.workers_threads, device=args.device)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from imgrec.models.registry import MODELS, model_size
 
@@ -310,7 +337,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
-            "compare": cmd_compare, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
+            "compare": cmd_compare, "serve": cmd_serve, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
             "datasets": cmd_datasets}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from PIL import Image
 
 from imgrec.data.imageio import (
     ImageDecodeError,
+    ImageTooLargeError,
+    NotAnImageError,
     image_to_tensor,
     is_image_file,
     load_image,
@@ -234,6 +238,31 @@ def test_over_pixel_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert_decode_error(tmp_path / "big.png", "too large")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     assert load_image(tmp_path / "big.png", 3).size == (side, side)
+
+
+def test_the_pixel_limit_holds_even_when_warnings_are_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread can reset the process-wide warning filters mid-decode (a threaded server): still refused."""
+    Image.fromarray(noise(12, 12)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # the "error" filter never lands
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        with pytest.raises(ImageTooLargeError, match="144 pixels"):
+            load_image(tmp_path / "big.png", 3)
+
+
+def test_bytes_in_memory_decode_like_files_and_errors_say_which_kind(tmp_path: Path) -> None:
+    Image.fromarray(noise(20, 30)).save(tmp_path / "a.png")
+    from_bytes = load_image(io.BytesIO((tmp_path / "a.png").read_bytes()), 3, name="upload.png")
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(tmp_path / "a.png", 3)))
+    with pytest.raises(NotAnImageError, match=r"^notes.txt: not an image file"):
+        load_image(io.BytesIO(b"plain text"), 1, name="notes.txt")
+    bomb = png_claiming_size(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(ImageTooLargeError, match=r"^upload: image too large"):
+        load_image(io.BytesIO(bomb.read_bytes()), 1, name="upload")
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(io.BytesIO((tmp_path / "a.png").read_bytes()[:60]), 3, name="cut.png")
+    assert not isinstance(info.value, (NotAnImageError, ImageTooLargeError)) and "cut.png" in str(info.value)
 
 
 # --- resizing and tensors ----------------------------------------------------------------------------------

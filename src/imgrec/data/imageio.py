@@ -1,7 +1,9 @@
 """The one image decoder of imgrec: training, evaluation and prediction all read files through `load_image`.
 
 Pillow does the decoding, with its decompression-bomb limits left on and truncated files refused (never
-`LOAD_TRUNCATED_IMAGES`); whatever a broken file makes the decoder raise comes out as ImageDecodeError. EXIF orientation is applied, and every mode is turned into grey ("L") or colour
+`LOAD_TRUNCATED_IMAGES`); whatever a broken file makes the decoder raise comes out as ImageDecodeError (its
+subclasses NotAnImageError and ImageTooLargeError say which of the two common cases it was). Files and in-memory
+bytes (an upload) decode alike. EXIF orientation is applied, and every mode is turned into grey ("L") or colour
 ("RGB") the same way everywhere: transparency is composited on white, 16-bit values are scaled, not clipped.
 Imports: Pillow, numpy and torch only.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,32 +27,51 @@ class ImageDecodeError(ImgrecError):
     """A file that is not a readable image; the message names the file and why."""
 
 
+class NotAnImageError(ImageDecodeError):
+    """Bytes that no decoder recognises as an image (a text file, an archive, random data)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image that declares more pixels than Pillow's decompression-bomb limit: never decoded."""
+
+
 def is_image_file(path: str | Path) -> bool:
     """True for a visible file whose extension is one imgrec decodes."""
     p = Path(path)
     return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | Path, channels: int) -> Image.Image:
-    """Decode a file to a PIL image in mode "L" (channels=1) or "RGB" (channels=3), upright per EXIF."""
+def load_image(path: str | Path | BinaryIO, channels: int, name: str | None = None) -> Image.Image:
+    """Decode a path or an open binary file to "L" (channels=1) or "RGB" (3), upright per EXIF; errors name `name`."""
+    label = name if name is not None else path
     try:
         with warnings.catch_warnings():
             # Pillow warns (then errors) on huge images; keep the error, make the warning one too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                _check_pixels(img)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_mode(img, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{path}: image too large to decode safely ({exc})") from None
+        raise ImageTooLargeError(f"{label}: image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{path}: not an image file imgrec can read") from None
+        raise NotAnImageError(f"{label}: not an image file imgrec can read") from None
     except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: file not found") from None
+        raise ImageDecodeError(f"{label}: file not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from None
+        raise ImageDecodeError(f"{label}: cannot decode image ({exc})") from None
     except Exception as exc:  # hostile bytes can trip any error inside a decoder: still just a bad file
-        raise ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(f"{label}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Pillow's bomb warning as an error, checked here too: warning filters are process-wide, and in a threaded
+    server another thread leaving its `catch_warnings` can restore the filters while this one decodes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"{img.width} x {img.height} = {img.width * img.height:,} pixels, "
+                                           f"more than the limit of {limit:,}")
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -1,0 +1,82 @@
+"""`imgrec serve`: check the options and the optional dependencies, load the model once, run uvicorn.
+
+Binds 127.0.0.1 unless told otherwise, and warns when bound anywhere else: the server has no authentication.
+Torch gets the CPU cores divided among the predictions that may run at once (--workers-threads), so concurrent
+requests do not oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from imgrec.errors import ImgrecError, UsageError
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEPENDENCIES = ("fastapi", "uvicorn", "python_multipart")  # python-multipart: FastAPI's form parser
+MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond this many open connections (bounds memory held by uploads)
+
+
+def require_dependencies() -> None:
+    """Import the web stack or say, in one line, how to install it."""
+    for name in DEPENDENCIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ImgrecError(f"imgrec serve needs FastAPI, uvicorn and python-multipart ({name} is missing): "
+                              f"pip install 'imgrec[serve]'") from None
+
+
+def check_options(host: str, port: int, max_upload_mb: float, workers_threads: int) -> None:
+    """Usage errors for out-of-range options; a warning when the server is reachable beyond this machine."""
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port must be in [1, 65535], got {port}")
+    if not max_upload_mb > 0:
+        raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb:g}")
+    if workers_threads < 1:
+        raise UsageError(f"--workers-threads must be at least 1, got {workers_threads}")
+    if host not in LOCAL_HOSTS:
+        log.warning(f"serving on {host}, not 127.0.0.1: anyone who can reach this machine on port {port} can use "
+                    f"the model (there is no authentication); use --host 127.0.0.1 to keep it local")
+
+
+def torch_threads(workers_threads: int) -> int:
+    """CPU threads per prediction: the cores this process may use, shared by the predictions running at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers_threads)
+
+
+def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, device: str = "auto") -> Any:
+    """The app for a run folder or weights file (the model loaded once, its card read once)."""
+    require_dependencies()
+    from imgrec.engine.checkpoint import load_weights_file, resolve_weights, run_dir_of
+    from imgrec.inference import Predictor
+    from imgrec.serve.app import ServeSettings, create_app
+    from imgrec.serve.card import model_card
+
+    path = resolve_weights(run)
+    ckpt = load_weights_file(path)
+    predictor = Predictor.from_checkpoint(ckpt, source=str(path), device=device)
+    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 2**20), max_concurrent=workers_threads)
+    return create_app(predictor, model_card(path, run_dir_of(path), ckpt), settings)
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
+          workers_threads: int = 1, device: str = "auto") -> None:
+    """Load the model, then serve the page and the API until Ctrl-C."""
+    check_options(host, port, max_upload_mb, workers_threads)
+    require_dependencies()
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(torch_threads(workers_threads))
+    app = build(run, max_upload_mb, workers_threads, device)
+    shown = f"[{host}]" if ":" in host else host
+    log.info(f"imgrec serve: http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=MAX_CONNECTIONS,
+                timeout_keep_alive=5, server_header=False)

@@ -17,14 +17,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,export]'
 	touch $@
 
 ## demo: set up .venv, train a CNN on the embedded digits data set, print the run folder and test accuracy
 demo: $(VENV)/.installed
 	$(BIN)/imgrec train $(DEMO) --name demo
 
-## test: set up .venv with the test extras and run the whole test suite (real data in ../shared/data)
+## test: set up .venv with the test and export extras and run the whole test suite (real data in ../shared/data)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 

@@ -6,6 +6,9 @@
   the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
+  imgrec.export: only the CLI imports it; inside it only the runner (a command module) imports the workflows
+  onnx, onnxscript, onnxruntime, safetensors (the `export` extra): never an import statement, only
+  imgrec.export.common.requires, so a missing package is one line naming the extra
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -63,13 +66,16 @@ def _names(imported: set[str], prefix: str) -> set[str]:
 
 
 MODULES = _modules()
-COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison")
+COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison",
+                   "imgrec.export.runner")
+EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime", "safetensors")
 
 
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
             "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
-            "imgrec.models.transfer", "imgrec.models.backbones", *COMMAND_MODULES} <= set(MODULES)
+            "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.export", "imgrec.export.common",
+            "imgrec.export.onnx_file", "imgrec.export.safetensors_file", *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
@@ -120,6 +126,31 @@ def test_inference_never_imports_the_workflows(module: str) -> None:
     imported = imports_of(MODULES[module])
     bad = sorted(_names(imported, "imgrec.workflows") | _names(imported, "imgrec.cli"))
     assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_cli_imports_export(module: str) -> None:
+    if module == "imgrec.cli" or module.startswith("imgrec.export"):
+        return
+    assert not _names(imports_of(MODULES[module]), "imgrec.export"), f"{module} imports imgrec.export"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.export") and m != "imgrec.export.runner"))
+def test_export_formats_sit_below_the_commands(module: str) -> None:
+    """The file formats (and the loader users call) need models, data and the engine, never a command module."""
+    imported = imports_of(MODULES[module])
+    bad = sorted(set().union(*(_names(imported, p) for p in ("imgrec.workflows", "imgrec.reporting",
+                                                              "imgrec.explanations", "imgrec.comparison",
+                                                              "imgrec.export.runner", "imgrec.inference",
+                                                              "imgrec.cli"))))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_the_export_extra_is_never_imported_directly(module: str) -> None:
+    """onnx, onnxruntime, ... load through export.common.requires: a missing one is a line naming the extra."""
+    bad = {m for m in imports_of(MODULES[module]) if m.split(".")[0] in EXPORT_EXTRA}
+    assert not bad, f"{module} imports {sorted(bad)} directly; use imgrec.export.common.requires"
 
 
 def test_reporting_sits_below_the_workflows() -> None:

@@ -93,11 +93,16 @@ def _export_onnx(model: nn.Module, ckpt: dict[str, Any], fields: dict[str, Any],
     if images is not None:
         got, _ = run_onnx(onnx_session(data), images.permute(0, 2, 3, 1).numpy(), BATCH_SIZE)  # NCHW -> NHWC
         parity = compare_logits("onnxruntime", reference_logits(model, ckpt, images), got, split)
-        if not (parity.max_abs_diff < ONNX_TOLERANCE and parity.agreement == 1.0):
-            raise ImgrecError(f"the ONNX export does not match PyTorch: {parity.summary()} (needed: under "
-                              f"{ONNX_TOLERANCE:.0e} and 100%); nothing was written")
+        require_onnx_parity(parity)
     write_atomic(target, data)
     return parity
+
+
+def require_onnx_parity(parity: Parity) -> None:
+    """Refuse an ONNX export whose logits differ by ONNX_TOLERANCE or more, or that changes any top-1 class."""
+    if not (parity.max_abs_diff < ONNX_TOLERANCE and parity.agreement == 1.0):  # `not <`: NaN fails too
+        raise ImgrecError(f"the ONNX export does not match PyTorch: {parity.summary()} (needed: under "
+                          f"{ONNX_TOLERANCE:.0e} and 100%); nothing was written")
 
 
 def _export_safetensors(model: nn.Module, ckpt: dict[str, Any], target: Path, images: torch.Tensor | None,

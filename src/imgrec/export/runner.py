@@ -22,12 +22,13 @@ from imgrec.data.info import ArraySplit
 from imgrec.data.transforms import weights_transform
 from imgrec.engine.checkpoint import WEIGHTS_NAMES, resolve_weights
 from imgrec.errors import ImgrecError, UsageError
-from imgrec.export.common import shipped_fields, write_atomic
+from imgrec.export.common import requires, shipped_fields, write_atomic
 from imgrec.export.onnx_file import onnx_bytes, onnx_session, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors, save_safetensors, sidecar_path
 from imgrec.workflows import load_run, load_run_data
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors"}
+PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors.torch",)}  # the extra
 ONNX_TOLERANCE = 1e-4  # max |logit difference| onnxruntime may show against PyTorch (float32, same inputs)
 DEFAULT_CHECK_IMAGES = 256
 BATCH_SIZE = 256
@@ -66,6 +67,8 @@ def export_run(run: str | Path, fmt: str | None = None, out: str | Path | None =
     fmt = choose_format(fmt, out)
     if check_images < 0:
         raise UsageError("--check-images must be 0 (no check) or more")
+    for package in PACKAGES[fmt]:  # a missing one fails now, not after the export
+        requires(package)
     weights_path = pick_weights(run, weights)
     target = output_path(out, weights_path, fmt)
     _probe_writable(target)  # before the minutes an export and its check may take

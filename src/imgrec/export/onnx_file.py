@@ -116,11 +116,14 @@ def onnx_bytes(model: nn.Module, fields: dict[str, Any]) -> bytes:
                           f"{_first_line(exc)}") from exc
 
 
-def onnx_session(model: bytes | str) -> Any:
-    """An onnxruntime session on the CPU for an exported file (its path or bytes)."""
+def onnx_session(model: bytes | str, threads: int | None = None) -> Any:
+    """An onnxruntime session on the CPU for an exported file (its path or bytes); threads: onnxruntime's choice."""
     ort = requires("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no notes on the graph on stderr
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types

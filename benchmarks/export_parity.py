@@ -10,7 +10,7 @@ Trains a quick LeNet on Fashion-MNIST (1 epoch on 10,000 images), or takes --run
            with the same thread count on both sides.
 
     OMP_NUM_THREADS=1 python benchmarks/export_parity.py --data-dir ../shared/data --threads 1 \
-        --json benchmarks/export_parity-fashion-mnist.json
+        --json benchmarks/export_parity-fashion-mnist-threads1.json
 """
 
 from __future__ import annotations

@@ -119,11 +119,26 @@ def test_safetensors_export_round_trips(run: Path, tmp_path: Path, capsys: pytes
     assert json.loads((tmp_path / "model.json").read_text())["tensors"] == "model.safetensors"
 
 
+def test_check_images_are_the_same_from_a_streamed_split(run: Path) -> None:
+    """A run trained with --loader stream checks on files decoded one by one: the same images as in memory."""
+    from imgrec.export.runner import check_images_of
+
+    weights, ckpt, cfg, _ = load_run(run)
+    in_memory, split = check_images_of(cfg, ckpt, weights, 100)
+    cfg.loader = "stream"
+    streamed, same_split = check_images_of(cfg, ckpt, weights, 100)
+    assert (split, same_split) == ("val", "val") and in_memory.dtype == torch.uint8
+    assert torch.equal(streamed, in_memory) and in_memory.shape == (3, 3, 16, 16)
+    test, _ = check_images_of(cfg, ckpt, weights, 5, split="test")
+    assert test.shape == (5, 3, 16, 16)
+
+
 def test_no_check_when_asked(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main(["export", str(run / "weights" / "best.pt"), "--format", "safetensors",
-                               "--out", str(tmp_path / "x.safetensors"), "--check-images", "0"], capsys)
+                               "--out", f"{tmp_path}/new/", "--check-images", "0"], capsys)
     assert code == 0, err
     assert out.strip().endswith("not checked (--check-images 0)")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["best.json", "best.safetensors"]  # made
 
 
 @pytest.mark.parametrize(("argv", "code", "message"), [

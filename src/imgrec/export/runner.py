@@ -7,6 +7,7 @@ Nothing is left at the output path by an export that fails its check.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,11 @@ def pick_weights(run: str | Path, which: str | None) -> Path:
 
 
 def output_path(out: str | Path | None, weights_path: Path, fmt: str) -> Path:
-    """--out (a file, or a folder to write <weights name>.<format> into), else beside the weights file."""
+    """--out (a file, or a folder, existing or ending in /, to write <weights name>.<format> into), else beside the
+    weights file."""
     name = weights_path.with_suffix(FORMATS[fmt]).name
-    target = weights_path.parent / name if out is None else Path(out) / name if Path(out).is_dir() else Path(out)
+    folder = out is not None and (Path(out).is_dir() or str(out).endswith(("/", os.sep)))
+    target = weights_path.parent / name if out is None else Path(out) / name if folder else Path(out)
     if target.resolve() == weights_path.resolve():
         raise UsageError(f"--out {out} is the weights file being exported: choose another name")
     return target

@@ -17,6 +17,7 @@ import torch
 
 from conftest import error_line, run_main
 from imgrec.engine.checkpoint import load_weights_file
+from imgrec.errors import ImgrecError
 from imgrec.export import onnx_file
 from imgrec.export.onnx_file import ExportGraph, onnx_session, read_onnx_metadata, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors
@@ -32,8 +33,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _checked_count(out: str) -> int:
     match = re.search(r"^checked: .* on (\d+) (val|test) images: max \|logit difference\| (\S+), top-1 agreement "
-                      r"100\.00%$", out, re.MULTILINE)
+                      r"100\.00% \((\d+)/(\d+)\)$", out, re.MULTILINE)
     assert match, out
+    assert match.group(1) == match.group(4) == match.group(5), out
     return int(match.group(1))
 
 
@@ -131,6 +133,9 @@ def test_check_images_are_the_same_from_a_streamed_split(run: Path) -> None:
     assert torch.equal(streamed, in_memory) and in_memory.shape == (3, 3, 16, 16)
     test, _ = check_images_of(cfg, ckpt, weights, 5, split="test")
     assert test.shape == (5, 3, 16, 16)
+    cfg.data = str(run / "moved-away")
+    with pytest.raises(ImgrecError, match=r"pass --check-images 0 to export unchecked\)$"):
+        check_images_of(cfg, ckpt, weights, 5)
 
 
 def test_no_check_when_asked(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,11 +48,14 @@ class Parity:
     def summary(self) -> str:
         """One line: what was compared, on what, and how close it was."""
         return (f"{self.what} vs PyTorch on {self.count} {self.split} images: max |logit difference| "
-                f"{self.max_abs_diff:.2e}, top-1 agreement {self.agreement:.2%}")
+                f"{self.max_abs_diff:.2e}, top-1 agreement {self.agreement:.2%} "
+                f"({round(self.agreement * self.count)}/{self.count})")
 
 
 @dataclass
 class ExportOutcome:
+    """What an export wrote, from which weights, and how its check went."""
+
     format: str
     path: Path
     sidecar: Path | None  # the safetensors JSON
@@ -183,7 +186,11 @@ def check_images_of(cfg: RunConfig, ckpt: dict[str, Any], weights_path: Path, co
                     ) -> tuple[torch.Tensor, str]:
     """The first `count` images, uint8 (N, C, H, W) as decoded for the weights, of the run's validation split (the
     test split when it has none, or the split given), rebuilt as `imgrec evaluate` rebuilds its data."""
-    bundle = load_run_data(cfg, ckpt, weights_path)
+    try:
+        bundle = load_run_data(cfg, ckpt, weights_path)
+    except ImgrecError as exc:  # the run's data moved or is gone (not a mistake on this command line): exit 1
+        raise ImgrecError(f"{exc} (the export is checked on the run's own images: make them available, or pass "
+                          f"--check-images 0 to export unchecked)") from None
     name = split or ("val" if bundle.val is not None and len(bundle.val) else "test")
     try:
         chosen = bundle.split(name)

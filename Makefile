@@ -16,16 +16,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# the test extras include the server's (serve), whose tests run in `make test` too
+# the test install includes the serve and export extras, whose tests run in `make test` too
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,serve]'
+	$(BIN)/pip install -q -e '.[test,serve,export]'
 	touch $@
 
 ## demo: set up .venv, train a CNN on the embedded digits data set, print the run folder and test accuracy
 demo: $(VENV)/.installed
 	$(BIN)/imgrec train $(DEMO) --name demo
 
-## test: set up .venv with the test and serve extras and run the whole test suite (real data in ../shared/data)
+## test: set up .venv with the test, serve and export extras and run the whole test suite (real data in ../shared/data)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 

@@ -8,6 +8,9 @@
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
   imgrec.serve: only the CLI imports it; it never imports the workflows, the command modules or finetune, and
   its model card is built by the standard library alone
+  imgrec.export: only the CLI imports it; inside it only the runner (a command module) imports the workflows
+  onnx, onnxscript, onnxruntime, safetensors (the `export` extra): never an import statement, only
+  imgrec.export.common.requires, so a missing package is one line naming the extra
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -65,13 +68,16 @@ def _names(imported: set[str], prefix: str) -> set[str]:
 
 
 MODULES = _modules()
-COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison")
+COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison",
+                   "imgrec.export.runner")
+EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime", "safetensors")
 
 
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
             "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
             "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.serve.app", "imgrec.serve.server",
+            "imgrec.export", "imgrec.export.common", "imgrec.export.onnx_file", "imgrec.export.safetensors_file",
             *COMMAND_MODULES} <= set(MODULES)
 
 
@@ -140,6 +146,31 @@ def test_the_server_sits_on_inference(module: str) -> None:
 def test_the_model_card_is_pure() -> None:
     card = {m.split(".")[0] for m in imports_of(MODULES["imgrec.serve.card"])}
     assert card <= {"__future__", "json", "math", "datetime", "pathlib", "typing"}, card
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_cli_imports_export(module: str) -> None:
+    if module == "imgrec.cli" or module.startswith("imgrec.export"):
+        return
+    assert not _names(imports_of(MODULES[module]), "imgrec.export"), f"{module} imports imgrec.export"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.export") and m != "imgrec.export.runner"))
+def test_export_formats_sit_below_the_commands(module: str) -> None:
+    """The file formats (and the loader users call) need models, data and the engine, never a command module."""
+    imported = imports_of(MODULES[module])
+    bad = sorted(set().union(*(_names(imported, p) for p in ("imgrec.workflows", "imgrec.reporting",
+                                                              "imgrec.explanations", "imgrec.comparison",
+                                                              "imgrec.export.runner", "imgrec.inference",
+                                                              "imgrec.cli"))))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_the_export_extra_is_never_imported_directly(module: str) -> None:
+    """onnx, onnxruntime, ... load through export.common.requires: a missing one is a line naming the extra."""
+    bad = {m for m in imports_of(MODULES[module]) if m.split(".")[0] in EXPORT_EXTRA}
+    assert not bad, f"{module} imports {sorted(bad)} directly; use imgrec.export.common.requires"
 
 
 def test_reporting_sits_below_the_workflows() -> None:

@@ -91,6 +91,23 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
 
 
+def _add_export_parser(sub: Any) -> None:
+    """The `export` sub-command's arguments."""
+    p = sub.add_parser("export", help="ship a run's model: ONNX (checked against PyTorch) or safetensors",
+                       description="Write a run's model as ONNX (uint8 images (N, H, W, C) in, preprocessing inside "
+                                   "the graph, logits and probabilities out, checked with onnxruntime against PyTorch "
+                                   "on the run's validation images) or as safetensors plus a JSON sidecar.")
+    p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
+    p.add_argument("--format", choices=("onnx", "safetensors"),
+                   help="onnx or safetensors (default: what --out's suffix names, else onnx)")
+    p.add_argument("--out", metavar="PATH", help="file (or folder) to write (default: beside the weights file, "
+                                                 "e.g. runs/<run>/weights/best.onnx)")
+    p.add_argument("--weights", choices=("best", "last"), help="which weights of a run folder (default: best)")
+    p.add_argument("--check-images", type=int, default=256, metavar="N",
+                   help="compare the export with PyTorch on N validation images (test images when the run has no "
+                        "validation split); 0: no check (default: 256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgrec", description="Train, evaluate and look at image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
@@ -144,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_understanding_commands(sub)
     _add_predict_parser(sub)
     _add_serve_parser(sub)
+    _add_export_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
@@ -310,6 +328,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgrec.export.runner import export_run
+
+    outcome = export_run(args.target, fmt=args.format, out=args.out, weights=args.weights,
+                         check_images=args.check_images)
+    written = f"{outcome.path} and {outcome.sidecar}" if outcome.sidecar else str(outcome.path)
+    print(f"wrote {written} ({outcome.description}) from {outcome.weights}")
+    print(f"checked: {outcome.parity.summary()}" if outcome.parity else "not checked (--check-images 0)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from imgrec.models.registry import MODELS, model_size
 
@@ -338,7 +367,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "compare": cmd_compare, "serve": cmd_serve, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
-            "datasets": cmd_datasets}
+            "datasets": cmd_datasets, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

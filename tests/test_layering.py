@@ -6,6 +6,8 @@
   the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
+  imgrec.recipes (and imgrec.finetune): joins like the workflows; only imgrec.workflows imports it, and it never
+  imports the command modules
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -68,7 +70,7 @@ COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations"
 
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
-            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
+            "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune", "imgrec.recipes",
             "imgrec.models.transfer", "imgrec.models.backbones", *COMMAND_MODULES} <= set(MODULES)
 
 
@@ -120,6 +122,15 @@ def test_inference_never_imports_the_workflows(module: str) -> None:
     imported = imports_of(MODULES[module])
     bad = sorted(_names(imported, "imgrec.workflows") | _names(imported, "imgrec.cli"))
     assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("joint", ["imgrec.recipes", "imgrec.finetune"])
+def test_joining_modules_are_imported_by_the_workflows_alone(joint: str) -> None:
+    users = sorted(m for m, path in MODULES.items() if m not in (joint, "imgrec.workflows")
+                   and _names(imports_of(path), joint))
+    assert not users, f"{joint} is imported by {users}"
+    bad = sorted(set().union(*(_names(imports_of(MODULES[joint]), p) for p in COMMAND_MODULES)))
+    assert not bad, f"{joint} imports {bad}"
 
 
 def test_reporting_sits_below_the_workflows() -> None:

@@ -102,3 +102,18 @@ def test_max_steps_cuts_the_run(epochs: int, max_steps: int | None, per_epoch: i
     cfg = RunConfig(epochs=epochs, max_steps=max_steps)
     assert total_steps(cfg, per_epoch) == steps
     assert run_epochs(cfg, per_epoch) == run
+
+
+def test_the_test_report_uses_the_runs_tta() -> None:
+    from imgrec.reporting import predict
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randn(6, 1, 6, 6)
+    loader = _Loader([(x, torch.zeros(6, dtype=torch.long))])
+    cfg = RunConfig(tta="flip", augment="flip", device="cpu", channels_last=False)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(-1))) / 2
+    torch.testing.assert_close(predict(model, loader, cfg).logits, expected)
+    torch.testing.assert_close(predict(model, loader, RunConfig(device="cpu", channels_last=False)).logits,
+                               model(x).detach())

@@ -13,7 +13,7 @@ from imgrec.models.registry import build_model
 from imgrec.models.speednet import HEAD_SCALE, SpeedNet
 
 
-@pytest.mark.parametrize("name,channels,size,widths", [("resnet8", 1, (28, 28), [32, 64, 64, 128, 128, 128, 128]),
+@pytest.mark.parametrize("name,channels,size,widths", [("resnet8", 1, (28, 28), [16, 32, 32, 64, 64, 128, 128]),
                                                        ("speednet", 3, (32, 32), [32, 64, 64, 192, 192, 256, 256])])
 def test_architecture(name: str, channels: int, size: tuple[int, int], widths: list[int]) -> None:
     model = build_model(name, 10, channels, size)

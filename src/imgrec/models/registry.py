@@ -26,8 +26,8 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(lambda n, c, s: MLP(n, c, s), "the tutorial's naive fully-connected net (hidden 125, 65)"),
     "lenet": ModelEntry(build_lenet, "the tutorial's CNN: conv 20/50 5x5 for grey, conv 16/32/64 3x3 for colour; fc 500"),
-    "resnet8": ModelEntry(build_resnet8, "small residual speed-run net for 28x28 grey images: stem 32, residual groups "
-                                         "64/128/128 with max-pooling, BN, GELU, scaled linear head (--recipe fast)"),
+    "resnet8": ModelEntry(build_resnet8, "small residual speed-run net for 28x28 grey images: stem 16, residual groups "
+                                         "32/64/128 with max-pooling, BN, GELU, scaled linear head (--recipe fast)"),
     "speednet": ModelEntry(build_speednet, "airbench/ResNet-9-style net for 32x32 colour images: stem 32, residual "
                                            "groups 64/192/256 with max-pooling, BN, GELU, scaled linear head "
                                            "(--recipe fast)"),

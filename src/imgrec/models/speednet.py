@@ -3,7 +3,7 @@
 A stem conv, then groups of conv -> 2x2 max-pool -> BatchNorm -> GELU followed by a residual conv -> BatchNorm ->
 GELU whose output is added back; a global max-pool and a bias-free linear head whose logits are scaled down (a
 fixed temperature that speed-run nets use so that label smoothing and a high learning rate stay stable).
-`resnet8` (stem 32, groups 64/128/128) is sized for 28x28 grey images, `speednet` (stem 32, groups 64/192/256)
+`resnet8` (stem 16, groups 32/64/128) is sized for 28x28 grey images, `speednet` (stem 32, groups 64/192/256)
 for 32x32 colour; both take any channels, image size and class count. Imports: torch only.
 """
 
@@ -69,7 +69,7 @@ class SpeedNet(nn.Module):
 
 def build_resnet8(num_classes: int, in_channels: int, image_size: Sequence[int]) -> SpeedNet:
     """8 weight layers (stem, 3 groups of 2 convs, head): the grey-image speed net."""
-    return SpeedNet(num_classes, in_channels, image_size, stem=32, widths=(64, 128, 128))
+    return SpeedNet(num_classes, in_channels, image_size, stem=16, widths=(32, 64, 128))
 
 
 def build_speednet(num_classes: int, in_channels: int, image_size: Sequence[int]) -> SpeedNet:

@@ -111,9 +111,9 @@ def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module,
     speed = measure_speed(model, loader, images, cfg)
     val_images = len(bundle.val) if bundle.val is not None else 0
     calibration = len(calibration_split(bundle)[1])
-    # after training: temperature on val and the OOD threshold on the calibration images, each for last.pt and
-    # best.pt (twice when they differ), then the test split once
-    final_images = 2 * val_images + 2 * calibration + len(bundle.test)
+    # after training: temperature on val and the OOD threshold on the calibration images, then the test split; when
+    # best.pt and last.pt hold different epochs the first two run twice, which the margin covers (val is small)
+    final_images = val_images + calibration + len(bundle.test)
     plan = plan_budget(parse_duration(cfg.time_budget or ""), elapsed + speed.measure_seconds, speed, len(loader),
                        val_images, final_images)
     cut = plan.total_steps < plan.epochs * plan.steps_per_epoch

@@ -26,7 +26,7 @@ from imgrec.engine.trainer import OPTIMIZERS
 from imgrec.errors import UsageError
 
 MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
-REPORT_SECONDS = 8.0  # after the final evaluation: figures, report.html, JSON files
+REPORT_SECONDS = 5.0  # after the final evaluation: figures, report.html, JSON files
 EPOCH_END_SECONDS = 0.5  # each epoch's end: last.pt, best.pt and train_state.pt written and synced
 WARMUP_STEPS = 2  # the first steps also build the kernels: not timed
 MEASURE_SECONDS = 3.0  # time steps until this much has passed ...

@@ -11,6 +11,8 @@
   imgrec.export: only the CLI imports it; inside it only the runner (a command module) imports the workflows
   onnx, onnxscript, onnxruntime, safetensors (the `export` extra): never an import statement, only
   imgrec.export.common.requires, so a missing package is one line naming the extra
+  imgrec.recipes (and imgrec.finetune): joins like the workflows; only imgrec.workflows imports it, and it never
+  imports the command modules
   imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
@@ -76,9 +78,9 @@ EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime", "safetensors")
 def test_the_package_is_where_expected() -> None:
     assert {"imgrec", "imgrec.cli", "imgrec.config", "imgrec.errors", "imgrec.workflows", "imgrec.engine.trainer",
             "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
-            "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.serve.app", "imgrec.serve.server",
-            "imgrec.export", "imgrec.export.common", "imgrec.export.onnx_file", "imgrec.export.safetensors_file",
-            *COMMAND_MODULES} <= set(MODULES)
+            "imgrec.recipes", "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.serve.app",
+            "imgrec.serve.server", "imgrec.export", "imgrec.export.common", "imgrec.export.onnx_file",
+            "imgrec.export.safetensors_file", *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
@@ -171,6 +173,15 @@ def test_the_export_extra_is_never_imported_directly(module: str) -> None:
     """onnx, onnxruntime, ... load through export.common.requires: a missing one is a line naming the extra."""
     bad = {m for m in imports_of(MODULES[module]) if m.split(".")[0] in EXPORT_EXTRA}
     assert not bad, f"{module} imports {sorted(bad)} directly; use imgrec.export.common.requires"
+
+
+@pytest.mark.parametrize("joint", ["imgrec.recipes", "imgrec.finetune"])
+def test_joining_modules_are_imported_by_the_workflows_alone(joint: str) -> None:
+    users = sorted(m for m, path in MODULES.items() if m not in (joint, "imgrec.workflows")
+                   and _names(imports_of(path), joint))
+    assert not users, f"{joint} is imported by {users}"
+    bad = sorted(set().union(*(_names(imports_of(MODULES[joint]), p) for p in COMMAND_MODULES)))
+    assert not bad, f"{joint} imports {bad}"
 
 
 def test_reporting_sits_below_the_workflows() -> None:

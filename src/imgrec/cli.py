@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -204,9 +205,13 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()  # --time-budget counts from here: importing torch is part of the run
     from imgrec.workflows import resume, train
 
-    outcome = resume(args.resume, _given_settings(args)) if args.resume else train(_config_from_args(args))
+    if args.resume:
+        outcome = resume(args.resume, _given_settings(args))
+    else:
+        outcome = train(_config_from_args(args), given=set(_given_settings(args)), started=started)
     s = outcome.summary
     print(f"run folder: {outcome.run_dir}")
     if outcome.already_finished:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,9 @@ import yaml
 from imgrec.errors import ImgrecError, UsageError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
+SCHEDULES = ("constant", "cosine", "onecycle", "linear")
+TTA_MODES = ("none", "flip")
+RECIPES = ("none", "fast")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -69,6 +72,8 @@ class RunConfig:
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)")
     # model
     model: str = _opt("lenet", "model name; `imgrec models` lists them")
+    recipe: str = _opt("none", "fast: choose the model, optimiser, schedule, augmentation and precision for the data "
+                               "(28x28 grey or 32x32 colour); settings given explicitly win", choices=RECIPES)
     # transfer learning (torchvision backbones)
     pretrained: bool = _opt(False, "start from torchvision's ImageNet weights for --model (found in torch's cache)")
     weights: str | None = _opt(None, "start from these weights: a torchvision state dict file, or an imgrec run "
@@ -89,7 +94,16 @@ class RunConfig:
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
     batch_size: int = _opt(100, "images per training step")
     epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True)
-    schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES)
+    schedule: str = _opt("constant", "learning-rate schedule (linear: warm up over the first fifth of the steps, then "
+                                     "decay linearly to zero)", choices=SCHEDULES)
+    max_steps: int | None = _opt(None, "stop after this many training steps in all, cutting the last epoch short "
+                                       "(--time-budget sets it)")
+    time_budget: str | None = _opt(None, "finish the whole run (data, training, test, report) within this time, "
+                                         "e.g. 90s, 6m, 1h: the epochs are planned from speed measured at the start")
+    ema: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. 0.99); "
+                           "the average is validated, tested and saved (0: off)")
+    tta: str = _opt("none", "test-time augmentation for validation and test: flip averages the logits of each image "
+                            "and its mirror image (needs flip in --augment)", choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True)
     # system
@@ -126,6 +140,10 @@ class RunConfig:
         _check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
         _check(self.save_every_minutes >= 0, "--save-every-minutes must not be negative")
         _check(self.save_every_steps >= 0, "--save-every-steps must not be negative")
+        _check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
+        _check(0 <= self.ema < 1, "--ema must be in [0, 1) (0: off; 0.99 averages about the last 100 steps)")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
         _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")
@@ -187,6 +205,20 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (what `--config` reads back)."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '6m', '1.5h' or a plain number of seconds -> seconds; anything else is a one-line usage error."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    value = str(text).strip().lower()
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"--time-budget {text!r}: give a positive duration such as 90s, 6m or 1h")
+    return seconds
 
 
 def resume_safe_settings() -> list[str]:

@@ -47,12 +47,14 @@ class Predictions:
 
 
 def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig) -> Predictions:
-    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision."""
+    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision (with the
+    run's test-time augmentation)."""
     device = select_device(cfg.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     start = time.perf_counter()
-    result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True)
+    result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True,
+                      tta=cfg.tta == "flip")
     assert result.logits is not None and result.targets is not None
     return Predictions(result.logits, result.targets, time.perf_counter() - start, device.type)
 

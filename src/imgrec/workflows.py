@@ -10,13 +10,14 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir
+from imgrec.config import RunConfig, default_cache_dir, parse_duration
 from imgrec.data.datasets import DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
@@ -54,6 +55,7 @@ from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source,
 from imgrec.inference.calibrate import record_prediction_stats
 from imgrec.models.registry import build_model, count_parameters
 from imgrec.models.transfer import TransferModel
+from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
 
 log = logging.getLogger(__name__)
@@ -105,14 +107,23 @@ def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
     return train(cfg, ResumePoint(make_current(path), state))
 
 
-def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
-    """Load the data, build the model, fit (or continue a saved run), test the best weights, write the run folder."""
+def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[str] | None = None,
+          started: float | None = None) -> TrainOutcome:
+    """Load the data, build the model, fit (or continue a saved run), test the best weights, write the run folder.
+
+    given: the settings the user chose explicitly (they win over --recipe; default: those unlike the defaults);
+    started: the time.perf_counter() at which the command started (what --time-budget counts from)."""
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
+    explicit = explicit_settings(cfg, given)
+    if not resumed:  # a resumed run keeps the settings and the plan its state holds
+        cfg = recipe_data_settings(cfg, explicit)
     source = resolve_source(cfg)  # --pretrained / --weights: a missing or foreign file fails before the data loads
     bundle = load_data(cfg.data, data_options(cfg))
     info = bundle.info
+    if not resumed:
+        cfg = apply_recipe(cfg, info, explicit)
     for note in bundle.notes:
         log.info(note)
     # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
@@ -121,6 +132,11 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
     if source and not resumed:  # a resumed run's weights come from its training state
         load_source(model, cfg.model, source)
+    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
+    plan = None
+    if cfg.time_budget and not resumed:
+        cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
+                                     time.perf_counter() - started)
     if resumed:
         if cfg.cache_features:
             raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
@@ -128,6 +144,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     else:
         run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
     cfg.save(run_dir / "config.yaml")
+    if plan:
+        write_json(run_dir / "plan.json", plan.to_dict())
     if bundle.manifest:
         _write_manifest(bundle.manifest, run_dir / "split.csv")
     if bundle.skipped:
@@ -140,7 +158,6 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
              + (f", weights from {source.description}" if source else ""))
     if source:
         log.info(transfer_plan(cfg, info, spec))
-    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
     meta = weights_meta(cfg, info, model, spec)
     if resumed:
@@ -153,8 +170,25 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
     if source:
         summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
+    if cfg.time_budget:  # the plan (also on resume: it is in plan.json) and how well the run kept to it
+        summary.update(time_budget_seconds=parse_duration(cfg.time_budget), plan=_read_plan(run_dir))
+    if source or cfg.time_budget:
         write_json(run_dir / "summary.json", summary)
     return TrainOutcome(run_dir, summary)
+
+
+def _read_plan(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "plan.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec) -> BatchTransform:
+    """The training batches' preprocessing: augmentation (--augment), normalisation, the model's input size."""
+    augment = parse_augment(cfg.augment, bundle.info.channels, photos=isinstance(model, TransferModel))
+    if cfg.tta == "flip" and "flip" not in augment:
+        raise UsageError(f"--tta flip needs flip in --augment (now: {','.join(augment) or 'none'}): a model that "
+                         f"never saw mirror images gains nothing from them; add flip, or drop --tta")
+    return BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
@@ -203,9 +237,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
     if cfg.cache_features:
         assert isinstance(model, TransferModel)
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
-    augment = parse_augment(cfg.augment, bundle.info.channels, photos=isinstance(model, TransferModel))
-    transform = BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
-    train_loader = make_loader(bundle.train, cfg.batch_size, transform, train=True, seed=cfg.seed, workers=cfg.workers)
+    train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True, seed=cfg.seed, workers=cfg.workers)
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None), None
 
 

@@ -275,3 +275,24 @@ def test_only_settings_that_cannot_change_the_past_are_resume_safe() -> None:
 
     assert sorted(resume_safe_settings()) == sorted(
         ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps"])
+
+
+def test_resume_with_a_weight_average_and_a_cut_last_epoch_is_exact(image_folder: Path, tmp_path: Path,
+                                                                      snapshots: list[Path]) -> None:
+    """The EMA of the weights is part of the state; a run cut by --max-steps resumes to the same cut."""
+    extra = dict(ema=0.9, tta="flip", schedule="linear", max_steps=10)
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    # 4 steps an epoch: epochs 1 and 2 whole, epoch 3 cut after 2 steps; a save after each step and epoch end
+    positions = [(p.epoch, p.step) for p in (Progress.from_dict(load_state(s)["progress"]) for s in snapshots)]
+    assert positions[-3:] == [(3, 1), (3, 2), (4, 0)] and len(snapshots) == 13
+    final = load_state(snapshots[-1])
+    assert final["averaged"]["updates"] == 10
+    assert not torch.equal(final["averaged"]["model"]["features.0.weight"], final["model"]["features.0.weight"])
+    saved = list(snapshots)
+    for k in (1, 4, 10, 11):  # mid-epoch, an epoch end, within the cut epoch, its last step
+        run = run_stopped_at(reference, saved[k], tmp_path / f"resumed-{k}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)
+    # what was saved and tested is the average, not the trained model's last weights
+    last = load_weights_file(reference / "weights" / "last.pt")["state_dict"]
+    assert all(torch.equal(last[key], final["averaged"]["model"][key]) for key in last)

@@ -198,6 +198,9 @@ def resume_config(state: dict[str, Any], given: dict[str, Any], source: Path) ->
     if wanted.epochs < least:
         raise UsageError(f"--epochs {wanted.epochs} is fewer than the {least} epochs {source.parent} has already "
                          f"{'started' if progress.step else 'trained'}")
+    if saved.time_budget and wanted.epochs != saved.epochs:
+        raise UsageError(f"--epochs cannot change on resume of {source.parent}: its epochs were planned for "
+                         f"--time-budget {saved.time_budget}; drop --epochs, or start a new run")
     notes = []
     if wanted.epochs != saved.epochs:
         notes.append(f"{'extending' if wanted.epochs > saved.epochs else 'shortening'} the run from {saved.epochs} to "
@@ -219,6 +222,7 @@ class TrainParts:
     scheduler: Any  # a learning-rate scheduler, or None for a constant rate
     scaler: torch.amp.GradScaler
     loader: Any  # the training loader: state_dict() / load_state_dict(), num_samples, len()
+    averager: Any = None  # the weight average (averaging.WeightAverage), or None
 
 
 def capture_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +233,7 @@ def capture_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: d
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
         "scaler": parts.scaler.state_dict(), "loader": parts.loader.state_dict(), "rng": rng_state(),
+        "averaged": parts.averager.state_dict() if parts.averager is not None else None,
     }
 
 
@@ -250,6 +255,8 @@ def restore_state(state: dict[str, Any], parts: TrainParts, cfg: RunConfig) -> P
                 warnings.simplefilter("ignore", UserWarning)
                 parts.scheduler.step()
     parts.scaler.load_state_dict(state["scaler"])
+    if parts.averager is not None:
+        parts.averager.load_state_dict(state["averaged"])
     if progress.step:
         parts.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])

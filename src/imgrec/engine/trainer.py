@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imgrec.config import RunConfig
+from imgrec.engine.averaging import WeightAverage, averaged_step
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
@@ -88,10 +90,32 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
         )
+    if cfg.schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(linear_schedule, total_steps=total_steps))
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total_steps)
     return None
+
+
+def linear_schedule(step: int, total_steps: int, warmup: float = 0.2) -> float:
+    """The learning-rate factor at a step: linear warm-up over the first `warmup` of the steps, then linear decay
+    to zero at total_steps (the triangle of the CIFAR-10 speed runs)."""
+    peak = max(1.0, warmup * total_steps)
+    if step < peak:
+        return (step + 1) / (peak + 1)
+    return max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """Training steps of the whole run: cfg.epochs full epochs, or fewer when cfg.max_steps cuts the last one."""
+    steps = cfg.epochs * max(1, steps_per_epoch)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """Epochs the run trains: cfg.epochs, or fewer when cfg.max_steps ends it sooner (the last one may be cut)."""
+    return math.ceil(total_steps(cfg, steps_per_epoch) / max(1, steps_per_epoch))
 
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
@@ -108,14 +132,18 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     optimizer = OPTIMIZERS[cfg.optimizer](params, cfg, optimizer_kernels(device))
     log.info(f"compute: {device.type}, {precision_name(dtype)}{' autocast' if dtype else ''}, "
              f"{'channels_last' if cfg.channels_last else 'contiguous'}, {torch.get_num_threads()} threads")
-    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(1, len(train_loader)))
+    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    parts = TrainParts(model, optimizer, scheduler, scaler, train_loader)
+    averager = WeightAverage(model, cfg.ema) if cfg.ema else None
+    evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
+    parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
     progress = Progress() if state is None else restore_state(state, parts, cfg)
     results = ResultsLog(run_dir / "results.csv", progress.history)  # a resumed run keeps the rows of its state
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
-    step_fn = _make_step(model, optimizer, scheduler, scaler, loss_fn, cfg.grad_clip, device, dtype, memory_format)
+    step_fn = averaged_step(_make_step(model, optimizer, scheduler, scaler, loss_fn, cfg.grad_clip, device, dtype,
+                                       memory_format), averager)
+    epochs = run_epochs(cfg, len(train_loader))
     with StopSignals() as stop:
 
         def after_step() -> None:  # a safe point: stop here when asked to, save the state when due
@@ -124,41 +152,43 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 saver.save(progress)
 
         try:
-            while not progress.finished(cfg.epochs, cfg.patience):
+            while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
                 if hasattr(model, "set_frozen"):  # the backbone trains only after the frozen epochs
                     model.set_frozen(cfg.freeze or epoch <= cfg.freeze_epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                train_one_epoch(step_fn, train_loader, progress, cfg.epochs, after_step)
+                last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
+                train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
                 # The epoch's last update can make the weights non-finite while its own loss was finite: never
                 # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
                 _check_finite(model, progress)
-                val = evaluate(model, val_loader, device, dtype, memory_format, interrupt=stop.check) if val_loader else None
+                val = evaluate(evaluated, val_loader, device, dtype, memory_format, interrupt=stop.check,
+                               tta=cfg.tta == "flip") if val_loader else None
                 row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
                        "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
                        "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
                 rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
                 improved = progress.end_epoch(row, val.accuracy if val else float(epoch))  # no validation: last is best
                 results.append(row)
-                weights = _weights(model, weights_meta, epoch, row)
+                weights = _weights(evaluated, weights_meta, epoch, row)
                 save_atomic(weights, run_dir / "weights" / "last.pt")
                 if improved:
                     save_atomic(weights, run_dir / "weights" / "best.pt")
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
-                _log_epoch(row, cfg.epochs, rate)
+                _log_epoch(row, epochs, rate)
                 stop.check()
         except Exception as exc:
             if stop.requested is None or isinstance(exc, TrainingDiverged):
                 raise
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
-    return _fit_result(progress, cfg)
+    return _fit_result(progress, cfg, epochs)
 
 
-def _fit_result(progress: Progress, cfg: RunConfig) -> FitResult:
-    stopped_early = progress.stopped_early(cfg.epochs, cfg.patience)
+def _fit_result(progress: Progress, cfg: RunConfig, epochs: int) -> FitResult:
+    stopped_early = progress.stopped_early(epochs, cfg.patience)
     if stopped_early:
         log.info(f"early stop: no better validation accuracy for {cfg.patience} epochs (best: epoch {progress.best_epoch})")
     rate = progress.images_seen / progress.train_seconds if progress.train_seconds > 0 else 0.0
@@ -214,13 +244,16 @@ def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, 
 
 
 def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epochs: int,
-                    after_step: Callable[[], None] = lambda: None) -> None:
-    """Run the rest of an epoch's steps, adding to progress's running sums; after_step runs after each one
-    (the state may be saved there). Stops at a non-finite loss."""
+                    after_step: Callable[[], None] = lambda: None, max_steps: int | None = None) -> None:
+    """Run the rest of an epoch's steps (up to max_steps of them, default all), adding to progress's running sums;
+    after_step runs after each one (the state may be saved there). Stops at a non-finite loss."""
+    limit = len(loader) if max_steps is None else max_steps
+    if progress.step >= limit:
+        return
     total_loss = torch.tensor(progress.loss_sum, dtype=torch.float64)
     correct = torch.tensor(progress.correct, dtype=torch.int64)
     start, seconds_before = time.perf_counter(), progress.seconds
-    bar = tqdm(loader, total=len(loader), initial=progress.step, desc=f"epoch {progress.epoch}/{epochs}", unit="batch",
+    bar = tqdm(loader, total=limit, initial=progress.step, desc=f"epoch {progress.epoch}/{epochs}", unit="batch",
                leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
     for x, y in bar:
         loss, hits = step_fn(x, y)
@@ -233,20 +266,23 @@ def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epoch
         progress.seen += len(y)
         progress.loss_sum, progress.correct = total_loss.item(), int(correct.item())
         progress.seconds = seconds_before + time.perf_counter() - start
-        if progress.step % 25 == 0 or progress.step == len(loader):
+        if progress.step % 25 == 0 or progress.step == limit:
             rate = progress.seen / max(progress.seconds, 1e-9)
             bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}", acc=f"{progress.correct / progress.seen:.2%}",
                             img_s=f"{rate:.0f}")
         after_step()
+        if progress.step >= limit:
+            break
     bar.close()
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None = None,
              memory_format: torch.memory_format = torch.contiguous_format, collect: bool = False,
-             interrupt: Callable[[], None] | None = None) -> EvalResult:
+             interrupt: Callable[[], None] | None = None, tta: bool = False) -> EvalResult:
     """Mean cross-entropy and accuracy over a loader (in eval mode); optionally keep logits and targets.
-    interrupt runs after each batch (it may raise to stop the evaluation)."""
+    interrupt runs after each batch (it may raise to stop the evaluation); tta: the logits are the mean of each
+    image's and its left-right mirror image's."""
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -257,6 +293,8 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
             y = y.to(device, non_blocking=True)
             with autocast(device, dtype):
                 logits = model(x).float()
+                if tta:
+                    logits = (logits + model(x.flip(-1)).float()) / 2
             total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)

@@ -13,6 +13,7 @@ from imgrec.errors import UsageError
 from imgrec.models.backbones import BACKBONES, build_backbone
 from imgrec.models.lenet import build_lenet
 from imgrec.models.mlp import MLP
+from imgrec.models.speednet import build_resnet8, build_speednet
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry(lambda n, c, s: MLP(n, c, s), "the tutorial's naive fully-connected net (hidden 125, 65)"),
     "lenet": ModelEntry(build_lenet, "the tutorial's CNN: conv 20/50 5x5 for grey, conv 16/32/64 3x3 for colour; fc 500"),
+    "resnet8": ModelEntry(build_resnet8, "small residual speed-run net for 28x28 grey images: stem 16, residual groups "
+                                         "32/64/128 with max-pooling, BN, GELU, scaled linear head (--recipe fast)"),
+    "speednet": ModelEntry(build_speednet, "airbench/ResNet-9-style net for 32x32 colour images: stem 32, residual "
+                                           "groups 64/192/256 with max-pooling, BN, GELU, scaled linear head "
+                                           "(--recipe fast)"),
     **{name: ModelEntry(partial(build_backbone, name), spec.description, pretrained=True)
        for name, spec in BACKBONES.items()},
 }

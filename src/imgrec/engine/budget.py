@@ -1,0 +1,155 @@
+"""Time budgets (--time-budget): measure a run's own speed at its start, then plan how many steps fit.
+
+measure_speed() times a few training steps on a copy of the model (the model itself and every random generator are
+left as they were) and one evaluation batch; plan_budget() turns the seconds left into a number of training steps,
+whole epochs plus possibly a cut last one, after reserving the per-epoch validation, the final evaluation and
+report, and a safety margin. The plan becomes cfg.epochs and cfg.max_steps, which the training state records,
+so a resumed run keeps it. Imports: torch and the engine; no data set is named here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgrec.config import RunConfig
+from imgrec.engine.averaging import WeightAverage
+from imgrec.engine.system import autocast, autocast_dtype, select_device
+from imgrec.engine.trainer import OPTIMIZERS
+from imgrec.errors import UsageError
+
+MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
+REPORT_SECONDS = 5.0  # after the final evaluation: figures, report.html, JSON files
+EPOCH_END_SECONDS = 0.5  # each epoch's end: last.pt, best.pt and train_state.pt written and synced
+WARMUP_STEPS = 2  # the first steps also build the kernels: not timed
+MEASURE_SECONDS = 3.0  # time steps until this much has passed ...
+MAX_MEASURE_STEPS = 30  # ... or this many have run
+MIN_MEASURE_STEPS = 3
+
+
+@dataclass
+class Speed:
+    step_seconds: float  # one training step, fetching and augmenting its batch included
+    eval_image_seconds: float  # one image in evaluation (both views with flip TTA)
+    measure_seconds: float  # what measuring took
+
+
+@dataclass
+class BudgetPlan:
+    budget_seconds: float
+    elapsed_seconds: float  # spent before training: start-up, data preparation, model, measuring
+    step_seconds: float
+    eval_image_seconds: float
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int  # the last one may be cut short: total_steps is what runs
+    epoch_end_seconds: float  # each epoch's validation and saves
+    final_seconds: float  # the final evaluation passes and the report
+    margin_seconds: float
+    predicted_seconds: float  # the whole run, as planned
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for plan.json and the summary."""
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        """One line for the log."""
+        fraction = self.total_steps / self.steps_per_epoch
+        return (f"time budget {self.budget_seconds:.0f}s: {fraction:.2f} epochs ({self.total_steps} steps of "
+                f"{self.step_seconds * 1000:.0f} ms) after {self.elapsed_seconds:.1f}s of preparation; "
+                f"{self.final_seconds:.0f}s kept for the final evaluation and report, {self.margin_seconds:.0f}s margin; "
+                f"planned end at {self.predicted_seconds:.0f}s")
+
+
+def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: int, epoch_eval_images: int,
+                final_eval_images: int) -> BudgetPlan:
+    """The most training steps whose cost, with each started epoch's validation and end, fits in what is left of
+    the budget after the final evaluation, the report and the margin."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    epoch_end = epoch_eval_images * speed.eval_image_seconds + EPOCH_END_SECONDS
+    final = final_eval_images * speed.eval_image_seconds + REPORT_SECONDS
+    margin = MARGIN * budget
+    available = budget - elapsed - final - margin
+
+    def cost(steps: int) -> float:
+        return steps * speed.step_seconds + math.ceil(steps / steps_per_epoch) * epoch_end
+
+    steps = max(0, math.floor(available / (speed.step_seconds + epoch_end / steps_per_epoch)))
+    while steps > 0 and cost(steps) > available:  # a cut last epoch still pays a whole validation
+        steps -= 1
+    if steps < 1:
+        least = elapsed + final + margin + cost(1)
+        raise UsageError(f"--time-budget {budget:g}s is too short: preparing the data, measuring, one training step, "
+                         f"the final evaluation and the report need about {least:.0f}s here; give a longer budget")
+    return BudgetPlan(budget, elapsed, speed.step_seconds, speed.eval_image_seconds, steps_per_epoch, steps,
+                      math.ceil(steps / steps_per_epoch), epoch_end, final, margin, elapsed + cost(steps) + final)
+
+
+def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,
+                  cfg: RunConfig) -> Speed:
+    """Seconds per training step (on a copy of the model, with the run's optimiser and precision) and per
+    evaluated image; no random generator and no weight of `model` changes."""
+    start = time.perf_counter()
+    device = select_device(cfg.device)
+    dtype = autocast_dtype(cfg.precision, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
+    with torch.random.fork_rng(devices=[]):
+        step_seconds = _time_steps(probe, batches, cfg, device, dtype, memory_format)
+        eval_seconds = _time_evaluation(probe, eval_images, cfg.tta == "flip", device, dtype, memory_format)
+    return Speed(step_seconds, eval_seconds, time.perf_counter() - start)
+
+
+def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: torch.device, dtype: Any,
+                memory_format: torch.memory_format) -> float:
+    """Mean seconds of the training steps after the warm-up ones, batch fetching included."""
+    optimizer = OPTIMIZERS[cfg.optimizer](probe.parameters(), cfg)
+    average = WeightAverage(probe, cfg.ema) if cfg.ema else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    timed: list[float] = []
+    done = 0
+    while len(timed) < MIN_MEASURE_STEPS or (sum(timed) < MEASURE_SECONDS and len(timed) < MAX_MEASURE_STEPS):
+        iterator = iter(batches)  # small data: go round again
+        tick = time.perf_counter()
+        for x, y in iterator:
+            x, y = x.to(device, memory_format=memory_format), y.to(device)
+            with autocast(device, dtype):
+                loss = loss_fn(probe(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if average is not None:
+                average.update()
+            loss.item()  # wait for the step to finish, as the training loop does
+            done += 1
+            if done > WARMUP_STEPS:
+                timed.append(time.perf_counter() - tick)
+            tick = time.perf_counter()
+            if len(timed) >= MIN_MEASURE_STEPS and (sum(timed) >= MEASURE_SECONDS or len(timed) >= MAX_MEASURE_STEPS):
+                break
+    return sum(timed) / len(timed)
+
+
+@torch.inference_mode()
+def _time_evaluation(probe: nn.Module, images: torch.Tensor, tta: bool, device: torch.device, dtype: Any,
+                     memory_format: torch.memory_format) -> float:
+    """Seconds per image of evaluation-mode forward passes over one batch (after one warm-up pass)."""
+    probe.eval()
+    x = images.to(device, memory_format=memory_format)
+    runs = []
+    for _ in range(3):
+        tick = time.perf_counter()
+        with autocast(device, dtype):
+            logits = probe(x).float()
+            if tta:
+                logits = logits + probe(x.flip(-1)).float()
+        logits.sum().item()
+        runs.append(time.perf_counter() - tick)
+    return sum(runs[1:]) / len(runs[1:]) / len(x)

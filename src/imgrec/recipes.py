@@ -1,0 +1,114 @@
+"""Training recipes (--recipe fast) and time budgets (--time-budget): settings chosen for the data at hand.
+
+`recipe_data_settings` runs before the data loads (the recipe's validation fraction), `apply_recipe` after it
+(model, optimiser, schedule, augmentation and precision by image shape), and `plan_time_budget` once the model
+is built: it measures the run's speed (engine.budget) and sets cfg.epochs and cfg.max_steps so that the whole
+run ends within the budget. Settings the user gave explicitly always win. Like workflows, this module joins
+config, data and engine; only workflows imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+
+from imgrec.config import RunConfig
+from imgrec.data.info import DataBundle, DatasetInfo
+from imgrec.data.loaders import make_loader
+from imgrec.data.transforms import BatchTransform
+from imgrec.engine.budget import BudgetPlan, measure_speed, plan_budget
+from imgrec.errors import UsageError
+from imgrec.inference.calibrate import calibration_split
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 500
+MAX_SIDE = 32  # the fast recipe is tuned for 28x28 grey and 32x32 colour images
+
+# Shared by both shapes: SGD with Nesterov momentum, a warm-up then linear decay, label smoothing, an average of the
+# weights (what is tested) and flip test-time augmentation; 2% of the training images validate (enough for
+# temperature scaling and the out-of-distribution threshold, little taken from training).
+_COMMON: dict[str, Any] = dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="linear",
+                               ema=0.99, tta="flip", val_fraction=0.02)
+RECIPES: dict[str, dict[str, Any]] = {
+    "grey": dict(_COMMON, model="resnet8", lr=0.2, label_smoothing=0.1, augment="crop,flip", epochs=12),
+    "colour": dict(_COMMON, model="speednet", lr=0.2, label_smoothing=0.2, augment="crop,flip", epochs=16),
+}
+DATA_SETTINGS = ("val_fraction",)  # chosen before the data loads: they decide the splits
+
+
+def explicit_settings(cfg: RunConfig, given: Collection[str] | None) -> set[str]:
+    """The settings the user chose: those given (flags and --config keys), or, when unknown, those that differ
+    from RunConfig's defaults."""
+    if given is not None:
+        return set(given)
+    defaults = RunConfig()
+    return {f.name for f in fields(RunConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def recipe_data_settings(cfg: RunConfig, explicit: set[str]) -> RunConfig:
+    """The recipe's data settings (the validation fraction), before the data loads; checks --time-budget's company."""
+    if cfg.time_budget is not None:
+        clash = sorted({"epochs", "max_steps"} & explicit)
+        if clash:
+            flag = "--" + clash[0].replace("_", "-")
+            raise UsageError(f"give {flag} or --time-budget, not both: the budget plans the epochs")
+    if cfg.recipe == "none":
+        return cfg
+    chosen = {k: RECIPES["grey"][k] for k in DATA_SETTINGS if k not in explicit}
+    return replace(cfg, **chosen)
+
+
+def apply_recipe(cfg: RunConfig, info: DatasetInfo, explicit: set[str]) -> RunConfig:
+    """The recipe's settings for the data's shape, under the ones given explicitly; logs what it chose."""
+    if cfg.recipe == "none":
+        return cfg
+    shape = f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}"
+    if info.channels not in (1, 3) or max(info.image_size) > MAX_SIDE:
+        raise UsageError(f"--recipe {cfg.recipe} is tuned for grey or colour images of up to {MAX_SIDE}x{MAX_SIDE} "
+                         f"(28x28 grey, 32x32 colour) but these are {shape}: add --image-size {MAX_SIDE}, or drop "
+                         f"--recipe and choose the settings")
+    kind = "grey" if info.channels == 1 else "colour"
+    settings = dict(RECIPES[kind])  # precision stays auto: bf16 where the CPU or GPU computes it natively
+    if cfg.time_budget is not None:
+        settings.pop("epochs")  # the budget plans them
+    chosen = {k: v for k, v in settings.items() if k not in explicit and k not in DATA_SETTINGS}
+    augment = chosen.get("augment", cfg.augment)
+    if "tta" in chosen and "flip" not in augment.split(","):
+        chosen["tta"] = "none"  # flip TTA only for models trained on flipped images
+    kept = [k for k in settings if k in explicit and k not in DATA_SETTINGS]
+    given = f" (given: {', '.join(f'--{_flag(k)} {getattr(cfg, k)}' for k in kept)})" if kept else ""
+    log.info(f"recipe {cfg.recipe} for {shape} {kind} images: "
+             + ", ".join(f"--{_flag(k)} {v}" for k, v in chosen.items()) + given)
+    return replace(cfg, **chosen)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, train_transform: BatchTransform,
+                     eval_transform: BatchTransform, elapsed: float) -> tuple[RunConfig, BudgetPlan]:
+    """Measure the speed of this run and plan its steps to end within cfg.time_budget (elapsed: seconds gone)."""
+    from imgrec.config import parse_duration
+
+    loader = make_loader(bundle.train, cfg.batch_size, train_transform, train=True, seed=cfg.seed, workers=cfg.workers)
+    loader.set_epoch(0)  # an epoch that training never draws (it starts at epoch 1)
+    eval_split = bundle.test
+    images, _ = next(iter(make_loader(eval_split, min(EVAL_BATCH_SIZE, len(eval_split)), eval_transform,
+                                      train=False, workers=0)))
+    speed = measure_speed(model, loader, images, cfg)
+    val_images = len(bundle.val) if bundle.val is not None else 0
+    calibration = len(calibration_split(bundle)[1])
+    # after training: temperature on val and the OOD threshold on the calibration images, then the test split; when
+    # best.pt and last.pt hold different epochs the first two run twice, which the margin covers (val is small)
+    final_images = val_images + calibration + len(bundle.test)
+    plan = plan_budget(parse_duration(cfg.time_budget or ""), elapsed + speed.measure_seconds, speed, len(loader),
+                       val_images, final_images)
+    cut = plan.total_steps < plan.epochs * plan.steps_per_epoch
+    log.info(plan.describe())
+    return replace(cfg, epochs=plan.epochs, max_steps=plan.total_steps if cut else None), plan

@@ -1,0 +1,92 @@
+"""--time-budget: parsing durations and the planning arithmetic (no timing: speeds are given)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from imgrec.config import RunConfig, parse_duration
+from imgrec.engine.budget import EPOCH_END_SECONDS, MARGIN, REPORT_SECONDS, Speed, measure_speed, plan_budget
+from imgrec.errors import UsageError
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("6m", 360), ("1h", 3600), ("1.5h", 5400), ("45", 45),
+                                          (" 2M ", 120), ("0.5m", 30)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "abc", "-5s", "0", "10d", "inf", "nan", "5 minutes"])
+def test_bad_durations_are_one_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="--time-budget .*90s, 6m or 1h"):
+        parse_duration(text)
+    with pytest.raises(UsageError, match="--time-budget"):
+        RunConfig(time_budget=text)
+
+
+def _cost(plan, speed: Speed, val: int) -> float:  # noqa: ANN001
+    epochs = math.ceil(plan.total_steps / plan.steps_per_epoch)
+    return plan.total_steps * speed.step_seconds + epochs * (val * speed.eval_image_seconds + EPOCH_END_SECONDS)
+
+
+def test_the_plan_fills_the_budget_and_no_more() -> None:
+    speed = Speed(step_seconds=0.2, eval_image_seconds=0.001, measure_seconds=3.0)
+    plan = plan_budget(120, elapsed=10, speed=speed, steps_per_epoch=100, epoch_eval_images=1000,
+                       final_eval_images=15000)
+    final = 15000 * 0.001 + REPORT_SECONDS
+    available = 120 - 10 - final - MARGIN * 120
+    assert plan.final_seconds == pytest.approx(final)
+    assert _cost(plan, speed, 1000) <= available
+    one_more = plan_budget(10_000, 10, speed, 100, 1000, 15000)  # (the same arithmetic, a bigger budget)
+    assert one_more.total_steps > plan.total_steps
+    # one step more would not fit: an extra step costs 0.2 s, or a whole validation when it starts an epoch
+    plan.total_steps += 1
+    assert _cost(plan, speed, 1000) > available
+    assert plan.predicted_seconds <= 120 - MARGIN * 120 + 1e-9
+
+
+def test_a_last_epoch_is_cut_rather_than_dropped() -> None:
+    speed = Speed(step_seconds=1.0, eval_image_seconds=0.0, measure_seconds=1.0)
+    plan = plan_budget(100, elapsed=0, speed=speed, steps_per_epoch=40, epoch_eval_images=0, final_eval_images=0)
+    available = 100 * (1 - MARGIN) - REPORT_SECONDS  # 88 s: 2 whole epochs of 40.5 s, then 6 steps of a third
+    assert plan.total_steps == math.floor((available - 3 * EPOCH_END_SECONDS) / 1.0)
+    assert plan.epochs == 3 and plan.total_steps % 40 != 0
+
+
+def test_a_validation_that_does_not_fit_drops_the_started_epoch() -> None:
+    # each epoch's validation costs 30 s: starting a third epoch for a few steps would overrun
+    speed = Speed(step_seconds=0.1, eval_image_seconds=0.01, measure_seconds=1.0)
+    plan = plan_budget(100, elapsed=0, speed=speed, steps_per_epoch=100, epoch_eval_images=3000, final_eval_images=0)
+    # 88 s available; an epoch costs 10 s of steps + 30.5 s at its end: two fit (81 s), a third cannot start
+    assert plan.epochs == 2 and plan.total_steps == 200
+    assert _cost(plan, speed, 3000) <= 100 * (1 - MARGIN) - REPORT_SECONDS
+
+
+def test_too_short_a_budget_is_one_usage_error() -> None:
+    speed = Speed(step_seconds=0.5, eval_image_seconds=0.001, measure_seconds=3.0)
+    with pytest.raises(UsageError, match="--time-budget 20s is too short: .* about 28s"):
+        plan_budget(20, elapsed=15, speed=speed, steps_per_epoch=100, epoch_eval_images=1000, final_eval_images=5000)
+
+
+def test_the_plan_reads_as_one_line_and_plain_values() -> None:
+    plan = plan_budget(60, 5, Speed(0.1, 0.001, 2.0), 50, 100, 1000)
+    assert "\n" not in plan.describe() and "time budget 60s" in plan.describe()
+    values = plan.to_dict()
+    assert values["total_steps"] == plan.total_steps and all(isinstance(v, (int, float)) for v in values.values())
+
+
+def test_measuring_leaves_the_model_and_the_random_generators_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(2)]
+    images = torch.randn(10, 1, 8, 8)
+    rng = torch.get_rng_state()
+    cfg = RunConfig(optimizer="sgd", lr=0.1, ema=0.9, tta="flip", augment="flip", device="cpu", precision="bf16")
+    speed = measure_speed(model, batches, images, cfg)
+    assert speed.step_seconds > 0 and speed.eval_image_seconds > 0 and speed.measure_seconds > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)

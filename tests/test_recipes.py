@@ -1,0 +1,134 @@
+"""--recipe fast (settings by image shape, explicit settings win) and --time-budget end to end on tiny data, plus
+one run on the real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import error_line, make_image_folder, run_main
+from imgrec.config import RunConfig
+from imgrec.data.info import DatasetInfo
+from imgrec.errors import UsageError
+from imgrec.recipes import RECIPES, apply_recipe, explicit_settings, recipe_data_settings
+
+
+def _info(channels: int, size: tuple[int, int]) -> DatasetInfo:
+    return DatasetInfo(name="x", classes=["a", "b", "c"], channels=channels, image_size=size, mean=[0.5] * channels,
+                       std=[0.25] * channels)
+
+
+@pytest.mark.parametrize("channels,size,model", [(1, (28, 28), "resnet8"), (3, (32, 32), "speednet"),
+                                                 (1, (8, 8), "resnet8"), (3, (16, 20), "speednet")])
+def test_the_recipe_picks_by_shape(channels: int, size: tuple[int, int], model: str) -> None:
+    cfg = apply_recipe(RunConfig(recipe="fast"), _info(channels, size), set())
+    kind = "grey" if channels == 1 else "colour"
+    for key, value in RECIPES[kind].items():
+        if key != "val_fraction":
+            assert getattr(cfg, key) == value, key
+    assert cfg.model == model and cfg.tta == "flip" and cfg.schedule == "linear" and cfg.optimizer == "sgd"
+    assert cfg.precision == "auto"  # bf16 where the hardware computes it natively (engine.system)
+
+
+def test_explicit_settings_win_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    given = RunConfig(recipe="fast", lr=0.05, model="lenet", augment="crop")
+    explicit = explicit_settings(given, {"recipe", "lr", "model", "augment"})
+    with caplog.at_level(logging.INFO, logger="imgrec.recipes"):
+        cfg = apply_recipe(given, _info(3, (32, 32)), explicit)
+    assert (cfg.lr, cfg.model, cfg.augment) == (0.05, "lenet", "crop")
+    assert cfg.optimizer == "sgd" and cfg.batch_size == RECIPES["colour"]["batch_size"]
+    assert cfg.tta == "none"  # no flip among the augmentations given: no flip TTA
+    line = caplog.records[-1].getMessage()
+    assert "recipe fast for 3x32x32 colour images" in line and "(given: --model lenet, --lr 0.05, --augment crop)" in line
+
+
+def test_without_a_given_set_the_non_defaults_count_as_explicit() -> None:
+    assert explicit_settings(RunConfig(lr=0.3, recipe="fast"), None) == {"lr", "recipe"}
+
+
+def test_no_recipe_changes_nothing() -> None:
+    cfg = RunConfig(lr=0.3)
+    assert apply_recipe(cfg, _info(1, (28, 28)), set()) == cfg
+    assert recipe_data_settings(cfg, set()) == cfg
+
+
+def test_the_data_settings_come_first_and_yield_to_explicit_ones() -> None:
+    assert recipe_data_settings(RunConfig(recipe="fast"), set()).val_fraction == 0.02
+    assert recipe_data_settings(RunConfig(recipe="fast", val_fraction=0.2), {"val_fraction"}).val_fraction == 0.2
+
+
+def test_with_a_time_budget_the_recipe_leaves_the_epochs_to_the_plan() -> None:
+    cfg = apply_recipe(RunConfig(recipe="fast", time_budget="1m"), _info(1, (28, 28)), set())
+    assert cfg.epochs == RunConfig().epochs
+
+
+@pytest.mark.parametrize("channels,size", [(3, (64, 64)), (1, (28, 40)), (4, (32, 32))])
+def test_other_shapes_are_one_clear_error(channels: int, size: tuple[int, int]) -> None:
+    with pytest.raises(UsageError, match=r"--recipe fast is tuned for .* up to 32x32 .* add --image-size 32"):
+        apply_recipe(RunConfig(recipe="fast"), _info(channels, size), set())
+
+
+@pytest.mark.parametrize("flag", ["epochs", "max_steps"])
+def test_a_budget_with_epochs_is_a_usage_error(flag: str) -> None:
+    cfg = RunConfig(time_budget="2m", **{flag: 3})
+    with pytest.raises(UsageError, match=f"give --{flag.replace('_', '-')} or --time-budget, not both"):
+        recipe_data_settings(cfg, {flag, "time_budget"})
+
+
+def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_image_folder(tmp_path / "photos", size=16)
+    cases = [
+        (["--time-budget", "soon"], "--time-budget 'soon': give a positive duration such as 90s, 6m or 1h"),
+        (["--time-budget", "1m", "--epochs", "3"], "give --epochs or --time-budget, not both"),
+        (["--tta", "flip", "--augment", "crop"], "--tta flip needs flip in --augment"),
+        (["--recipe", "slow"], "argument --recipe: invalid choice"),
+        (["--ema", "1.5"], "--ema must be in [0, 1)"),
+    ]
+    for argv, fragment in cases:
+        code, _, err = run_main(["train", "--data", str(folder), "--project", str(tmp_path / "runs"), "--threads", "1",
+                                 "--device", "cpu", *argv], capsys)
+        assert code == 2, argv
+        assert fragment in error_line(err), err
+
+
+def test_a_budgeted_recipe_run_records_its_plan_and_resumes_without_replanning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_image_folder(tmp_path / "photos", size=16, per_class=20)
+    argv = ["train", "--data", str(folder), "--recipe", "fast", "--time-budget", "60s", "--batch-size", "16",
+            "--project", str(tmp_path / "runs"), "--name", "fast", "--threads", "1", "--device", "cpu"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "fast"
+    plan = json.loads((run / "plan.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == "speednet" and config["batch_size"] == 16 and config["epochs"] == plan["epochs"]
+    assert config["max_steps"] in (None, plan["total_steps"])
+    assert plan["budget_seconds"] == 60 and plan["total_steps"] >= 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"] == plan and summary["time_budget_seconds"] == 60
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    assert state["config"]["epochs"] == plan["epochs"] and state["averaged"] is not None
+    code, out, err = run_main(["train", "--resume", str(run)], capsys)
+    assert code == 0 and "already finished" in out
+    code, _, err = run_main(["train", "--resume", str(run), "--epochs", str(plan["epochs"] + 5)], capsys)
+    assert code == 2 and "planned for --time-budget 60s" in error_line(err)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_fast_recipe_within_a_short_budget(shared_data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["train", "--data", "fashion-mnist", "--data-dir", str(shared_data), "--recipe", "fast",
+                               "--time-budget", "2m", "--threads", "1", "--project", str(tmp_path / "runs"),
+                               "--name", "fm"], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "fm"
+    plan = json.loads((run / "plan.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "resnet8" and summary["plan"] == plan and plan["total_steps"] >= 1
+    assert summary["test_accuracy"] > 0.5  # a fraction of an epoch already learns most of Fashion-MNIST
+    assert "test accuracy" in out

@@ -111,9 +111,9 @@ def test_the_test_report_uses_the_runs_tta() -> None:
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
     x = torch.randn(6, 1, 6, 6)
     loader = _Loader([(x, torch.zeros(6, dtype=torch.long))])
-    cfg = RunConfig(tta="flip", augment="flip", device="cpu", channels_last=False)
+    cfg = RunConfig(tta="flip", augment="flip", device="cpu", channels_last=False, precision="fp32")
     with torch.no_grad():
         expected = (model(x) + model(x.flip(-1))) / 2
     torch.testing.assert_close(predict(model, loader, cfg).logits, expected)
-    torch.testing.assert_close(predict(model, loader, RunConfig(device="cpu", channels_last=False)).logits,
+    torch.testing.assert_close(predict(model, loader, RunConfig(device="cpu", channels_last=False, precision="fp32")).logits,
                                model(x).detach())

@@ -22,7 +22,7 @@ from torch import nn
 from imgrec.config import RunConfig
 from imgrec.engine.averaging import WeightAverage
 from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.engine.trainer import OPTIMIZERS
+from imgrec.engine.trainer import OPTIMIZERS, optimizer_kernels
 from imgrec.errors import UsageError
 
 MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
@@ -110,7 +110,7 @@ def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: torch.device, dtype: Any,
                 memory_format: torch.memory_format) -> float:
     """Mean seconds of the training steps after the warm-up ones, batch fetching included."""
-    optimizer = OPTIMIZERS[cfg.optimizer](probe.parameters(), cfg)
+    optimizer = OPTIMIZERS[cfg.optimizer](probe.parameters(), cfg, optimizer_kernels(device))
     average = WeightAverage(probe, cfg.ema) if cfg.ema else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     timed: list[float] = []

@@ -169,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgrec.workflows import resume, train
 
     outcome = resume(args.resume, _given_settings(args)) if args.resume else train(_config_from_args(args))
+    if not outcome.main_process:  # another process of a torchrun group: the main one reports
+        return 0
     s = outcome.summary
     print(f"run folder: {outcome.run_dir}")
     if outcome.already_finished:

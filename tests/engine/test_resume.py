@@ -274,4 +274,4 @@ def test_only_settings_that_cannot_change_the_past_are_resume_safe() -> None:
     from imgrec.config import resume_safe_settings
 
     assert sorted(resume_safe_settings()) == sorted(
-        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps"])
+        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps", "dist_timeout"])

@@ -57,6 +57,8 @@ class Context:
 
 
 _context = Context()
+# id(model) -> (which parameters required grad, its DDP wrapper); dropped with the group
+_wrappers: dict[int, tuple[tuple[bool, ...], nn.Module]] = {}
 
 
 def context() -> Context:
@@ -142,6 +144,7 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
 def teardown() -> None:
     """Leave the process group (no-op without one)."""
     global _context
+    _wrappers.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _context = Context()
@@ -208,8 +211,9 @@ def wrap_model(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     if not _context.distributed:
         return model
     key = tuple(p.requires_grad for p in model.parameters())
-    cached = getattr(model, "_imgrec_ddp", None)
+    cached = _wrappers.pop(id(model), None)  # an outdated wrapper goes, and its gradient hooks with it
     if cached is not None and cached[0] == key:
+        _wrappers[id(model)] = cached
         return cached[1]
     on_gpu = next(model.parameters()).is_cuda
     if sync_bn and cached is None:
@@ -219,7 +223,7 @@ def wrap_model(model: nn.Module, sync_bn: bool = False) -> nn.Module:
         convert_sync_bn(model)
     device_ids = [_context.local_rank] if on_gpu else None
     wrapper = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    object.__setattr__(model, "_imgrec_ddp", (key, wrapper))  # not a submodule: kept out of the state dict
+    _wrappers[id(model)] = (key, wrapper)
     return wrapper
 
 

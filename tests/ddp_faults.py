@@ -1,6 +1,6 @@
-"""`imgrec` with a fault injected into one process of a torchrun group, for tests/engine/test_distributed.py.
+"""`imgrec` with a fault injected into one process of a torchrun group, for tests/test_distributed.py.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/engine/ddp_faults.py KIND RANK EPOCH STEP -- train ...
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_faults.py KIND RANK EPOCH STEP -- train ...
 
 runs `imgrec train ...` in every process; in process RANK, when its training loader is about to yield batch STEP
 (counted from 1) of epoch EPOCH, it raises a RuntimeError (KIND "raise") or kills itself with SIGKILL (KIND

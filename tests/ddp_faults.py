@@ -3,8 +3,9 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_faults.py KIND RANK EPOCH STEP -- train ...
 
 runs `imgrec train ...` in every process; in process RANK, when its training loader is about to yield batch STEP
-(counted from 1) of epoch EPOCH, it raises a RuntimeError (KIND "raise") or kills itself with SIGKILL (KIND
-"kill", only in the first attempt: a group that torchrun restarted runs clean).
+(counted from 1) of epoch EPOCH, it raises a RuntimeError (KIND "raise"), kills itself with SIGKILL (KIND
+"kill", only in the first attempt: a group that torchrun restarted runs clean), or sends itself SIGTERM (KIND
+"term": as if that one process were asked to stop).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def inject(kind: str, rank: int, epoch: int, step: int) -> None:
             if self.shuffle and here == rank and self.epoch == epoch and self.batches_done == step:
                 if kind == "raise":
                     raise RuntimeError(f"injected failure in process {here}")
-                if first_attempt:
+                if kind == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif first_attempt:
                     os.kill(os.getpid(), signal.SIGKILL)
             yield batch
 
@@ -37,6 +40,6 @@ def inject(kind: str, rank: int, epoch: int, step: int) -> None:
 
 if __name__ == "__main__":
     kind, rank, epoch, step, separator, *argv = sys.argv[1:]
-    assert kind in ("raise", "kill") and separator == "--", sys.argv
+    assert kind in ("raise", "kill", "term") and separator == "--", sys.argv
     inject(kind, int(rank), int(epoch), int(step))
     raise SystemExit(main(argv))

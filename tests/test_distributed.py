@@ -253,6 +253,26 @@ def test_a_killed_process_restarts_the_group_which_resumes_the_same_run(
     assert all(torch.equal(a[k], b[k]) for k in a)  # each process resumed its own shard, generators and sums
 
 
+@pytest.mark.timeout(2 * GROUP_TIMEOUT + 60)
+def test_a_stop_signal_to_one_process_stops_all_at_one_step_and_resume_continues_exactly(
+        data: Path, tmp_path: Path, pair_run: tuple[Path, Any]) -> None:
+    # SIGTERM reaches process 1 alone, before batch 3 of epoch 2: both agree to stop after the same step
+    stopped = torchrun("term", "1", "2", "3", "--", "train", "--data", str(data), "--project", str(tmp_path), "--name",
+                       "pair", "--batch-size", str(PER_PROCESS_BATCH), *TRAIN, cwd=tmp_path, script=[str(FAULTS)])
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("stopped by SIGTERM at epoch 2, step 3") == 1  # the main process's line
+    state = load_state(tmp_path / "pair" / "train_state.pt")
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (2, 3)
+    assert [p["loader"]["batches_done"] for p in state["processes"]] == [3, 3]
+    resumed = torchrun("train", "--resume", str(tmp_path / "pair"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pair, _ = pair_run
+    assert rows(tmp_path / "pair") == rows(pair)
+    a = load_weights_file(tmp_path / "pair" / "weights" / "last.pt")["state_dict"]
+    b = load_weights_file(pair / "weights" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_a_process_that_raises_fails_the_whole_torchrun_group(data: Path, tmp_path: Path) -> None:
     started = time.monotonic()

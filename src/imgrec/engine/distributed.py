@@ -150,13 +150,14 @@ def teardown() -> None:
     _context = Context()
 
 
-def sum_over_processes(*values: float) -> list[float]:
-    """Each value summed over all processes (float64; counts stay exact up to 2**53). Unchanged for one process."""
+def sum_over_processes(*values: Any) -> list[Any]:
+    """Each value (an int or a float) summed over all processes, keeping its type (float64 on the way: counts stay
+    exact up to 2**53). Unchanged for one process."""
     if not _context.distributed:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)  # small CPU tensors: gloo, no GPU synchronisation
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)  # small CPU tensors: gloo, no GPU sync
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return [round(total) if isinstance(v, int) else total for v, total in zip(values, tensor.tolist(), strict=True)]
 
 
 def agree(*flags: bool) -> tuple[bool, ...]:

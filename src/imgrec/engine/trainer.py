@@ -280,7 +280,6 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
         model.train(was_training)
     if not collect:  # each process evaluated its shard of the split: the sums over all of them (collect: its own)
         total_loss, correct, count = distributed.sum_over_processes(total_loss, correct, count)
-        correct, count = int(correct), int(count)
     result = EvalResult(total_loss / max(count, 1), correct / max(count, 1), count)
     if collect:
         result.logits, result.targets = torch.cat(all_logits), torch.cat(all_targets)

@@ -161,15 +161,7 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
     if source and not resumed:  # a resumed run's weights come from its training state
         load_source(model, cfg.model, source)
-    if resumed:
-        if cfg.cache_features:
-            raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
-        run_dir = resumed.path.parent
-    else:  # made by the main process; the others learn its name (and number) from it
-        run_dir = distributed.from_main(lambda: create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model),
-                                                               cfg.exist_ok))
-    if here.is_main:
-        _write_run_files(cfg, bundle, run_dir)
+    run_dir = _run_folder(cfg, bundle, resumed)
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
@@ -190,7 +182,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None) -> TrainOutcome:
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
     if not here.is_main:
         return TrainOutcome(run_dir, {}, main_process=False)
-    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
+    if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
+        val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
     calibrate_weights(model, val_loader, run_dir, cfg)
     record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
@@ -352,8 +345,23 @@ def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "tra
     return plot_image_grid(images, titles, out)
 
 
+def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None) -> Path:
+    """The run folder: the resumed run's, or a new one that the main process makes and names for all processes;
+    the main process writes config.yaml, split.csv and skipped.txt into it."""
+    if resumed:
+        if cfg.cache_features:
+            raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
+        run_dir = resumed.path.parent
+    else:
+        name = cfg.name or default_run_name(cfg.data, cfg.model)
+        run_dir = distributed.from_main(lambda: create_run_dir(cfg.project, name, cfg.exist_ok))
+    if distributed.is_main():
+        _write_run_files(cfg, bundle, run_dir)
+    return run_dir
+
+
 def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
-    """config.yaml, and split.csv and skipped.txt when the data has them (the main process's job)."""
+    """config.yaml, and split.csv and skipped.txt when the data has them."""
     cfg.save(run_dir / "config.yaml")
     if bundle.manifest:
         _write_manifest(bundle.manifest, run_dir / "split.csv")

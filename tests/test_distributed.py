@@ -199,6 +199,7 @@ def pair_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return project / "pair", done
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_two_processes_train_like_one_with_the_same_global_batch(data: Path, tmp_path: Path,
                                                                  pair_run: tuple[Path, Any]) -> None:
@@ -222,6 +223,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(data: Path, tmp
     assert state["world_size"] == 2 and state["progress"]["images_seen"] == 3 * 48
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_only_the_main_process_writes_and_logs(pair_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     pair, done = pair_run
@@ -235,6 +237,7 @@ def test_only_the_main_process_writes_and_logs(pair_run: tuple[Path, subprocess.
         p.name for p in pair.iterdir()}
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_a_killed_process_restarts_the_group_which_resumes_the_same_run(
         data: Path, tmp_path: Path, pair_run: tuple[Path, Any]) -> None:
@@ -253,6 +256,7 @@ def test_a_killed_process_restarts_the_group_which_resumes_the_same_run(
     assert all(torch.equal(a[k], b[k]) for k in a)  # each process resumed its own shard, generators and sums
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(2 * GROUP_TIMEOUT + 60)
 def test_a_stop_signal_to_one_process_stops_all_at_one_step_and_resume_continues_exactly(
         data: Path, tmp_path: Path, pair_run: tuple[Path, Any]) -> None:
@@ -273,6 +277,7 @@ def test_a_stop_signal_to_one_process_stops_all_at_one_step_and_resume_continues
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_a_process_that_raises_fails_the_whole_torchrun_group(data: Path, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -283,6 +288,7 @@ def test_a_process_that_raises_fails_the_whole_torchrun_group(data: Path, tmp_pa
     assert time.monotonic() - started < GROUP_TIMEOUT
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_without_torchrun_the_survivor_fails_with_one_line_too(data: Path, tmp_path: Path) -> None:
     """A launcher that only sets the variables (srun without torchrun): the group's own teardown."""
@@ -303,6 +309,8 @@ def test_without_torchrun_the_survivor_fails_with_one_line_too(data: Path, tmp_p
     assert "Traceback" not in outputs[0][1]
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(GROUP_TIMEOUT + 60)
 def test_a_run_resumes_only_with_as_many_processes(pair_run: tuple[Path, Any]) -> None:
     pair, _ = pair_run
     with pytest.raises(UsageError, match="trained by 2 processes; resume it with as many"):
@@ -331,6 +339,7 @@ def _freeze_then_train(rank: int, port: int, out: str) -> None:
     distributed.teardown()
 
 
+@pytest.mark.ddp
 @pytest.mark.timeout(GROUP_TIMEOUT)
 def test_unfreezing_rewraps_the_model_so_every_trainable_parameter_is_averaged(tmp_path: Path) -> None:
     import torch.multiprocessing as mp

@@ -4,8 +4,8 @@
 
 runs `imgrec train ...` in every process; in process RANK, when its training loader is about to yield batch STEP
 (counted from 1) of epoch EPOCH, it raises a RuntimeError (KIND "raise"), kills itself with SIGKILL (KIND
-"kill", only in the first attempt: a group that torchrun restarted runs clean), or sends itself SIGTERM (KIND
-"term": as if that one process were asked to stop).
+"kill", only in the first attempt: a group that torchrun restarted runs clean), sends itself SIGTERM (KIND
+"term": as if that one process were asked to stop), or stops answering for ten minutes (KIND "hang").
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from imgrec.cli import main
 from imgrec.data import loaders
@@ -29,7 +30,9 @@ def inject(kind: str, rank: int, epoch: int, step: int) -> None:
             if self.shuffle and here == rank and self.epoch == epoch and self.batches_done == step:
                 if kind == "raise":
                     raise RuntimeError(f"injected failure in process {here}")
-                if kind == "term":
+                if kind == "hang":
+                    time.sleep(600)
+                elif kind == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
                 elif first_attempt:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -40,6 +43,6 @@ def inject(kind: str, rank: int, epoch: int, step: int) -> None:
 
 if __name__ == "__main__":
     kind, rank, epoch, step, separator, *argv = sys.argv[1:]
-    assert kind in ("raise", "kill", "term") and separator == "--", sys.argv
+    assert kind in ("raise", "kill", "term", "hang") and separator == "--", sys.argv
     inject(kind, int(rank), int(epoch), int(step))
     raise SystemExit(main(argv))

@@ -288,19 +288,38 @@ def test_a_process_that_raises_fails_the_whole_torchrun_group(data: Path, tmp_pa
     assert time.monotonic() - started < GROUP_TIMEOUT
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(GROUP_TIMEOUT + 60)
-def test_without_torchrun_the_survivor_fails_with_one_line_too(data: Path, tmp_path: Path) -> None:
-    """A launcher that only sets the variables (srun without torchrun): the group's own teardown."""
+def launch_pair(kind: str, data: Path, cwd: Path, *extra: str) -> list[subprocess.Popen[str]]:
+    """Two processes started the way a launcher without torchrun starts them (srun): only the variables."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
                "LOCAL_RANK": str(rank)}
         procs.append(subprocess.Popen(
-            [sys.executable, str(FAULTS), "raise", "1", "2", "3", "--", "train", "--data", str(data), "--project",
-             str(tmp_path), "--batch-size", str(PER_PROCESS_BATCH), *TRAIN], env=env, cwd=tmp_path,
+            [sys.executable, str(FAULTS), kind, "1", "2", "3", "--", "train", "--data", str(data), "--project",
+             str(cwd), "--batch-size", str(PER_PROCESS_BATCH), *TRAIN, *extra], env=env, cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(GROUP_TIMEOUT + 60)
+def test_a_process_that_stops_answering_fails_the_others_after_the_timeout(data: Path, tmp_path: Path) -> None:
+    survivor, hung = launch_pair("hang", data, tmp_path, "--dist-timeout", "0.1")  # 6 seconds
+    try:
+        _, err = survivor.communicate(timeout=GROUP_TIMEOUT)
+    finally:
+        hung.kill()
+        hung.communicate()
+    assert survivor.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("imgrec train: error: process 0 of 2 lost the others"), err[-2000:]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(GROUP_TIMEOUT + 60)
+def test_without_torchrun_the_survivor_fails_with_one_line_too(data: Path, tmp_path: Path) -> None:
+    """A launcher that only sets the variables (srun without torchrun): the group's own teardown."""
+    procs = launch_pair("raise", data, tmp_path)
     outputs = [p.communicate(timeout=GROUP_TIMEOUT) for p in procs]
     assert [p.returncode for p in procs] == [1, 1]
     assert "injected failure in process 1" in outputs[1][1]

@@ -144,9 +144,10 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
 def teardown() -> None:
     """Leave the process group (no-op without one)."""
     global _context
-    _wrappers.clear()
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # nobody closes its connections while another process still talks over them
         dist.destroy_process_group()
+    _wrappers.clear()
     _context = Context()
 
 

@@ -3,6 +3,7 @@
   nothing imports imgrec.cli (only the entry point imgrec.__main__ runs it)
   imgrec.models, imgrec.data, imgrec.evaluation: never each other, imgrec.engine or imgrec.workflows
   imgrec.engine: never imgrec.data, imgrec.models or imgrec.workflows
+  imgrec.engine.distributed: of imgrec only errors; only the engine and workflows import it (one code path)
   the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
@@ -80,7 +81,7 @@ def test_the_package_is_where_expected() -> None:
             "imgrec.models.registry", "imgrec.evaluation.metrics", "imgrec.data.datasets", "imgrec.finetune",
             "imgrec.recipes", "imgrec.models.transfer", "imgrec.models.backbones", "imgrec.serve.app",
             "imgrec.serve.server", "imgrec.export", "imgrec.export.common", "imgrec.export.onnx_file",
-            "imgrec.export.safetensors_file", *COMMAND_MODULES} <= set(MODULES)
+            "imgrec.export.safetensors_file", "imgrec.engine.distributed", *COMMAND_MODULES} <= set(MODULES)
 
 
 def test_the_import_parser_sees_nested_relative_and_aliased_imports(tmp_path: Path) -> None:
@@ -124,6 +125,15 @@ def test_engine_never_names_data_models_or_workflows(module: str) -> None:
     bad = sorted(set().union(*(_names(imported, p) for p in
                                ("imgrec.data", "imgrec.models", "imgrec.cli", *COMMAND_MODULES, "imgrec.inference"))))
     assert not bad, f"{module} imports {bad}"
+
+
+def test_the_distributed_module_stands_alone() -> None:
+    """The process group is the engine's business: it imports nothing of imgrec but errors, and only the engine
+    and the workflows (where a run starts) use it."""
+    own = _names(imports_of(MODULES["imgrec.engine.distributed"]), "imgrec")
+    assert own <= {"imgrec.errors", "imgrec.errors.ImgrecError", "imgrec.errors.UsageError"}, own
+    users = {m for m, path in MODULES.items() if _names(imports_of(path), "imgrec.engine.distributed")}
+    assert users and all(m.startswith("imgrec.engine.") or m == "imgrec.workflows" for m in users), sorted(users)
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("imgrec.inference")))

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its train_state.pt (only "
-                   "--epochs, --patience, --workers, --threads and --save-every-minutes may change)")
+                   "--epochs, --patience, --workers, --threads, --save-every-minutes and --dist-timeout may change)")
     _add_config_flags(p)
 
     p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
@@ -212,6 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         outcome = resume(args.resume, _given_settings(args))
     else:
         outcome = train(_config_from_args(args), given=set(_given_settings(args)), started=started)
+    if not outcome.main_process:  # another process of a torchrun group: the main one reports
+        return 0
     s = outcome.summary
     print(f"run folder: {outcome.run_dir}")
     if outcome.already_finished:

@@ -113,6 +113,10 @@ class RunConfig:
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice, one per core)", resume=True)
     seed: int = _opt(0, "random seed for weights, splits, data order and augmentation")
     deterministic: bool = _opt(True, "use deterministic algorithms (bit-exact reruns on CPU)")
+    sync_bn: bool = _opt(False, "under torchrun: BatchNorm layers use the batch statistics of all processes "
+                                "(SyncBatchNorm; for small per-process batches on GPUs)")
+    dist_timeout: float = _opt(10.0, "under torchrun: minutes a process waits for the others (at start-up, at "
+                                     "each step, at each save) before it fails instead of hanging", resume=True)
     # output
     project: str = _opt("runs", "folder that holds run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>, numbered when taken)")
@@ -144,6 +148,7 @@ class RunConfig:
         _check(0 <= self.ema < 1, "--ema must be in [0, 1) (0: off; 0.99 averages about the last 100 steps)")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        _check(self.dist_timeout > 0, "--dist-timeout must be positive (minutes)")
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
         _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")

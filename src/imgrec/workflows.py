@@ -2,6 +2,8 @@
 
 This is the one place where data, models, the engine and evaluation meet; the CLI only parses arguments and
 calls these functions, which return plain results (and raise ImgrecError for the user to read).
+Under torchrun, train and resume run in every process (engine/distributed.py): the main process makes and
+writes the run folder and tells the others where it is; after training it alone tests and reports.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir, parse_duration
+from imgrec.config import RunConfig, default_cache_dir, parse_duration, resume_safe_settings
 from imgrec.data.datasets import DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_warning
+from imgrec.engine import distributed
 from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
@@ -31,10 +34,11 @@ from imgrec.engine.checkpoint import (
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
-from imgrec.engine.runs import create_run_dir, default_run_name, read_results, write_json
+from imgrec.engine.runs import create_run_dir, default_run_name, find_run, read_results, write_json
 from imgrec.engine.state import (
     Progress,
     check_same_data,
+    check_world_size,
     load_state,
     make_current,
     resolve_state,
@@ -68,6 +72,7 @@ class TrainOutcome:
     run_dir: Path
     summary: dict[str, Any]
     already_finished: bool = False  # a resumed run that had nothing left to do
+    main_process: bool = True  # False in the other processes of a torchrun group (the main one reports)
 
 
 @dataclass
@@ -91,31 +96,69 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
     return opts
 
 
+@distributed.group_errors()
 def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
     """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is."""
+    distributed.setup(given.get("dist_timeout", RunConfig.dist_timeout))
+    # The main process reads the run folder; the others get its state from it (their machines may not see it).
+    path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given))
+    if summary is not None:
+        return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
+    for note in notes:
+        log.info(note)
+    return train(cfg, ResumePoint(path, state))
+
+
+def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, RunConfig, list[str], dict | None]:
+    """The state to resume and its config; the run's summary instead when it has nothing left to do."""
     path = resolve_state(run)
     state = load_state(path)
     cfg, notes = resume_config(state, given, path)
+    check_world_size(state)
     for folder in (path.parent, path.parent / "weights"):
         remove_partial_writes(folder)  # what a kill in the middle of a write left behind
     progress = Progress.from_dict(state["progress"])
     summary = path.parent / "summary.json"
     if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
-        return TrainOutcome(path.parent, json.loads(summary.read_text()), already_finished=True)
-    for note in notes:
-        log.info(note)
-    return train(cfg, ResumePoint(make_current(path), state))
+        return path, state, cfg, notes, json.loads(summary.read_text())
+    return make_current(path), state, cfg, notes, None
 
 
+def _restarted(cfg: RunConfig) -> TrainOutcome | None:
+    """After torchrun restarted a failed group (--max-restarts): resume the run this command started, in the
+    same folder, as `imgrec train --resume` would; None when there is nothing to resume (start afresh)."""
+    name = cfg.name or default_run_name(cfg.data, cfg.model)
+    found = distributed.from_main(lambda: _with_state(find_run(cfg.project, name, cfg.to_dict())))
+    if found is None:
+        return None
+    folder, has_state = found
+    if not has_state:  # killed before its first save: start again in the same folder
+        log.info(f"restart {distributed.restart_count()}: {folder} has no training state yet; starting it again")
+        cfg.name, cfg.exist_ok = folder.name, True
+        return None
+    log.info(f"restart {distributed.restart_count()}: resuming {folder} from its last training state")
+    return resume(folder, {k: getattr(cfg, k) for k in resume_safe_settings()})
+
+
+def _with_state(folder: Path | None) -> tuple[Path, bool] | None:
+    return None if folder is None else (folder, (folder / "train_state.pt").is_file())
+
+
+@distributed.group_errors()
 def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[str] | None = None,
           started: float | None = None) -> TrainOutcome:
     """Load the data, build the model, fit (or continue a saved run), test the best weights, write the run folder.
 
     given: the settings the user chose explicitly (they win over --recipe; default: those unlike the defaults);
     started: the time.perf_counter() at which the command started (what --time-budget counts from)."""
+    started = time.perf_counter() if started is None else started
+    here = distributed.setup(cfg.dist_timeout)
+    if resumed is None and distributed.restart_count() > 0:
+        outcome = _restarted(cfg)
+        if outcome is not None:
+            return outcome
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
-    started = time.perf_counter() if started is None else started
     explicit = explicit_settings(cfg, given)
     if not resumed:  # a resumed run keeps the settings and the plan its state holds
         cfg = recipe_data_settings(cfg, explicit)
@@ -135,22 +178,14 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
     plan = None
     if cfg.time_budget and not resumed:
+        if here.distributed:
+            raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
                                      time.perf_counter() - started)
-    if resumed:
-        if cfg.cache_features:
-            raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
-        run_dir = resumed.path.parent
-    else:
-        run_dir = create_run_dir(cfg.project, cfg.name or default_run_name(cfg.data, cfg.model), cfg.exist_ok)
-    cfg.save(run_dir / "config.yaml")
-    if plan:
+    run_dir = _run_folder(cfg, bundle, resumed)
+    if plan and distributed.is_main():
         write_json(run_dir / "plan.json", plan.to_dict())
-    if bundle.manifest:
-        _write_manifest(bundle.manifest, run_dir / "split.csv")
-    if bundle.skipped:
-        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{split}\t{why}\n" for p, split, why in bundle.skipped))
-        log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
+    distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
              f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
@@ -158,13 +193,19 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
              + (f", weights from {source.description}" if source else ""))
     if source:
         log.info(transfer_plan(cfg, info, spec))
-    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers) if bundle.val else None
+    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers,
+                             shard=here.shard) if bundle.val else None
     meta = weights_meta(cfg, info, model, spec)
     if resumed:
         check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
         at = Progress.from_dict(resumed.state["progress"])
         log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
     result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed)
+    distributed.teardown()  # from here on the main process works alone: calibration, the test report
+    if not here.is_main:
+        return TrainOutcome(run_dir, {}, main_process=False)
+    if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
+        val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
     calibrate_weights(model, val_loader, run_dir, cfg)
     record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
@@ -236,8 +277,16 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
     features computed once."""
     if cfg.cache_features:
         assert isinstance(model, TransferModel)
+        if distributed.context().distributed:
+            raise UsageError("--cache-features trains the head in one process (its epochs take seconds): run it "
+                             "without torchrun")
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
-    train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True, seed=cfg.seed, workers=cfg.workers)
+    here = distributed.context()
+    train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard)
+    if here.distributed:
+        log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
+                 f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None), None
 
 
@@ -341,6 +390,31 @@ def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "tra
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_image_grid(images, titles, out)
+
+
+def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None) -> Path:
+    """The run folder: the resumed run's, or a new one that the main process makes and names for all processes;
+    the main process writes config.yaml, split.csv and skipped.txt into it."""
+    if resumed:
+        if cfg.cache_features:
+            raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
+        run_dir = resumed.path.parent
+    else:
+        name = cfg.name or default_run_name(cfg.data, cfg.model)
+        run_dir = distributed.from_main(lambda: create_run_dir(cfg.project, name, cfg.exist_ok))
+    if distributed.is_main():
+        _write_run_files(cfg, bundle, run_dir)
+    return run_dir
+
+
+def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
+    """config.yaml, and split.csv and skipped.txt when the data has them."""
+    cfg.save(run_dir / "config.yaml")
+    if bundle.manifest:
+        _write_manifest(bundle.manifest, run_dir / "split.csv")
+    if bundle.skipped:
+        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{split}\t{why}\n" for p, split, why in bundle.skipped))
+        log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
 
 
 def _write_manifest(rows: list[tuple[str, str, str, str]], path: Path) -> None:

@@ -4,6 +4,13 @@ Both loaders draw the epoch's order from a generator seeded by (seed, epoch), ga
 apply the same BatchTransform with the same generator. For the same seed they give the same batches,
 whichever path the images come from. Their state_dict (epoch, batches drawn, the generator after them) lets
 a resumed run continue an epoch with the very next batch and the same augmentation.
+
+Data-parallel training gives each of world_size processes a shard: every process draws the same epoch order,
+then process `rank` takes every world_size-th index from position rank (strided, so the processes' batches at
+step k together are the batch k of one process with world_size times the batch size). A training order is
+first padded with its own first indices to a multiple of world_size, so that every process runs the same
+number of steps; an evaluation order is not padded, so no image is counted twice. Each process augments
+with a generator of its own rank.
 Imports: torch and the data package.
 """
 
@@ -29,8 +36,26 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def _batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator) -> list[torch.Tensor]:
+def shard_indices(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
+    """Process rank's part of an order: every world_size-th index from position rank. With pad, the order is
+    first extended with its own first indices to a multiple of world_size (all parts the same length)."""
+    if world_size == 1:
+        return order
+    if pad and len(order) % world_size:
+        extra = world_size - len(order) % world_size
+        order = torch.cat([order, order.repeat(-(-extra // max(len(order), 1)))[:extra]])
+    return order[rank::world_size]
+
+
+def shard_size(n: int, rank: int, world_size: int, pad: bool) -> int:
+    """The length of process rank's part of an order of n indices (see shard_indices)."""
+    return -(-n // world_size) if pad else len(range(rank, n, world_size))
+
+
+def _batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator,
+                 shard: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = shard_indices(order, *shard, pad=shuffle)
     batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
@@ -45,9 +70,14 @@ class _EpochPosition:
     """
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, augment: bool, seed: int,
-                 drop_last: bool) -> None:
+                 drop_last: bool, shard: tuple[int, int] = (0, 1)) -> None:
         self.batch_size, self.shuffle, self.augment, self.seed, self.drop_last = batch_size, shuffle, augment, seed, drop_last
-        self.num_samples = num_samples
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
+        self.num_samples = num_samples  # the whole split's
+        self.shard = shard  # (rank, world_size): this process's part of every epoch
+        self.shard_samples = shard_size(num_samples, rank, world_size, pad=shuffle)
         self.epoch = 0
         self.batches_done = 0
         self._generator: torch.Generator | None = None
@@ -58,27 +88,32 @@ class _EpochPosition:
         self.epoch, self._resume = epoch, None
 
     def __len__(self) -> int:
-        n = self.num_samples
+        n = self.shard_samples
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values and a tensor: the epoch, the batches drawn in it, the generator after them."""
         generator = self._generator.get_state() if self._generator is not None else None
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self.batches_done, "batches": len(self),
-                "generator": generator}
+                "generator": generator, "rank": self.shard[0], "world_size": self.shard[1]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration continue state's epoch with its next batch (and the same augmentation)."""
-        if state["seed"] != self.seed or state["batches"] != len(self):
-            raise ValueError(f"loader state of seed {state['seed']} with {state['batches']} batches does not fit "
-                             f"this loader (seed {self.seed}, {len(self)} batches)")
+        shard = (state.get("rank", 0), state.get("world_size", 1))
+        if state["seed"] != self.seed or state["batches"] != len(self) or shard != self.shard:
+            raise ValueError(f"loader state of seed {state['seed']} with {state['batches']} batches (process {shard[0]} "
+                             f"of {shard[1]}) does not fit this loader (seed {self.seed}, {len(self)} batches, "
+                             f"process {self.shard[0]} of {self.shard[1]})")
         self.epoch = state["epoch"]
         self._resume = state if state["batches_done"] and state["generator"] is not None else None
 
     def _epoch_batches(self) -> tuple[list[torch.Tensor], torch.Generator]:
         """This epoch's batches still to draw, and the generator to augment them with."""
         generator = epoch_generator(self.seed, self.epoch)
-        batches = _batch_order(self.num_samples, self.batch_size, self.shuffle, self.drop_last, generator)
+        batches = _batch_order(self.num_samples, self.batch_size, self.shuffle, self.drop_last, generator, self.shard)
+        rank, world_size = self.shard
+        if world_size > 1:  # the same order everywhere, but each process its own augmentation
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + rank + 1)
         skip, resume = 0, self._resume
         if resume is not None:
             skip = resume["batches_done"]
@@ -92,8 +127,8 @@ class TensorLoader(_EpochPosition):
     """Batches of an in-memory split: index the uint8 tensor, transform the whole batch. No workers."""
 
     def __init__(self, split: ArraySplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
-                 augment: bool = False, seed: int = 0, drop_last: bool = False) -> None:
-        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last)
+                 augment: bool = False, seed: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard)
         self.split, self.transform = split, transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,8 +175,9 @@ class StreamLoader(_EpochPosition):
     """Batches of a file split, decoded by DataLoader workers; transformed in the main process."""
 
     def __init__(self, split: FileSplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
-                 augment: bool = False, seed: int = 0, drop_last: bool = False, workers: int | None = None) -> None:
-        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last)
+                 augment: bool = False, seed: int = 0, drop_last: bool = False, workers: int | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard)
         self.split, self.transform = split, transform
         self._batches = _EpochBatches()
         self._loader = file_loader(FileDataset(split), workers, batch_sampler=self._batches,
@@ -194,12 +230,14 @@ def default_workers() -> int:
 
 
 def make_loader(split: Split, batch_size: int, transform: BatchTransform, *, train: bool, seed: int = 0,
-                workers: int | None = None) -> TensorLoader | StreamLoader:
-    """A loader for one split: shuffled and augmented for training, in order and plain otherwise."""
+                workers: int | None = None, shard: tuple[int, int] = (0, 1)) -> TensorLoader | StreamLoader:
+    """A loader for one split: shuffled and augmented for training, in order and plain otherwise; with shard
+    (rank, world_size), this process's part of every epoch (batch_size is per process)."""
     # A last training batch of one image makes BatchNorm fail ("Expected more than 1 value per channel"): drop it.
     # The order is shuffled, so it is another image each epoch.
-    lone = train and len(split) > batch_size and len(split) % batch_size == 1
-    options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone)
+    n = shard_size(len(split), *shard, pad=train)
+    lone = train and n > batch_size and n % batch_size == 1
+    options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone, shard=shard)
     if isinstance(split, ArraySplit):
         return TensorLoader(split, batch_size, transform, **options)
     return StreamLoader(split, batch_size, transform, workers=workers, **options)

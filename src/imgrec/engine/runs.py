@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 RESULT_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
@@ -27,6 +29,33 @@ def create_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Pa
         except FileExistsError:
             candidate = project / f"{name}{n}"
             n += 1
+
+
+def find_run(project: str | Path, name: str, config: dict[str, Any]) -> Path | None:
+    """The newest run folder of this name (runs/<name>, <name>2, ...) whose config.yaml holds this config (but
+    for the folder's name and exist_ok); None when there is none."""
+    pattern = re.compile(re.escape(name) + r"(\d*)")
+    same = []
+    for folder in Path(project).glob(f"{glob_escape(name)}*"):
+        saved = folder / "config.yaml"
+        if pattern.fullmatch(folder.name) and saved.is_file() and _same_config(saved, config):
+            same.append((saved.stat().st_mtime_ns, folder))
+    return max(same)[1] if same else None
+
+
+def glob_escape(text: str) -> str:
+    """text with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _same_config(path: Path, config: dict[str, Any]) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    ignored = ("name", "exist_ok")
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in ignored} == {
+        k: v for k, v in config.items() if k not in ignored}
 
 
 def default_run_name(data: str, model: str) -> str:

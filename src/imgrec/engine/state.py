@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from imgrec.config import RunConfig, resume_safe_settings
+from imgrec.engine import distributed
 from imgrec.engine.checkpoint import load_checkpoint, save_atomic
 from imgrec.errors import ImgrecError, UsageError
 
@@ -226,13 +227,21 @@ class TrainParts:
 
 
 def capture_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """The training state of this moment, as a dict of tensors and plain values."""
+    """The training state of this moment, as a dict of tensors and plain values.
+
+    Under torchrun every process must call it (a collective): the model and optimiser are the same in all of
+    them, but each has its own loader position, random generators and running sums, kept in "processes".
+    """
+    own = {"loader": parts.loader.state_dict(), "rng": rng_state(), "loss_sum": progress.loss_sum,
+           "correct": progress.correct, "seen": progress.seen}
+    processes = distributed.gather(own)
     return {
         "kind": STATE_KIND, "format_version": STATE_VERSION, "config": cfg.to_dict(), "weights_meta": meta,
         "train_images": parts.loader.num_samples, "progress": progress.to_dict(),
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else None,
-        "scaler": parts.scaler.state_dict(), "loader": parts.loader.state_dict(), "rng": rng_state(),
+        "scaler": parts.scaler.state_dict(), "loader": own["loader"], "rng": own["rng"],
+        "world_size": len(processes), "processes": processes if len(processes) > 1 else [],
         "averaged": parts.averager.state_dict() if parts.averager is not None else None,
     }
 
@@ -242,9 +251,10 @@ def restore_state(state: dict[str, Any], parts: TrainParts, cfg: RunConfig) -> P
 
     When --epochs changed on resume, the schedule is rebuilt for the new length and moved to the current step.
     """
+    progress = Progress.from_dict(state["progress"])
+    own = _own_part(state)
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    progress = Progress.from_dict(state["progress"])
     if parts.scheduler is not None:
         if state["config"]["epochs"] == cfg.epochs:
             parts.scheduler.load_state_dict(state["scheduler"])
@@ -258,9 +268,31 @@ def restore_state(state: dict[str, Any], parts: TrainParts, cfg: RunConfig) -> P
     if parts.averager is not None:
         parts.averager.load_state_dict(state["averaged"])
     if progress.step:
-        parts.loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+        parts.loader.load_state_dict(own["loader"])
+        progress.loss_sum, progress.correct, progress.seen = own["loss_sum"], own["correct"], own["seen"]
+    set_rng_state(own["rng"])
     return progress
+
+
+def check_world_size(state: dict[str, Any]) -> None:
+    """A run continues only with the number of processes that trained it: with another number the effective batch
+    (--batch-size per process times processes), the steps per epoch and the schedule would all change."""
+    saved, now = state.get("world_size", 1), distributed.context().world_size
+    if saved != now:
+        raise UsageError(f"this run was trained by {saved} process{'es' if saved > 1 else ''}; resume it with as many "
+                         f"(torchrun --nnodes x --nproc_per_node, or without torchrun for one), not {now}")
+
+
+def _own_part(state: dict[str, Any]) -> dict[str, Any]:
+    """This process's loader position, generators and running sums in a state (a state of one process: its own)."""
+    check_world_size(state)
+    here = distributed.context()
+    processes = state.get("processes") or []
+    if here.rank < len(processes):
+        return processes[here.rank]
+    progress = state["progress"]
+    return {"loader": state["loader"], "rng": state["rng"], "loss_sum": progress["loss_sum"],
+            "correct": progress["correct"], "seen": progress["seen"]}
 
 
 class StateSaver:
@@ -280,7 +312,8 @@ class StateSaver:
         return by_steps or by_time
 
     def save(self, progress: Progress) -> Path:
-        """Write the state of this moment."""
-        path = save_state(self.capture(progress), self.run_dir)
+        """Write the state of this moment (every process captures its part; the main process writes the file)."""
+        state = self.capture(progress)
+        path = save_state(state, self.run_dir) if distributed.is_main() else self.run_dir / STATE_FILE
         self.steps, self.last = 0, time.monotonic()
         return path

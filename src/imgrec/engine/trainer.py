@@ -5,6 +5,9 @@ optionally a saved training state to continue from. It knows nothing of where ba
 is anything with __iter__ over (images, labels), __len__, num_samples, set_epoch(epoch), and
 state_dict()/load_state_dict() for its position within an epoch. runs/<run>/train_state.pt (state.py) is
 written at every epoch end and every few minutes; Ctrl-C or SIGTERM saves it and stops (exit 130).
+Under torchrun the same loop runs in every process (distributed.py): each trains its shard through
+DistributedDataParallel, the processes agree at every safe point, sums are added over processes, and only
+the main process writes files and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imgrec.config import RunConfig
+from imgrec.engine import distributed
 from imgrec.engine.averaging import WeightAverage, averaged_step
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
@@ -139,16 +143,14 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
     parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
     progress = Progress() if state is None else restore_state(state, parts, cfg)
-    results = ResultsLog(run_dir / "results.csv", progress.history)  # a resumed run keeps the rows of its state
+    # a resumed run keeps the rows of its state; only the main process writes files
+    results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
-    step_fn = averaged_step(_make_step(model, optimizer, scheduler, scaler, loss_fn, cfg.grad_clip, device, dtype,
-                                       memory_format), averager)
     epochs = run_epochs(cfg, len(train_loader))
     with StopSignals() as stop:
 
         def after_step() -> None:  # a safe point: stop here when asked to, save the state when due
-            stop.check()
-            if saver.due():
+            if _stop_if_any(stop, saver.due()):
                 saver.save(progress)
 
         try:
@@ -159,32 +161,49 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
+                step_fn = averaged_step(_make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
+                                                   loss_fn, cfg.grad_clip, device, dtype, memory_format), averager)
                 last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
                 train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
                 # The epoch's last update can make the weights non-finite while its own loss was finite: never
                 # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
                 _check_finite(model, progress)
-                val = evaluate(evaluated, val_loader, device, dtype, memory_format, interrupt=stop.check,
+                # one process stopping in the middle of validation would leave the others waiting for its sums
+                interrupt = None if distributed.context().distributed else stop.check
+                val = evaluate(evaluated, val_loader, device, dtype, memory_format, interrupt=interrupt,
                                tta=cfg.tta == "flip") if val_loader else None
+                progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
+                    progress.loss_sum, progress.correct, progress.seen)  # the epoch over all processes' shards
                 row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
                        "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
                        "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
                 rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
                 improved = progress.end_epoch(row, val.accuracy if val else float(epoch))  # no validation: last is best
-                results.append(row)
-                weights = _weights(evaluated, weights_meta, epoch, row)
-                save_atomic(weights, run_dir / "weights" / "last.pt")
-                if improved:
-                    save_atomic(weights, run_dir / "weights" / "best.pt")
+                if results is not None:
+                    results.append(row)
+                    weights = _weights(evaluated, weights_meta, epoch, row)
+                    save_atomic(weights, run_dir / "weights" / "last.pt")
+                    if improved:
+                        save_atomic(weights, run_dir / "weights" / "best.pt")
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
                 _log_epoch(row, epochs, rate)
-                stop.check()
+                _stop_if_any(stop)
         except Exception as exc:
             if stop.requested is None or isinstance(exc, TrainingDiverged):
                 raise
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
     return _fit_result(progress, cfg, epochs)
+
+
+def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
+    """Raise StopRequested in every process when a stop signal reached any of them; returns whether a save is due
+    in any of them (one collective, so that all processes stop and save at the same step)."""
+    stop_now, save_now = distributed.agree(stop.requested is not None, save_due)
+    if stop_now:
+        stop.requested = stop.requested or "a stop signal to another process"
+        stop.check()
+    return save_now
 
 
 def _fit_result(progress: Progress, cfg: RunConfig, epochs: int) -> FitResult:
@@ -254,7 +273,7 @@ def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epoch
     correct = torch.tensor(progress.correct, dtype=torch.int64)
     start, seconds_before = time.perf_counter(), progress.seconds
     bar = tqdm(loader, total=limit, initial=progress.step, desc=f"epoch {progress.epoch}/{epochs}", unit="batch",
-               leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
+               leave=False, disable=None if distributed.is_main() else True, file=sys.stderr, dynamic_ncols=True)
     for x, y in bar:
         loss, hits = step_fn(x, y)
         if not torch.isfinite(loss):
@@ -305,6 +324,8 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
                 interrupt()
     finally:
         model.train(was_training)
+    if not collect:  # each process evaluated its shard of the split: the sums over all of them (collect: its own)
+        total_loss, correct, count = distributed.sum_over_processes(total_loss, correct, count)
     result = EvalResult(total_loss / max(count, 1), correct / max(count, 1), count)
     if collect:
         result.logits, result.targets = torch.cat(all_logits), torch.cat(all_targets)

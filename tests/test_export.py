@@ -31,6 +31,8 @@ FAMILY_CASES = {
     "mlp grey": ("mlp", 1, (12, 12), 1, (12, 12)),
     "lenet grey": ("lenet", 1, (28, 28), 1, (28, 28)),
     "lenet colour": ("lenet", 3, (16, 16), 3, (16, 16)),
+    "resnet8 (speed-run net, grey)": ("resnet8", 1, (28, 28), 1, (28, 28)),
+    "speednet (speed-run net, colour)": ("speednet", 3, (32, 32), 3, (32, 32)),
     "resnet18 (BatchNorm)": ("resnet18", 3, (32, 32), 3, (32, 32)),
     "mobilenet_v3_small": ("mobilenet_v3_small", 3, (32, 32), 3, (32, 32)),
     "efficientnet_b0 (upsampled under 32 px)": ("efficientnet_b0", 3, (16, 16), 3, (16, 16)),

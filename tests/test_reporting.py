@@ -23,6 +23,7 @@ from conftest import error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import load_weights_file
+from imgrec.engine.system import autocast, autocast_dtype
 from imgrec.evaluation.calibration import fit_temperature
 from imgrec.evaluation.html import SECTIONS
 from imgrec.models import registry
@@ -101,8 +102,9 @@ def test_the_temperature_is_fitted_on_validation_and_stored_with_both_weights(ru
     _, ckpt, cfg, model = load_run(run)
     bundle = load_run_data(cfg, ckpt, run)
     x = BatchTransform(ckpt["mean"], ckpt["std"])(bundle.val.images)
-    with torch.no_grad():
-        logits = model.eval()(x)
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(cpu, autocast_dtype(cfg.precision, cpu)):  # in the run's precision, as fitted
+        logits = model.eval()(x).float()
     assert fit_temperature(logits, bundle.val.labels) == pytest.approx(best["temperature"], rel=1e-4)
     if best["epoch"] == last["epoch"]:
         assert best["temperature"] == last["temperature"]

@@ -1,5 +1,6 @@
-"""How torch's OpenMP threads should wait: spinning (OpenMP's default) or sleeping (OMP_WAIT_POLICY=PASSIVE,
-what the `imgrec` command sets unless the user chose), on an idle machine and next to one busy process.
+"""How torch's OpenMP threads should wait: spinning (OpenMP's default) or sleeping (OMP_WAIT_POLICY=PASSIVE), on
+an idle machine and next to one busy process; and what the `imgrec` command chooses by itself (it measures how
+busy the CPUs are when it starts, and makes the threads sleep when other processes use half a CPU or more).
 
 Each case is one `imgrec train --data fashion-mnist --model MODEL --epochs 1 --train-samples N` process with
 all cores as threads; "busy" runs a pure-Python busy loop on one core alongside it, as an editor, a browser or
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = {"spin (OpenMP default)": "ACTIVE_DEFAULT", "sleep (PASSIVE)": "PASSIVE"}
+POLICIES = {"spin (OpenMP default)": "ACTIVE_DEFAULT", "sleep (PASSIVE)": "PASSIVE", "imgrec's choice": "AUTO"}
 
 
 def spin() -> None:
@@ -33,9 +34,10 @@ def train(args: argparse.Namespace, model: str, policy: str, project: Path, name
     """Training images/s of one imgrec process under the given OMP_WAIT_POLICY."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
     env.pop("OMP_NUM_THREADS", None)
+    env.pop("OMP_WAIT_POLICY", None)  # AUTO: imgrec decides
     if policy == "ACTIVE_DEFAULT":
         env["OMP_WAIT_POLICY"] = ""  # set but empty: OpenMP's own default, and imgrec leaves it alone
-    else:
+    elif policy == "PASSIVE":
         env["OMP_WAIT_POLICY"] = policy
     cmd = [sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir", args.data_dir,
            "--model", model, "--epochs", "1", "--train-samples", str(args.train_samples), "--project", str(project),

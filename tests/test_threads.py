@@ -1,41 +1,80 @@
-"""The imgrec command lets torch's OpenMP threads sleep while they wait (they collapse next to a busy process
-when they spin), unless the user already chose a wait policy."""
+"""The imgrec command lets torch's OpenMP threads sleep while they wait when other processes keep the CPUs busy
+(spinning threads then run several times slower), leaves OpenMP's spinning default on an idle machine (where it
+is faster), and never overrides a wait policy the user chose."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
-
-SCRIPT = "import os, sys, imgrec.cli; imgrec.cli.main(['datasets']); print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr)"
-
-
-def policy_seen(env_policy: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["PYTHONPATH"] = str(REPO / "src")
-    if env_policy is not None:
-        env["OMP_WAIT_POLICY"] = env_policy
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr.strip().splitlines()[-1]
+from imgrec import cli
 
 
-def test_the_command_makes_waiting_threads_sleep() -> None:
-    assert policy_seen(None) == "'PASSIVE'"
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """As at the start of a command: torch not imported yet, no wait policy set (both restored afterwards)."""
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    return monkeypatch
 
 
-def test_a_policy_the_user_chose_is_kept() -> None:
-    assert policy_seen("ACTIVE") == "'ACTIVE'"
-    assert policy_seen("") == "''"  # set but empty: OpenMP's own default
+def test_busy_cpus_make_waiting_threads_sleep(fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fresh.setattr(cli, "busy_cpus", lambda: 1.3)
+    with caplog.at_level(logging.INFO, logger="imgrec"):
+        cli._patient_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "the CPUs are busy (1.3 of" in caplog.text
 
 
-def test_nothing_changes_once_torch_is_imported() -> None:
+@pytest.mark.parametrize("busy", [0.0, 0.3, None])  # idle, lightly used, unknown (no /proc/stat)
+def test_an_idle_machine_keeps_openmps_spinning_default(fresh: pytest.MonkeyPatch, busy: float | None) -> None:
+    fresh.setattr(cli, "busy_cpus", lambda: busy)
+    cli._patient_threads()
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize("chosen", ["ACTIVE", ""])  # set but empty: OpenMP's own default
+def test_a_policy_the_user_chose_is_kept(fresh: pytest.MonkeyPatch, chosen: str) -> None:
+    fresh.setenv("OMP_WAIT_POLICY", chosen)
+    fresh.setattr(cli, "busy_cpus", lambda: 2.0)
+    cli._patient_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == chosen
+
+
+def test_nothing_changes_once_torch_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:
     """The OpenMP runtime has read its settings by then: changing them would only mislead."""
-    script = "import torch, os, sys, imgrec.cli; imgrec.cli.main(['datasets']); print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr)"
+    import torch  # noqa: F401
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cli, "busy_cpus", lambda: 2.0)
+    cli._patient_threads()
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_busy_cpus_sees_a_process_spinning_beside_it() -> None:
+    """Measured from /proc/stat while this process sleeps: a busy loop in another process is about one CPU."""
+    idle_reading = cli.busy_cpus()
+    assert idle_reading is not None and 0.0 <= idle_reading <= (os.cpu_count() or 1) + 1e-9
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        readings = [cli.busy_cpus(window=0.3) for _ in range(3)]
+    finally:
+        hog.kill()
+        hog.wait()
+    assert max(readings) >= 0.8, readings
+
+
+def test_the_command_sets_the_policy_before_torch_loads() -> None:
+    """End to end: a command on a busy machine (forced by a tiny threshold) runs with sleeping threads."""
+    script = ("import os, sys, imgrec.cli as c; c.BUSY_CPUS = -1.0; c.main(['datasets']); "
+              "print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(REPO / "src")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "None"
+    assert proc.stderr.strip().splitlines()[-1] == "'PASSIVE'"

@@ -5,6 +5,8 @@ sweep of sizes and class counts through VGG-16's 138 M parameters would take min
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -214,3 +216,25 @@ def test_unknown_model_is_a_usage_error() -> None:
 def test_too_few_classes_is_a_usage_error(name: str, num_classes: int) -> None:
     with pytest.raises(UsageError, match="at least 2 classes"):
         build_model(name, num_classes, 1, (28, 28))
+
+
+@pytest.mark.parametrize("channels,size", [(1, (28, 28)), (3, (32, 32)), (1, (8, 8))])
+def test_lenet_pools_before_its_relu_and_computes_what_relu_then_pool_does(channels: int, size: tuple[int, int]) -> None:
+    """max-pool then ReLU is the tutorial's ReLU then max-pool on a quarter of the values: the same logits and the
+    same gradients, with the weights under the same names."""
+    torch.manual_seed(0)
+    model = build_model("lenet", 5, channels, size).eval()  # eval: no dropout draws to tell the two apart
+    reference = copy.deepcopy(model)
+    layers = list(reference.features)
+    for i in range(len(layers) - 1):  # swap each (MaxPool2d, ReLU) pair back into the tutorial's order
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    reference.features = nn.Sequential(*layers)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert any(isinstance(m, nn.MaxPool2d) for m in model.features)
+    x = torch.randn(6, channels, *size)
+    for net in (model, reference):
+        net(x).square().sum().backward()
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)

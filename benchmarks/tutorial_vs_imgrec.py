@@ -121,7 +121,7 @@ def imgrec_run(args: argparse.Namespace, project: Path, name: str, *flags: str) 
     summary = json.loads((project / name / "summary.json").read_text())
     keep = ("train_images", "epochs", "train_seconds", "test_accuracy", "images_per_second", "precision",
             "train_gflop_per_image", "train_gflops_per_second", "peak_rss_mb")
-    return {"command": " ".join(["imgrec", *cmd[4:]]), "total_seconds": seconds, **{k: summary.get(k) for k in keep}}
+    return {"command": " ".join(["imgrec", *cmd[3:]]), "total_seconds": seconds, **{k: summary.get(k) for k in keep}}
 
 
 def compare(args: argparse.Namespace, name: str, work: Path) -> dict:

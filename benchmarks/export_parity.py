@@ -28,6 +28,10 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+from machine import (  # benchmarks/machine.py: run as a script, its folder is on the path
+    cpu_name,
+    load_average,
+)
 
 from imgrec.config import RunConfig
 from imgrec.data.transforms import weights_transform
@@ -92,8 +96,8 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results: dict[str, object] = {"load_average_before": _load_average(), "threads": args.threads,
-                                  "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+    results: dict[str, object] = {"load_average_before": load_average(), "threads": args.threads,
+                                  "cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                                   "versions": {**versions(), "onnxruntime": onnxruntime.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or quick_run(args.data_dir, args.threads, tmp)
@@ -114,29 +118,11 @@ def main() -> int:
             results[f"batch_{batch_size}"] = speed(session, model.eval(), ckpt, images, batch_size, args.repeats)
             print(f"batch {batch_size}: " + ", ".join(f"{k} {v['median']:,.0f} img/s (best {v['best']:,.0f})"
                                                       for k, v in results[f"batch_{batch_size}"].items()))
-    results["load_average_after"] = _load_average()
+    results["load_average_after"] = load_average()
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0 if parity.max_abs_diff < ONNX_TOLERANCE and parity.agreement == 1.0 else 1
-
-
-def _load_average() -> str:
-    """The 1/5/15-minute load averages (how busy the machine was), or "" where unknown."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ""
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import (  # benchmarks/machine.py: run as a script, its folder is on the path
+    cpu_name,
+    load_average,
+)
 from PIL import Image
 from torchvision import datasets
 
@@ -132,8 +136,8 @@ def main() -> None:
             Image.fromarray(images[i, 0].numpy()).save(folder / f"{i:04d}.png")
         photo = Path(tmp) / "photo.png"
         photo_like(images[0, 0].numpy(), np.random.default_rng(0)).save(photo)
-        results = {"load_average_before": _load_average(), "threads": args.threads, "batch_size": args.batch_size,
-                   "cpu": _cpu_name(), "cores": os.cpu_count(), "versions": versions(), "platform": platform.platform()}
+        results = {"load_average_before": load_average(), "threads": args.threads, "batch_size": args.batch_size,
+                   "cpu": cpu_name(), "cores": os.cpu_count(), "versions": versions(), "platform": platform.platform()}
         for channels_last in (True, False):
             key = "channels_last" if channels_last else "contiguous"
             results[key] = measure(run, channels_last, images, folder, photo, args.batch_size, args.repeats)
@@ -143,26 +147,8 @@ def main() -> None:
                   f"files {results[key]['files_images_per_s']:,.0f} img/s, "
                   f"one 28x28 PNG {results[key]['single_png_28']['median_ms']} ms, "
                   f"one 200x200 photo {results[key]['single_photo_200']['median_ms']} ms")
-    results["load_average_after"] = _load_average()
+    results["load_average_after"] = load_average()
     print(json.dumps(results))
-
-
-def _load_average() -> str:
-    """The 1/5/15-minute load averages (how busy the machine was), or "" where unknown."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ""
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

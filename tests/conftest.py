@@ -7,12 +7,16 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from imgrec.cli import main
+
+if TYPE_CHECKING:  # the conftest stays torch-free: only the annotations name it
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The real data sets (read-only): $IMGREC_TEST_DATA, else ../shared/data beside the checkout.
@@ -167,3 +171,31 @@ def error_line(err: str) -> str:
     errors = [ln for ln in lines if ln.startswith("imgrec")]
     assert len(errors) == 1 and errors[0] == lines[-1], err
     return lines[-1]
+
+
+class ListLoader:
+    """The smallest thing fit() accepts as a loader: fixed batches, in order."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+        self.num_samples = sum(len(y) for _, y in batches)
+        self.epochs_set: list[int] = []
+        self.done = 0
+
+    def __iter__(self) -> Any:
+        for batch in self.batches[self.done :]:
+            self.done += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs_set.append(epoch)
+        self.done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = state["batches_done"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ListLoader
 from imgrec.config import RunConfig
 from imgrec.engine import system
 from imgrec.engine.trainer import OPTIMIZERS, evaluate, fit, optimizer_kernels
@@ -66,31 +67,6 @@ def test_fused_and_foreach_kernels_take_the_same_steps() -> None:
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
 
 
-class Batches:
-    """Fixed batches in a fixed order: the smallest loader fit() accepts."""
-
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.batches, self.done = batches, 0
-        self.num_samples = sum(len(y) for _, y in batches)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        for batch in self.batches[self.done :]:
-            self.done += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.done = 0
-
-    def state_dict(self) -> dict:
-        return {"batches_done": self.done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.done = state["batches_done"]
-
-
 def test_bf16_autocast_training_converges_with_fp32_master_weights(tmp_path: Path) -> None:
     """Two Gaussian blobs per class, separable: a bf16 LeNet learns them as well as fp32 does, and its
     weights stay fp32 (autocast only computes in bf16)."""
@@ -107,7 +83,7 @@ def test_bf16_autocast_training_converges_with_fp32_master_weights(tmp_path: Pat
         meta = {"kind": "imgrec-weights", "model": {"name": "lenet"}, "classes": [], "mean": [0.0], "std": [1.0],
                 "channels": 1, "image_size": [12, 12]}
         (tmp_path / precision).mkdir()
-        fit(model, Batches(batches * 3), None, cfg, tmp_path / precision, meta)
+        fit(model, ListLoader(batches * 3), None, cfg, tmp_path / precision, meta)
         assert all(p.dtype == torch.float32 for p in model.parameters())
-        accuracy[precision] = evaluate(model, Batches(batches), CPU).accuracy  # scored in fp32
+        accuracy[precision] = evaluate(model, ListLoader(batches), CPU).accuracy  # scored in fp32
     assert accuracy["bf16"] >= 0.95 and accuracy["fp32"] >= 0.95

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ListLoader
 from imgrec import workflows
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file
@@ -23,34 +24,6 @@ from imgrec.errors import ImgrecError
 from imgrec.models.registry import build_model
 
 HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-
-
-class ListLoader:
-    """The smallest thing fit() accepts as a loader: fixed batches, in order."""
-
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.batches = batches
-        self.num_samples = sum(len(y) for _, y in batches)
-        self.epochs_set: list[int] = []
-        self.done = 0
-
-    def __iter__(self) -> Any:
-        for batch in self.batches[self.done :]:
-            self.done += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epochs_set.append(epoch)
-        self.done = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_done": self.done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.done = state["batches_done"]
 
 
 def cfg_for(**overrides: Any) -> RunConfig:

@@ -14,7 +14,7 @@
   imgrec.export.common.requires, so a missing package is one line naming the extra
   imgrec.recipes (and imgrec.finetune): joins like the workflows; only imgrec.workflows imports it, and it never
   imports the command modules
-  imgrec.config, imgrec.errors: no torch (they are what `--help` loads)
+  imgrec.config, imgrec.errors, imgrec.openmp: no torch (they are what `--help` loads)
 and every torch.load passes weights_only=True.
 """
 
@@ -209,7 +209,7 @@ def test_the_report_page_and_figures_are_pure() -> None:
         assert not {m for m in imports_of(MODULES[module]) if m.split(".")[0] == "torch"}, module
 
 
-@pytest.mark.parametrize("module", ["imgrec.config", "imgrec.errors", "imgrec"])
+@pytest.mark.parametrize("module", ["imgrec.config", "imgrec.errors", "imgrec.openmp", "imgrec"])
 def test_light_modules_import_no_torch(module: str) -> None:
     imported = imports_of(MODULES[module])
     heavy = {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "matplotlib", "sklearn")}

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from imgrec import cli
+from imgrec import openmp
 
 
 @pytest.fixture
@@ -24,25 +24,25 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_busy_cpus_make_waiting_threads_sleep(fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    fresh.setattr(cli, "busy_cpus", lambda: 1.3)
+    fresh.setattr(openmp, "busy_cpus", lambda: 1.3)
     with caplog.at_level(logging.INFO, logger="imgrec"):
-        cli._patient_threads()
+        openmp.patient_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "the CPUs are busy (1.3 of" in caplog.text
 
 
 @pytest.mark.parametrize("busy", [0.0, 0.3, None])  # idle, lightly used, unknown (no /proc/stat)
 def test_an_idle_machine_keeps_openmps_spinning_default(fresh: pytest.MonkeyPatch, busy: float | None) -> None:
-    fresh.setattr(cli, "busy_cpus", lambda: busy)
-    cli._patient_threads()
+    fresh.setattr(openmp, "busy_cpus", lambda: busy)
+    openmp.patient_threads()
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
 @pytest.mark.parametrize("chosen", ["ACTIVE", ""])  # set but empty: OpenMP's own default
 def test_a_policy_the_user_chose_is_kept(fresh: pytest.MonkeyPatch, chosen: str) -> None:
     fresh.setenv("OMP_WAIT_POLICY", chosen)
-    fresh.setattr(cli, "busy_cpus", lambda: 2.0)
-    cli._patient_threads()
+    fresh.setattr(openmp, "busy_cpus", lambda: 2.0)
+    openmp.patient_threads()
     assert os.environ["OMP_WAIT_POLICY"] == chosen
 
 
@@ -51,18 +51,18 @@ def test_nothing_changes_once_torch_is_imported(monkeypatch: pytest.MonkeyPatch)
     import torch  # noqa: F401
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(cli, "busy_cpus", lambda: 2.0)
-    cli._patient_threads()
+    monkeypatch.setattr(openmp, "busy_cpus", lambda: 2.0)
+    openmp.patient_threads()
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
 def test_busy_cpus_sees_a_process_spinning_beside_it() -> None:
     """Measured from /proc/stat while this process sleeps: a busy loop in another process is about one CPU."""
-    idle_reading = cli.busy_cpus()
+    idle_reading = openmp.busy_cpus()
     assert idle_reading is not None and 0.0 <= idle_reading <= (os.cpu_count() or 1) + 1e-9
     hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
     try:
-        readings = [cli.busy_cpus(window=0.3) for _ in range(3)]
+        readings = [openmp.busy_cpus(window=0.3) for _ in range(3)]
     finally:
         hog.kill()
         hog.wait()
@@ -71,7 +71,7 @@ def test_busy_cpus_sees_a_process_spinning_beside_it() -> None:
 
 def test_the_command_sets_the_policy_before_torch_loads() -> None:
     """End to end: a command on a busy machine (forced by a tiny threshold) runs with sleeping threads."""
-    script = ("import os, sys, imgrec.cli as c; c.BUSY_CPUS = -1.0; c.main(['datasets']); "
+    script = ("import os, sys, imgrec.openmp as o, imgrec.cli as c; o.BUSY_CPUS = -1.0; c.main(['datasets']); "
               "print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(REPO / "src")

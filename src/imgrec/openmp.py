@@ -1,0 +1,47 @@
+"""OpenMP's wait policy for torch's threads, chosen before torch is first imported (the OpenMP runtime reads it
+once, then). Standard library only: the CLI calls it before any command loads torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+
+def patient_threads() -> None:
+    """On a busy machine, let torch's OpenMP threads sleep instead of spin while they wait, unless the user chose.
+
+    Spinning threads are quicker on an idle machine (OpenMP's default), but when other processes want the same
+    cores they spin away each other's time slices and training runs several times slower; sleeping threads are
+    slower on an idle machine (benchmarks/thread_policy.py measures both). So the choice follows how busy the
+    CPUs are when the command starts. The OpenMP runtime reads the setting once, when torch is first imported.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    busy = busy_cpus()
+    if busy is not None and busy >= BUSY_CPUS:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        logging.getLogger("imgrec").info(f"the CPUs are busy ({busy:.1f} of {os.cpu_count()} in use by other "
+                                         f"processes): torch's threads will sleep while they wait")
+
+
+BUSY_CPUS = 0.5  # CPUs in use by other processes from which spinning threads lose more than they gain
+
+
+def busy_cpus(window: float = 0.1) -> float | None:
+    """How many CPUs other processes keep busy right now (this process sleeps while it measures), from
+    /proc/stat over `window` seconds; None where there is no /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all time, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1) if elapsed > 0 else 0.0

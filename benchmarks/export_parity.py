@@ -28,24 +28,17 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-from machine import (  # benchmarks/machine.py: run as a script, its folder is on the path
+from common import (  # benchmarks/common.py (a script's folder is on its path)
     cpu_name,
     load_average,
+    quick_run,
 )
 
-from imgrec.config import RunConfig
 from imgrec.data.transforms import weights_transform
 from imgrec.engine.system import versions
 from imgrec.export.onnx_file import onnx_session, run_onnx
 from imgrec.export.runner import ONNX_TOLERANCE, check_images_of, compare_logits, export_run, reference_logits
-from imgrec.workflows import load_run, train
-
-
-def quick_run(data_dir: str, threads: int, project: str) -> Path:
-    """A LeNet trained for one epoch on 10,000 Fashion-MNIST images."""
-    cfg = RunConfig(data="fashion-mnist", data_dir=data_dir, model="lenet", epochs=1, train_samples=10_000,
-                    threads=threads, project=project, name="export", exist_ok=True)
-    return train(cfg).run_dir
+from imgrec.workflows import load_run
 
 
 def images_per_second(fn: Callable[[], None], count: int, repeats: int) -> dict[str, float]:
@@ -100,7 +93,7 @@ def main() -> int:
                                   "cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                                   "versions": {**versions(), "onnxruntime": onnxruntime.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or quick_run(args.data_dir, args.threads, tmp)
+        run = args.run or quick_run(args.data_dir, args.threads, tmp, "export")
         started = time.perf_counter()
         outcome = export_run(run, "onnx", out=Path(tmp) / "lenet.onnx")
         results["export_seconds"] = round(time.perf_counter() - started, 2)

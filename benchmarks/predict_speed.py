@@ -25,24 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import (  # benchmarks/machine.py: run as a script, its folder is on the path
+from common import (  # benchmarks/common.py (a script's folder is on its path)
     cpu_name,
     load_average,
+    quick_run,
 )
 from PIL import Image
 from torchvision import datasets
 
-from imgrec.config import RunConfig
 from imgrec.engine.system import versions
 from imgrec.inference import Predictor
-from imgrec.workflows import train
-
-
-def quick_run(data_dir: str, threads: int, project: str) -> Path:
-    """A LeNet trained for one epoch on 10,000 Fashion-MNIST images."""
-    cfg = RunConfig(data="fashion-mnist", data_dir=data_dir, model="lenet", epochs=1, train_samples=10_000,
-                    threads=threads, project=project, name="speed", exist_ok=True)
-    return train(cfg).run_dir
 
 
 def time_batched(predictor: Predictor, images: torch.Tensor, batch_size: int, repeats: int) -> dict[str, float]:
@@ -129,7 +121,7 @@ def main() -> None:
     test = datasets.FashionMNIST(args.data_dir, train=False)
     images = test.data.unsqueeze(1).contiguous()  # (10000, 1, 28, 28) uint8
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or quick_run(args.data_dir, args.threads, tmp)
+        run = args.run or quick_run(args.data_dir, args.threads, tmp, "speed")
         folder = Path(tmp) / "pngs"
         folder.mkdir()
         for i in range(1000):

@@ -1,9 +1,12 @@
-"""What the benchmarks record about the machine they ran on: its CPU and how busy it was."""
+"""What several benchmarks share: the machine they ran on (its CPU, how busy it was) and a quick run to measure."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+
+from imgrec.config import RunConfig
+from imgrec.workflows import train
 
 
 def load_average() -> str:
@@ -23,3 +26,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def quick_run(data_dir: str, threads: int, project: str, name: str) -> Path:
+    """A LeNet trained for one epoch on 10,000 Fashion-MNIST images."""
+    cfg = RunConfig(data="fashion-mnist", data_dir=data_dir, model="lenet", epochs=1, train_samples=10_000,
+                    threads=threads, project=project, name=name, exist_ok=True)
+    return train(cfg).run_dir

@@ -71,6 +71,9 @@ def test_backward_reaches_every_parameter(name: str, channels: int, size: tuple[
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     for pname, p in model.named_parameters():
+        if not p.requires_grad:  # frozen by design (a whitening stem, BatchNorm scales fixed at 1)
+            assert p.grad is None, pname
+            continue
         assert p.grad is not None, pname
         assert torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
@@ -120,6 +123,40 @@ def test_lenet_colour_architecture() -> None:
     assert [(fc.in_features, fc.out_features) for fc in linears] == [(64 * 4 * 4, 500), (500, 10)]
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(dropouts) == 1 and dropouts[0].p == 0.5
+
+
+@pytest.mark.parametrize("shape", [(100, 500), (3, 7), (1,)])
+def test_lenet_dropout_keeps_half_the_values_doubled(shape: tuple[int, ...]) -> None:
+    from imgrec.models.lenet import Dropout
+
+    drop = Dropout(0.5).train()
+    x = torch.rand(*shape) + 0.5  # no zeros: a zero in the output means dropped
+    x.requires_grad_(True)
+    out = drop(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (x * 2)[kept])
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * 2)  # the gradient passes only where the value was kept
+    if x.numel() >= 1000:
+        assert abs(kept.float().mean().item() - 0.5) < 0.01  # 50,000 fair coins: within 0.01 by 4.5 sigma
+        # the coins are independent of their position: each column and each row keeps about half
+        assert (kept.float().mean(0) - 0.5).abs().max() < 0.25 and (kept.float().mean(1) - 0.5).abs().max() < 0.1
+    torch.manual_seed(5)
+    first = drop(x.detach())
+    torch.manual_seed(5)
+    assert torch.equal(drop(x.detach()), first)  # reproducible under a seed
+    with torch.no_grad():
+        assert torch.equal(drop.eval()(x), x)
+
+
+def test_lenet_dropout_with_another_rate_is_torchs() -> None:
+    from imgrec.models.lenet import Dropout
+
+    x = torch.rand(50, 40) + 0.5
+    torch.manual_seed(1)
+    expected = nn.functional.dropout(x, 0.3, training=True)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.3).train()(x), expected)
 
 
 def test_lenet_dropout_only_in_training() -> None:

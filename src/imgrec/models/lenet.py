@@ -34,6 +34,24 @@ def _conv_stack(in_channels: int, image_size: Sequence[int], widths: Sequence[in
     return nn.Sequential(*layers), channels * height * width
 
 
+_BITS = 62  # random bits used from each int64 draw (a draw's low 62 bits are uniform)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that, at p = 0.5, takes each keep/drop coin from one bit of a random int64 instead of one
+    Bernoulli draw per value: the same distribution (every value kept with probability 1/2, the rest scaled by 2)
+    at about 1/62 of the random numbers, which on a CPU is most of dropout's cost. Other p: nn.Dropout's way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p != 0.5 or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        words = torch.randint(-(2**62), 2**62, (-(-n // _BITS), 1), dtype=torch.int64, device=x.device)
+        shifts = torch.arange(_BITS, dtype=torch.int64, device=x.device)
+        keep = ((words >> shifts) & 1).view(-1)[:n].view_as(x)  # (words, 62) bits -> x's shape
+        return x * (keep * 2).to(x.dtype)
+
+
 class LeNet(nn.Module):
     """Conv feature stack -> fc 500 -> dropout -> num_classes logits."""
 
@@ -45,7 +63,7 @@ class LeNet(nn.Module):
             padding = kernel // 2
         self.features, flat = _conv_stack(in_channels, image_size, widths, kernel, padding)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), Dropout(dropout), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

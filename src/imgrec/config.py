@@ -20,7 +20,7 @@ from imgrec.errors import ImgrecError, UsageError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "linear")
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "flip-translate")
 RECIPES = ("none", "fast")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,8 +102,12 @@ class RunConfig:
                                          "e.g. 90s, 6m, 1h: the epochs are planned from speed measured at the start")
     ema: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. 0.99); "
                            "the average is validated, tested and saved (0: off)")
+    lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
+                                  "trained ones, by less and less as the run ends, and training restarts from it; the "
+                                  "slow copy is validated, tested and saved (instead of --ema)")
     tta: str = _opt("none", "test-time augmentation for validation and test: flip averages the logits of each image "
-                            "and its mirror image (needs flip in --augment)", choices=TTA_MODES)
+                            "and its mirror image; flip-translate adds the two views shifted by one pixel (6 passes; both need flip in "
+                            "--augment)", choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True)
     # system
@@ -146,6 +150,8 @@ class RunConfig:
         _check(self.save_every_steps >= 0, "--save-every-steps must not be negative")
         _check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         _check(0 <= self.ema < 1, "--ema must be in [0, 1) (0: off; 0.99 averages about the last 100 steps)")
+        _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "
+                                                  "validated and saved")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         _check(self.dist_timeout > 0, "--dist-timeout must be positive (minutes)")

@@ -54,7 +54,7 @@ def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig) -> Predictio
     model.to(device=device, memory_format=memory_format)
     start = time.perf_counter()
     result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True,
-                      tta=cfg.tta == "flip")
+                      tta=cfg.tta)
     assert result.logits is not None and result.targets is not None
     return Predictions(result.logits, result.targets, time.perf_counter() - start, device.type)
 

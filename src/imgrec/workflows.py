@@ -26,6 +26,7 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_warning
 from imgrec.engine import distributed
+from imgrec.engine.budget import Deadline
 from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
@@ -176,6 +177,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     if source and not resumed:  # a resumed run's weights come from its training state
         load_source(model, cfg.model, source)
     plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
+    if not source and not resumed and hasattr(model, "init_from_images"):
+        init_from_data(model, bundle, plain, cfg.seed)
     plan = None
     if cfg.time_budget and not resumed:
         if here.distributed:
@@ -200,7 +203,13 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
         check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
         at = Progress.from_dict(resumed.state["progress"])
         log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed)
+    deadline = None
+    if plan and cfg.schedule != "onecycle":  # a new budgeted run keeps to its budget at the speed it really has
+        deadline = Deadline(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds,
+                            plan.steps_per_epoch)
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline)
+    if deadline and deadline.revisions and here.is_main:
+        write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
     if not here.is_main:
         return TrainOutcome(run_dir, {}, main_process=False)
@@ -218,6 +227,19 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     return TrainOutcome(run_dir, summary)
 
 
+INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to
+
+
+def init_from_data(model: torch.nn.Module, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
+    """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented);
+    the same sample for the same seed, so every process of a data-parallel run fits the same weights."""
+    count = min(INIT_IMAGES, len(bundle.train))
+    chosen = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[:count]
+    images, _ = next(iter(make_loader(bundle.train.subset(chosen), count, plain, train=False, workers=0)))
+    model.init_from_images(images)
+    log.info(f"model: first layer fitted to {count} training images")
+
+
 def _read_plan(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "plan.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -226,8 +248,8 @@ def _read_plan(run_dir: Path) -> dict[str, Any] | None:
 def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec) -> BatchTransform:
     """The training batches' preprocessing: augmentation (--augment), normalisation, the model's input size."""
     augment = parse_augment(cfg.augment, bundle.info.channels, photos=isinstance(model, TransferModel))
-    if cfg.tta == "flip" and "flip" not in augment:
-        raise UsageError(f"--tta flip needs flip in --augment (now: {','.join(augment) or 'none'}): a model that "
+    if cfg.tta != "none" and "flip" not in augment:
+        raise UsageError(f"--tta {cfg.tta} needs flip in --augment (now: {','.join(augment) or 'none'}): a model that "
                          f"never saw mirror images gains nothing from them; add flip, or drop --tta")
     return BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
 
@@ -272,7 +294,7 @@ def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfi
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
          val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
-         ) -> tuple[FitResult, float | None]:
+         deadline: Deadline | None = None) -> tuple[FitResult, float | None]:
     """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
     features computed once."""
     if cfg.cache_features:
@@ -287,7 +309,8 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
-    return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None), None
+    return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
+               deadline=deadline), None
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,

@@ -1,4 +1,4 @@
-"""Weight averaging (EMA), flip test-time augmentation, the linear schedule and cutting a run by --max-steps."""
+"""Weight averaging (EMA, lookahead), test-time augmentation (flip, flip-translate), the linear schedule and cutting a run by --max-steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from imgrec.config import RunConfig
-from imgrec.engine.averaging import WeightAverage, averaged_step
+from imgrec.engine.averaging import Lookahead, WeightAverage, averaged_step, make_averager
 from imgrec.engine.trainer import evaluate, linear_schedule, run_epochs, total_steps
 
 
@@ -66,6 +66,44 @@ def test_averaged_step_updates_after_each_step() -> None:
         WeightAverage(model, decay=1.0)
 
 
+def test_lookahead_moves_the_slow_copy_every_fifth_step_and_restarts_the_model_from_it() -> None:
+    model = _model()
+    look = Lookahead(model, total_steps=12)
+    slow0 = {k: v.clone() for k, v in look.model.state_dict().items()}
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # a training step
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        slow_before = {k: v.clone() for k, v in look.model.state_dict().items()}
+        decay = look.current_decay()
+        assert decay == pytest.approx(0.95**5 * (step / 12) ** 3)
+        look.update()
+        if step in (5, 10, 12):  # every fifth step, and the last one
+            for k, v in look.model.state_dict().items():
+                if v.is_floating_point():
+                    torch.testing.assert_close(v, slow_before[k] * decay + before[k] * (1 - decay))
+                    torch.testing.assert_close(model.state_dict()[k], v)  # the model restarts from the slow copy
+        else:
+            for k, v in look.model.state_dict().items():
+                torch.testing.assert_close(v, slow_before[k])
+                torch.testing.assert_close(model.state_dict()[k], before[k])  # the model trains on untouched
+    assert not torch.equal(look.model[0].weight, slow0["0.weight"])
+    restored = Lookahead(_model(), total_steps=1)
+    restored.load_state_dict(look.state_dict())
+    assert (restored.updates, restored.total_steps, restored.every) == (12, 12, 5)
+    torch.testing.assert_close(restored.model.state_dict(), look.model.state_dict())
+    assert isinstance(make_averager(model, 0.0, True, 10), Lookahead)
+    assert type(make_averager(model, 0.9, False, 10)) is WeightAverage and make_averager(model, 0.0, False, 10) is None
+
+
+def test_lookahead_and_ema_are_one_or_the_other() -> None:
+    from imgrec.errors import UsageError
+
+    with pytest.raises(UsageError, match="--ema or --lookahead"):
+        RunConfig(ema=0.99, lookahead=True)
+
+
 class _Loader(list):
     num_samples = 6
 
@@ -75,7 +113,7 @@ def test_flip_tta_averages_the_logits_of_the_two_views() -> None:
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
     x = torch.randn(6, 1, 6, 6)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    result = evaluate(model, _Loader([(x, y)]), torch.device("cpu"), collect=True, tta=True)
+    result = evaluate(model, _Loader([(x, y)]), torch.device("cpu"), collect=True, tta="flip")
     with torch.no_grad():
         expected = (model(x) + model(x.flip(-1))) / 2
     torch.testing.assert_close(result.logits, expected)
@@ -84,6 +122,30 @@ def test_flip_tta_averages_the_logits_of_the_two_views() -> None:
         torch.testing.assert_close(plain.logits, model(x))
     assert not torch.allclose(plain.logits, result.logits)  # the mirror view really counts
     assert result.loss == pytest.approx(nn.functional.cross_entropy(expected, y).item(), rel=1e-5)
+
+
+def test_flip_translate_tta_adds_the_views_shifted_one_pixel_each_way() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randn(5, 2, 6, 6)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    result = evaluate(model, _Loader([(x, y)]), torch.device("cpu"), collect=True, tta="flip-translate")
+    with torch.no_grad():
+        mirror = lambda v: (model(v) + model(v.flip(-1))) / 2  # noqa: E731
+        # up-left: the image moved one pixel right and down, the top row and left column reflected in
+        up_left = torch.cat([x[:, :, 1:2], x[:, :, :-1]], dim=2)
+        up_left = torch.cat([up_left[..., 1:2], up_left[..., :-1]], dim=3)
+        down_right = torch.cat([x[:, :, 1:], x[:, :, -2:-1]], dim=2)
+        down_right = torch.cat([down_right[..., 1:], down_right[..., -2:-1]], dim=3)
+        expected = mirror(x) / 2 + (mirror(up_left) + mirror(down_right)) / 4
+    torch.testing.assert_close(result.logits, expected)
+    flip = evaluate(model, _Loader([(x, y)]), torch.device("cpu"), collect=True, tta="flip")
+    assert not torch.allclose(flip.logits, result.logits)
+    cl = evaluate(model.to(memory_format=torch.channels_last), _Loader([(x.contiguous(memory_format=torch.channels_last), y)]),
+                  torch.device("cpu"), memory_format=torch.channels_last, collect=True, tta="flip-translate")
+    torch.testing.assert_close(cl.logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        evaluate(model, _Loader([(x, y)]), torch.device("cpu"), tta="rotate")
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero() -> None:

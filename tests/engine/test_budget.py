@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from imgrec.config import RunConfig, parse_duration
-from imgrec.engine.budget import EPOCH_END_SECONDS, MARGIN, REPORT_SECONDS, Speed, measure_speed, plan_budget
+from imgrec.engine.budget import (EPOCH_END_SECONDS, MARGIN, REPORT_SECONDS, Deadline, Speed, measure_speed,
+                                  plan_budget)
 from imgrec.errors import UsageError
 
 
@@ -90,3 +92,40 @@ def test_measuring_leaves_the_model_and_the_random_generators_alone() -> None:
     assert speed.step_seconds > 0 and speed.eval_image_seconds > 0 and speed.measure_seconds > 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_deadline_fits_the_steps_left_at_the_speed_measured_so_far() -> None:
+    deadline = Deadline(end=100.0, steps_per_epoch=10)
+    # at t = 40 after 2 epochs: 60 s left; 1 s a step, 2 s an epoch end -> 5 more epochs cost 60 s exactly
+    assert deadline.total_steps(20, step_seconds=1.0, epoch_end_seconds=2.0, now=40.0) == 70
+    # slower than planned: fewer steps, the last epoch cut (its end still paid)
+    total = deadline.total_steps(20, step_seconds=1.5, epoch_end_seconds=2.0, now=40.0)
+    extra = total - 20
+    assert extra * 1.5 + math.ceil(extra / 10) * 2.0 <= 60 < (extra + 1) * 1.5 + math.ceil((extra + 1) / 10) * 2.0
+    assert deadline.total_steps(20, step_seconds=1.0, epoch_end_seconds=2.0, now=100.5) == 20  # time is up
+
+
+def test_a_late_run_is_shortened_and_its_schedule_and_lookahead_follow() -> None:
+    from imgrec.engine.averaging import Lookahead
+    from imgrec.engine.state import Progress
+    from imgrec.engine.trainer import _replan, build_scheduler, linear_schedule
+
+    model = nn.Linear(2, 2)
+    cfg = RunConfig(epochs=5, schedule="linear", lr=0.1, optimizer="sgd")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(cfg, optimizer, 50)
+    look = Lookahead(model, total_steps=50)
+    progress = Progress(epoch=3, train_seconds=40.0)  # 2 epochs of 10 steps done, at 2 s a step
+    deadline = Deadline(end=time.perf_counter() + 41.0, steps_per_epoch=10)  # time for about 20 more
+    new = _replan(cfg, deadline, progress, 10, 0.0, scheduler, look)
+    total = deadline.revisions[-1]["total_steps"]
+    assert new.epochs == 4 and new.max_steps is None and total == 40  # 20 more steps of 2 s fit in 41 s
+    assert deadline.revisions[-1]["was"] == 50 and look.total_steps == total
+    assert scheduler.lr_lambdas[0](total - 1) == pytest.approx(linear_schedule(total - 1, total))
+    same = _replan(new, Deadline(end=time.perf_counter() + 2.0 * (total - 20) + 0.1, steps_per_epoch=10), progress,
+                   10, 0.0, scheduler, look)
+    assert same is new  # on time: nothing changes
+    over = _replan(new, Deadline(end=time.perf_counter() - 1.0, steps_per_epoch=10), progress, 10, 0.0, scheduler, look)
+    assert over.epochs == 2 and over.max_steps is None  # no time left: the run ends with the epoch just done
+    onecycle = RunConfig(epochs=5, schedule="onecycle")
+    assert _replan(onecycle, Deadline(end=0.0, steps_per_epoch=10), progress, 10, 0.0, None, None) is onecycle

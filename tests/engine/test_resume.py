@@ -296,3 +296,19 @@ def test_resume_with_a_weight_average_and_a_cut_last_epoch_is_exact(image_folder
     # what was saved and tested is the average, not the trained model's last weights
     last = load_weights_file(reference / "weights" / "last.pt")["state_dict"]
     assert all(torch.equal(last[key], final["averaged"]["model"][key]) for key in last)
+
+
+def test_resume_with_lookahead_is_exact(image_folder: Path, tmp_path: Path, snapshots: list[Path]) -> None:
+    """Lookahead's slow copy and its step count are part of the state: a run resumed between two of its updates
+    (and at an epoch end) ends with the same weights and results as one never stopped."""
+    extra = dict(lookahead=True, tta="flip-translate", augment="translate,flip", schedule="linear", max_steps=10)
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    final = load_state(snapshots[-1])
+    assert final["averaged"]["updates"] == 10 and final["averaged"]["total_steps"] == 10
+    saved = list(snapshots)
+    for k in (2, 6):  # between lookahead updates in epoch 1, and within epoch 2 after one
+        run = run_stopped_at(reference, saved[k], tmp_path / f"resumed-{k}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)
+    last = load_weights_file(reference / "weights" / "last.pt")["state_dict"]
+    assert all(torch.equal(last[key], final["averaged"]["model"][key]) for key in last)

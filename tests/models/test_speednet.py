@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import class_image
 from imgrec.models.registry import build_model
-from imgrec.models.speednet import HEAD_SCALE, SpeedNet
+from imgrec.models.speednet import BIAS_LR_SCALE, HEAD_SCALE, SpeedNet, WhitenedNet
 
 
 @pytest.mark.parametrize("name,channels,size,widths", [("resnet8", 1, (28, 28), [16, 32, 32, 64, 64, 128, 128]),
@@ -44,7 +44,7 @@ def test_pooling_stops_before_the_map_vanishes() -> None:
     assert model(torch.randn(2, 3, 3, 3)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("name,channels", [("resnet8", 1), ("speednet", 3)])
+@pytest.mark.parametrize("name,channels", [("resnet8", 1), ("speednet", 3), ("airnet", 3)])
 def test_bf16_autocast_training_learns_a_small_problem(name: str, channels: int) -> None:
     torch.manual_seed(0)
     num_classes, size = 4, 16
@@ -67,3 +67,58 @@ def test_bf16_autocast_training_learns_a_small_problem(name: str, channels: int)
     assert losses[-1] < 0.3 * losses[0]
     with torch.no_grad():
         assert (model.eval()(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_the_whitened_net_has_airbench_shape() -> None:
+    model = build_model("airnet", 10, 3, (32, 32))
+    assert isinstance(model, WhitenedNet)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 64, 64, 256, 256, 256, 256]
+    assert convs[0].kernel_size == (2, 2) and convs[0].padding == (0, 0) and not convs[0].weight.requires_grad
+    assert convs[0].bias is not None and convs[0].bias.requires_grad  # the stem's shift trains, its filters do not
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6 and all(not n.weight.requires_grad and n.bias.requires_grad for n in norms)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3  # 31 -> 15 -> 7 -> 3
+    assert model.head.bias is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_block_convs_start_as_the_identity_on_their_inputs() -> None:
+    model = build_model("airnet", 10, 3, (32, 32))
+    conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]  # 24 -> 64
+    x = torch.randn(2, 24, 9, 9)
+    with torch.no_grad():
+        out = conv(x)
+    torch.testing.assert_close(out[:, :24], x)  # dirac filters pass their input channel through
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_stem_whitens_the_patches_of_the_images_it_was_fitted_to(channels: int) -> None:
+    torch.manual_seed(0)
+    # correlated pixels and channels: smooth random images, channels mixed
+    base = nn.functional.avg_pool2d(torch.randn(400, channels, 20, 20), 3, stride=1, padding=1) * 3 + 0.5
+    images = base + 0.3 * base.mean(dim=1, keepdim=True)
+    model = WhitenedNet(4, channels, (20, 20), widths=(8,))
+    model.init_from_images(images)
+    with torch.no_grad():
+        out = model.whiten(images)  # (N, 2 * C * 4, 19, 19)
+    half = out[:, : channels * 4].permute(0, 2, 3, 1).reshape(-1, channels * 4).double()
+    covariance = half.T @ half / len(half)
+    # unit variance along every eigen-direction (up to the eps that keeps tiny eigenvalues finite), no correlation
+    torch.testing.assert_close(covariance, torch.eye(channels * 4, dtype=torch.float64), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(out[:, channels * 4 :], -out[:, : channels * 4])  # and their negatives
+    assert (model.whiten.bias == 0).all()
+
+
+def test_the_batchnorm_shifts_train_faster_with_the_same_decay_per_step() -> None:
+    from imgrec.config import RunConfig
+    from imgrec.engine.trainer import parameter_groups
+
+    model = build_model("airnet", 10, 3, (32, 32))
+    groups = parameter_groups(model, RunConfig(lr=0.4, weight_decay=1e-3))
+    rest, fast = groups
+    assert fast["lr"] == pytest.approx(0.4 * BIAS_LR_SCALE) and fast["weight_decay"] == pytest.approx(1e-3 / BIAS_LR_SCALE)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {id(p) for p in fast["params"]} == {id(n.bias) for n in norms}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in rest["params"]} | {id(p) for p in fast["params"]} == trainable
+    assert not {id(p) for p in rest["params"]} & {id(p) for p in fast["params"]}

@@ -115,14 +115,14 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
     return [round(v, 6) for v in mean.tolist()], [round(max(v, 1e-3), 6) for v in std.tolist()]
 
 
-def _pad_amount(images: torch.Tensor) -> int:
-    return max(1, min(images.shape[-2:]) // 8)  # 4 px for 32x32, 3 px for 28x28
+def _pad_amount(images: torch.Tensor, fraction: int) -> int:
+    return max(1, min(images.shape[-2:]) // fraction)
 
 
-def random_shift(images: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Tensor:
-    """Shift each image by up to 1/8 of its size: pad (zeros or reflection), then crop at a random offset."""
+def random_shift(images: torch.Tensor, generator: torch.Generator, mode: str, fraction: int) -> torch.Tensor:
+    """Shift each image by up to 1/fraction of its size: pad (zeros or reflection), then crop at a random offset."""
     batch, _, height, width = images.shape
-    pad = _pad_amount(images)
+    pad = _pad_amount(images, fraction)
     padded = torch.nn.functional.pad(images if mode == "constant" else images.float(), (pad,) * 4, mode=mode)
     padded = padded.to(images.dtype)
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
@@ -135,13 +135,15 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, mode: str) ->
 
 
 def random_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding) for a whole batch: zero padding, random offsets."""
-    return random_shift(images, generator, "constant")
+    """torchvision's RandomCrop(size, padding) for a whole batch: zero padding of 1/8 of the size (4 px for 32x32,
+    3 px for 28x28), random offsets."""
+    return random_shift(images, generator, "constant", 8)
 
 
 def random_translate(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random translation with reflected borders (no black frame)."""
-    return random_shift(images, generator, "reflect")
+    """Random translation by up to 1/16 of the size (2 px for 32x32, 1 px for 28x28; airbench's), borders reflected
+    (no black frame): milder than crop, for short runs."""
+    return random_shift(images, generator, "reflect", 16)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

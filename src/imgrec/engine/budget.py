@@ -13,16 +13,16 @@ import copy
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from imgrec.config import RunConfig
-from imgrec.engine.averaging import WeightAverage
+from imgrec.engine.averaging import make_averager
 from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.engine.trainer import OPTIMIZERS, optimizer_kernels
+from imgrec.engine.trainer import OPTIMIZERS, optimizer_kernels, tta_logits
 from imgrec.errors import UsageError
 
 MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
@@ -37,7 +37,7 @@ MIN_MEASURE_STEPS = 3
 @dataclass
 class Speed:
     step_seconds: float  # one training step, fetching and augmenting its batch included
-    eval_image_seconds: float  # one image in evaluation (both views with flip TTA)
+    eval_image_seconds: float  # one image in evaluation (all views of its test-time augmentation)
     measure_seconds: float  # what measuring took
 
 
@@ -92,6 +92,33 @@ def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: in
                       math.ceil(steps / steps_per_epoch), epoch_end, final, margin, elapsed + cost(steps) + final)
 
 
+@dataclass
+class Deadline:
+    """Keeps a budgeted run on time: at each epoch end fit() asks how many steps in all still fit, from the speed
+    the run really had so far (the plan's comes from a few steps measured at the start, and a machine can get
+    slower or faster). `end` is the time.perf_counter() by which training, validation and saves must be done
+    (the final evaluation, the report and the margin come after it)."""
+
+    end: float
+    steps_per_epoch: int
+    revisions: list[dict[str, Any]] = field(default_factory=list)  # what changed, for plan.json
+
+    def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int:
+        """Steps done plus the most further steps whose cost, with the epoch ends they reach, fits before `end`
+        (none when time is up: the run ends here)."""
+        per_epoch = max(1, self.steps_per_epoch)
+        available = self.end - now
+
+        def cost(extra: int) -> float:
+            ends = math.ceil((steps_done + extra) / per_epoch) - steps_done // per_epoch  # epoch ends still to pay
+            return extra * step_seconds + ends * epoch_end_seconds
+
+        extra = max(0, math.floor(available / (step_seconds + epoch_end_seconds / per_epoch)))
+        while extra > 0 and cost(extra) > available:
+            extra -= 1
+        return steps_done + extra
+
+
 def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,
                   cfg: RunConfig) -> Speed:
     """Seconds per training step (on a copy of the model, with the run's optimiser and precision) and per
@@ -103,7 +130,7 @@ def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     with torch.random.fork_rng(devices=[]):
         step_seconds = _time_steps(probe, batches, cfg, device, dtype, memory_format)
-        eval_seconds = _time_evaluation(probe, eval_images, cfg.tta == "flip", device, dtype, memory_format)
+        eval_seconds = _time_evaluation(probe, eval_images, cfg.tta, device, dtype, memory_format)
     return Speed(step_seconds, eval_seconds, time.perf_counter() - start)
 
 
@@ -111,7 +138,7 @@ def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: tor
                 memory_format: torch.memory_format) -> float:
     """Mean seconds of the training steps after the warm-up ones, batch fetching included."""
     optimizer = OPTIMIZERS[cfg.optimizer](probe.parameters(), cfg, optimizer_kernels(device))
-    average = WeightAverage(probe, cfg.ema) if cfg.ema else None
+    average = make_averager(probe, cfg.ema, cfg.lookahead, total_steps=1000)  # any length: timing only
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     timed: list[float] = []
     done = 0
@@ -138,7 +165,7 @@ def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: tor
 
 
 @torch.inference_mode()
-def _time_evaluation(probe: nn.Module, images: torch.Tensor, tta: bool, device: torch.device, dtype: Any,
+def _time_evaluation(probe: nn.Module, images: torch.Tensor, tta: str, device: torch.device, dtype: Any,
                      memory_format: torch.memory_format) -> float:
     """Seconds per image of evaluation-mode forward passes over one batch (after one warm-up pass)."""
     probe.eval()
@@ -147,9 +174,7 @@ def _time_evaluation(probe: nn.Module, images: torch.Tensor, tta: bool, device: 
     for _ in range(3):
         tick = time.perf_counter()
         with autocast(device, dtype):
-            logits = probe(x).float()
-            if tta:
-                logits = logits + probe(x.flip(-1)).float()
+            logits = tta_logits(probe, x, tta)
         logits.sum().item()
         runs.append(time.perf_counter() - tick)
     return sum(runs[1:]) / len(runs[1:]) / len(x)

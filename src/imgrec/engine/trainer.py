@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from imgrec.config import RunConfig
 from imgrec.engine import distributed
-from imgrec.engine.averaging import WeightAverage, averaged_step
+from imgrec.engine.averaging import averaged_step, make_averager
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
@@ -88,18 +88,42 @@ def optimizer_kernels(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
+def parameter_groups(model: nn.Module, cfg: RunConfig) -> Any:
+    """What the optimiser trains: a TransferModel's groups (lower learning rates for earlier layers); for a model
+    with lr_scaled_parameters (a WhitenedNet's BatchNorm shifts), those at lr * scale with weight decay / scale
+    (the same decay per step); else all parameters at cfg.lr. Frozen parameters are left out."""
+    groups = getattr(model, "parameter_groups", None)
+    if groups is not None:
+        return groups(cfg.lr, cfg.lr_backbone_mult)
+    scaled = getattr(model, "lr_scaled_parameters", None)
+    if scaled is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    scale, fast = scaled()
+    chosen = {id(p) for p in fast}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    return [{"params": rest}, {"params": list(fast), "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay / scale}]
+
+
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     """A per-step learning-rate schedule, or None for a constant rate."""
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
-    if cfg.schedule == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(linear_schedule, total_steps=total_steps))
+    if cfg.schedule in ("cosine", "linear"):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps))
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total_steps)
     return None
+
+
+def schedule_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor by step of a cosine or linear schedule over total_steps."""
+    if schedule == "cosine":
+        return partial(cosine_schedule, total_steps=total_steps)
+    return partial(linear_schedule, total_steps=total_steps)
+
+
+def cosine_schedule(step: int, total_steps: int) -> float:
+    """Half a cosine from 1 down to 0 at total_steps."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def linear_schedule(step: int, total_steps: int, warmup: float = 0.2) -> float:
@@ -122,24 +146,32 @@ def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
     return math.ceil(total_steps(cfg, steps_per_epoch) / max(1, steps_per_epoch))
 
 
+REPLAN_SECONDS = 0.5  # a budgeted run's plan changes when it is off by at least this much
+
+
+class Deadline(Protocol):  # budget.Deadline
+    revisions: list[dict[str, Any]]
+
+    def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int: ...
+
+
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
-        weights_meta: dict[str, Any], state: dict[str, Any] | None = None) -> FitResult:
+        weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
+        ) -> FitResult:
     """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
-    results.csv, weights/{last,best}.pt and train_state.pt."""
+    results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
+    still to run are re-planned at each epoch end from the speed measured so far."""
     device = select_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    # A model with parameter_groups (a TransferModel) gets lower learning rates for its earlier layers
-    groups = getattr(model, "parameter_groups", None)
-    params = groups(cfg.lr, cfg.lr_backbone_mult) if groups else model.parameters()
-    optimizer = OPTIMIZERS[cfg.optimizer](params, cfg, optimizer_kernels(device))
+    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
     log.info(f"compute: {device.type}, {precision_name(dtype)}{' autocast' if dtype else ''}, "
              f"{'channels_last' if cfg.channels_last else 'contiguous'}, {torch.get_num_threads()} threads")
     scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    averager = WeightAverage(model, cfg.ema) if cfg.ema else None
+    averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
     evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
     parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
     progress = Progress() if state is None else restore_state(state, parts, cfg)
@@ -168,10 +200,11 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 # The epoch's last update can make the weights non-finite while its own loss was finite: never
                 # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
                 _check_finite(model, progress)
+                epoch_end_started = time.perf_counter()
                 # one process stopping in the middle of validation would leave the others waiting for its sums
                 interrupt = None if distributed.context().distributed else stop.check
                 val = evaluate(evaluated, val_loader, device, dtype, memory_format, interrupt=interrupt,
-                               tta=cfg.tta == "flip") if val_loader else None
+                               tta=cfg.tta) if val_loader else None
                 progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
                     progress.loss_sum, progress.correct, progress.seen)  # the epoch over all processes' shards
                 row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
@@ -185,6 +218,10 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                     save_atomic(weights, run_dir / "weights" / "last.pt")
                     if improved:
                         save_atomic(weights, run_dir / "weights" / "best.pt")
+                if deadline is not None and not progress.finished(epochs, cfg.patience):
+                    cfg = _replan(cfg, deadline, progress, len(train_loader), time.perf_counter() - epoch_end_started,
+                                  scheduler, averager)
+                    epochs = run_epochs(cfg, len(train_loader))
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
                 _log_epoch(row, epochs, rate)
                 _stop_if_any(stop)
@@ -194,6 +231,32 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
     return _fit_result(progress, cfg, epochs)
+
+
+def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_epoch: int, epoch_end_seconds: float,
+            scheduler: Any, averager: Any) -> RunConfig:
+    """At an epoch end of a budgeted run: the total steps that still fit by the deadline at the speed measured so
+    far; when they differ from the plan, the run's epochs and max_steps, its learning-rate schedule and its
+    lookahead are stretched or shrunk to them (the state saved next records the new plan)."""
+    if cfg.schedule == "onecycle":  # its phases are fixed when it is built
+        return cfg
+    done = (progress.epoch - 1) * steps_per_epoch
+    planned = total_steps(cfg, steps_per_epoch)
+    step_seconds = progress.train_seconds / max(done, 1)
+    new = deadline.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
+    if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
+        return cfg  # on time: a fraction of a second either way is noise
+    epochs = max(1, math.ceil(new / steps_per_epoch))
+    cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
+    if scheduler is not None:
+        scheduler.lr_lambdas = [schedule_factor(cfg.schedule, max(new, 1))] * len(scheduler.lr_lambdas)
+    if hasattr(averager, "total_steps"):  # lookahead's decay follows the run's length
+        averager.total_steps = max(new, 1)
+    deadline.revisions.append({"after_steps": done, "step_seconds": round(step_seconds, 5),
+                               "epoch_end_seconds": round(epoch_end_seconds, 3), "total_steps": new, "was": planned})
+    change = "ends here" if new <= done else f"{new} steps in all ({new / steps_per_epoch:.2f} epochs)"
+    log.info(f"time budget: at {step_seconds * 1000:.0f} ms a step so far, the run {change} instead of {planned}")
+    return cfg
 
 
 def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
@@ -298,7 +361,7 @@ def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epoch
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None = None,
              memory_format: torch.memory_format = torch.contiguous_format, collect: bool = False,
-             interrupt: Callable[[], None] | None = None, tta: bool = False) -> EvalResult:
+             interrupt: Callable[[], None] | None = None, tta: str = "none") -> EvalResult:
     """Mean cross-entropy and accuracy over a loader (in eval mode); optionally keep logits and targets.
     interrupt runs after each batch (it may raise to stop the evaluation); tta: the logits are the mean of each
     image's and its left-right mirror image's."""
@@ -311,9 +374,7 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             with autocast(device, dtype):
-                logits = model(x).float()
-                if tta:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
+                logits = tta_logits(model, x, tta)
             total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
@@ -330,6 +391,30 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
     if collect:
         result.logits, result.targets = torch.cat(all_logits), torch.cat(all_targets)
     return result
+
+
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}  # forward passes per image
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """float32 logits of a batch under test-time augmentation: none; flip (the mean of each image's and its mirror
+    image's); flip-translate (airbench's: half the flip mean, half the flip means of the image shifted one pixel
+    up-left and down-right, borders reflected)."""
+    if mode not in TTA_VIEWS:
+        raise ValueError(f"unknown test-time augmentation {mode!r}")
+    logits = model(x).float()
+    if mode == "none":
+        return logits
+    logits = (logits + model(x.flip(-1)).float()) / 2
+    if mode == "flip":
+        return logits
+    height, width = x.shape[-2:]
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    for view in (padded[..., :height, :width], padded[..., 2:, 2:]):
+        view = view.contiguous(memory_format=layout)
+        logits = logits + (model(view).float() + model(view.flip(-1)).float()) / 4
+    return logits / 2
 
 
 def _all_finite(model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from imgrec.errors import UsageError
 from imgrec.models.backbones import BACKBONES, build_backbone
 from imgrec.models.lenet import build_lenet
 from imgrec.models.mlp import MLP
-from imgrec.models.speednet import build_resnet8, build_speednet
+from imgrec.models.speednet import build_airnet, build_airnet_small, build_resnet8, build_speednet
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ MODELS: dict[str, ModelEntry] = {
     "speednet": ModelEntry(build_speednet, "airbench/ResNet-9-style net for 32x32 colour images: stem 32, residual "
                                            "groups 64/192/256 with max-pooling, BN, GELU, scaled linear head "
                                            "(--recipe fast)"),
+    "airnet": ModelEntry(build_airnet, "airbench94-style net: a 2x2 patch-whitening stem fitted to the training "
+                                       "images, blocks of 64/256/256 with max-pooling, BN, GELU, scaled linear head"),
+    "airnet-small": ModelEntry(build_airnet_small, "airnet with blocks of 32/64/128, for 28x28 grey images "
+                                                   "(--recipe fast)"),
     **{name: ModelEntry(partial(build_backbone, name), spec.description, pretrained=True)
        for name, spec in BACKBONES.items()},
 }

@@ -75,3 +75,93 @@ def build_resnet8(num_classes: int, in_channels: int, image_size: Sequence[int])
 def build_speednet(num_classes: int, in_channels: int, image_size: Sequence[int]) -> SpeedNet:
     """The colour-image speed net: stem 32, groups 64/192/256."""
     return SpeedNet(num_classes, in_channels, image_size, stem=32, widths=(64, 192, 256))
+
+
+class _FixedScaleBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale stays 1 (only the shift trains), with fast-moving running statistics: the
+    speed-run nets' choice, since the following GELU and the next conv make a learned scale redundant."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' conv without bias whose first in_channels filters start as the identity (the rest random)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
+        with torch.no_grad():
+            nn.init.dirac_(self.weight[: min(in_channels, out_channels)])
+
+
+class WhitenedNet(nn.Module):
+    """airbench-style net: a frozen patch-whitening conv, then blocks of conv -> max-pool -> BN -> GELU -> conv ->
+    BN -> GELU, a global max-pool and a scaled bias-free linear head.
+
+    The whitening conv (2x2 patches, no padding) gets its weights from the training images themselves
+    (init_from_images): the eigenvectors of their patch covariance scaled by 1/sqrt(eigenvalue), and their
+    negatives, so the first layer sees decorrelated inputs from the first step. Those weights never train; its
+    bias does. Before init_from_images the stem is a random conv, and a model loaded from a weights file gets it
+    from the file.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: Sequence[int], widths: Sequence[int],
+                 kernel: int = 2) -> None:
+        super().__init__()
+        self.kernel = kernel if min(image_size) > kernel else 1
+        width = 2 * in_channels * self.kernel**2
+        self.whiten = nn.Conv2d(in_channels, width, self.kernel, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        height, size = image_size[0] - self.kernel + 1, image_size[1] - self.kernel + 1
+        layers: list[nn.Module] = [nn.GELU()]
+        channels = width
+        for out in widths:
+            layers.append(_Conv(channels, out))
+            if min(height, size) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                height, size = height // 2, size // 2
+            layers += [_FixedScaleBatchNorm(out), nn.GELU(), _Conv(out, out), _FixedScaleBatchNorm(out), nn.GELU()]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes, bias=False)
+
+    def lr_scaled_parameters(self) -> tuple[float, list[nn.Parameter]]:
+        """The BatchNorm shifts, which train at BIAS_LR_SCALE times the learning rate: with their scale fixed at 1
+        they would otherwise move far slower than the convs' scale-free weights (airbench's bias scaler)."""
+        return BIAS_LR_SCALE, [m.bias for m in self.modules() if isinstance(m, _FixedScaleBatchNorm)]
+
+    @torch.no_grad()
+    def init_from_images(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening weights from normalised training images (N, C, H, W), float; a few thousand do."""
+        k = self.kernel
+        x = images.float()
+        channels = x.shape[1]
+        # every k x k patch as a row of C*k*k values
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * k * k)
+        covariance = (patches.T @ patches / len(patches)).double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        order = eigenvalues.argsort(descending=True)
+        filters = (eigenvectors[:, order].T / (eigenvalues[order].clamp_min(0) + eps).sqrt()[:, None])
+        filters = filters.reshape(-1, channels, k, k).float()
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.whiten(x))  # (B, C, H, W) -> (B, widths[-1], H', W')
+        x = torch.amax(x, dim=(2, 3))  # -> (B, widths[-1])
+        return self.head(x) * WHITENED_HEAD_SCALE  # -> (B, num_classes)
+
+
+WHITENED_HEAD_SCALE = 1 / 9
+BIAS_LR_SCALE = 64.0
+
+
+def build_airnet(num_classes: int, in_channels: int, image_size: Sequence[int]) -> WhitenedNet:
+    """airbench94's shape: whitening stem, blocks of 64/256/256."""
+    return WhitenedNet(num_classes, in_channels, image_size, widths=(64, 256, 256))
+
+
+def build_airnet_small(num_classes: int, in_channels: int, image_size: Sequence[int]) -> WhitenedNet:
+    """The same with blocks of 32/64/128: about 1/9 of the FLOPs, for 28x28 grey images."""
+    return WhitenedNet(num_classes, in_channels, image_size, widths=(32, 64, 128))

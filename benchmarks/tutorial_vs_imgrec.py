@@ -127,6 +127,10 @@ def imgrec_run(args: argparse.Namespace, project: Path, name: str, *flags: str) 
 def compare(args: argparse.Namespace, name: str, work: Path) -> dict:
     """Tutorial and imgrec on one model (and imgrec with each switch off, when asked); prints one line each."""
     tut = tutorial_run(name, args.data, args.data_dir, work, args.epochs, args.lr)
+    if args.tutorial_only:
+        print(f"{name}: tutorial {tut['images_per_second']:,.0f} img/s, {tut['total_seconds']:.1f} s total, test "
+              f"{tut['test_accuracy']:.2%}", flush=True)
+        return {"tutorial": tut}
     common = ["--model", name, "--epochs", str(args.epochs), "--lr", str(args.lr)]
     imr = imgrec_run(args, work, f"{name}-default", *common)
     result = {"tutorial": tut, "imgrec": imr, "throughput_ratio": imr["images_per_second"] / tut["images_per_second"],
@@ -168,6 +172,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--switches", action="store_true", help="also run imgrec with each speed switch off")
+    parser.add_argument("--tutorial-only", action="store_true", help="run only the tutorial's pipeline for --models "
+                        "(the yardstick of --budgets), not imgrec's run of the same model")
     parser.add_argument("--budgets", type=float, nargs="*", default=[], help="time budgets as fractions of the "
                         "tutorial's total time for the last model")
     parser.add_argument("--json", help="also write the results here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,15 @@ def _info(channels: int, size: tuple[int, int]) -> DatasetInfo:
                        std=[0.25] * channels)
 
 
-@pytest.mark.parametrize("channels,size,model", [(1, (28, 28), "resnet8"), (3, (32, 32), "speednet"),
-                                                 (1, (8, 8), "resnet8"), (3, (16, 20), "speednet")])
+@pytest.mark.parametrize("channels,size,model", [(1, (28, 28), "airnet-small"), (3, (32, 32), "airnet"),
+                                                 (1, (8, 8), "airnet-small"), (3, (16, 20), "airnet")])
 def test_the_recipe_picks_by_shape(channels: int, size: tuple[int, int], model: str) -> None:
     cfg = apply_recipe(RunConfig(recipe="fast"), _info(channels, size), set())
     kind = "grey" if channels == 1 else "colour"
     for key, value in RECIPES[kind].items():
         if key != "val_fraction":
             assert getattr(cfg, key) == value, key
-    assert cfg.model == model and cfg.tta == "flip" and cfg.schedule == "linear" and cfg.optimizer == "sgd"
+    assert cfg.model == model and cfg.tta == "flip-translate" and cfg.schedule == "linear" and cfg.optimizer == "sgd"
     assert cfg.precision == "auto"  # bf16 where the hardware computes it natively (engine.system)
 
 
@@ -43,8 +44,16 @@ def test_explicit_settings_win_and_are_logged(caplog: pytest.LogCaptureFixture) 
     assert (cfg.lr, cfg.model, cfg.augment) == (0.05, "lenet", "crop")
     assert cfg.optimizer == "sgd" and cfg.batch_size == RECIPES["colour"]["batch_size"]
     assert cfg.tta == "none"  # no flip among the augmentations given: no flip TTA
+    assert cfg.lookahead  # the colour recipe's weight average ...
     line = caplog.records[-1].getMessage()
-    assert "recipe fast for 3x32x32 colour images" in line and "(given: --model lenet, --lr 0.05, --augment crop)" in line
+    assert "recipe fast for 3x32x32 colour images" in line and "(given: --lr 0.05, --augment crop, --model lenet)" in line and "--lookahead," in line
+
+
+def test_a_weight_average_given_replaces_the_recipes() -> None:
+    cfg = apply_recipe(RunConfig(recipe="fast", ema=0.9), _info(3, (32, 32)), {"recipe", "ema"})
+    assert cfg.ema == 0.9 and not cfg.lookahead  # ... yields to --ema
+    cfg = apply_recipe(RunConfig(recipe="fast", ema=0.95), _info(1, (28, 28)), {"recipe", "ema"})
+    assert cfg.ema == 0.95 and not cfg.lookahead
 
 
 def test_without_a_given_set_the_non_defaults_count_as_explicit() -> None:
@@ -106,16 +115,19 @@ def test_a_budgeted_recipe_run_records_its_plan_and_resumes_without_replanning(
     run = tmp_path / "runs" / "fast"
     plan = json.loads((run / "plan.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["model"] == "speednet" and config["batch_size"] == 16 and config["epochs"] == plan["epochs"]
+    assert config["model"] == "airnet" and config["batch_size"] == 16 and config["epochs"] == plan["epochs"]
     assert config["max_steps"] in (None, plan["total_steps"])
     assert plan["budget_seconds"] == 60 and plan["total_steps"] >= 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["plan"] == plan and summary["time_budget_seconds"] == 60
+    # re-planned at epoch ends from the speed it really had: the state holds the last plan
+    total = plan["revisions"][-1]["total_steps"] if plan.get("revisions") else plan["total_steps"]
     state = torch.load(run / "train_state.pt", weights_only=True)
-    assert state["config"]["epochs"] == plan["epochs"] and state["averaged"] is not None
+    assert state["config"]["epochs"] == math.ceil(total / plan["steps_per_epoch"]) and state["averaged"] is not None
+    assert state["config"]["max_steps"] in (None, total)
     code, out, err = run_main(["train", "--resume", str(run)], capsys)
     assert code == 0 and "already finished" in out
-    code, _, err = run_main(["train", "--resume", str(run), "--epochs", str(plan["epochs"] + 5)], capsys)
+    code, _, err = run_main(["train", "--resume", str(run), "--epochs", str(state["config"]["epochs"] + 5)], capsys)
     assert code == 2 and "planned for --time-budget 60s" in error_line(err)
 
 
@@ -129,6 +141,6 @@ def test_fashion_mnist_fast_recipe_within_a_short_budget(shared_data: Path, tmp_
     run = tmp_path / "runs" / "fm"
     plan = json.loads((run / "plan.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["model"] == "resnet8" and summary["plan"] == plan and plan["total_steps"] >= 1
+    assert summary["model"] == "airnet-small" and summary["plan"] == plan and plan["total_steps"] >= 1
     assert summary["test_accuracy"] > 0.5  # a fraction of an epoch already learns most of Fashion-MNIST
     assert "test accuracy" in out

@@ -33,6 +33,8 @@ FAMILY_CASES = {
     "lenet colour": ("lenet", 3, (16, 16), 3, (16, 16)),
     "resnet8 (speed-run net, grey)": ("resnet8", 1, (28, 28), 1, (28, 28)),
     "speednet (speed-run net, colour)": ("speednet", 3, (32, 32), 3, (32, 32)),
+    "airnet (whitening stem, colour)": ("airnet", 3, (32, 32), 3, (32, 32)),
+    "airnet-small (whitening stem, grey)": ("airnet-small", 1, (28, 28), 1, (28, 28)),
     "resnet18 (BatchNorm)": ("resnet18", 3, (32, 32), 3, (32, 32)),
     "mobilenet_v3_small": ("mobilenet_v3_small", 3, (32, 32), 3, (32, 32)),
     "efficientnet_b0 (upsampled under 32 px)": ("efficientnet_b0", 3, (16, 16), 3, (16, 16)),

@@ -1,4 +1,5 @@
-"""--time-budget: parsing durations and the planning arithmetic (no timing: speeds are given)."""
+"""--time-budget: parsing durations, the planning arithmetic and the re-planning at epoch ends (no timing: speeds
+are given)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 from torch import nn
 
 from imgrec.config import RunConfig, parse_duration
-from imgrec.engine.budget import (EPOCH_END_SECONDS, MARGIN, REPORT_SECONDS, Deadline, Speed, measure_speed,
-                                  plan_budget)
+from imgrec.engine.budget import (
+    EPOCH_END_SECONDS,
+    MARGIN,
+    REPORT_SECONDS,
+    Deadline,
+    Speed,
+    measure_speed,
+    plan_budget,
+)
 from imgrec.errors import UsageError
 
 

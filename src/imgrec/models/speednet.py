@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 HEAD_SCALE = 0.125  # logits = head(features) * HEAD_SCALE
+WHITENED_HEAD_SCALE = 1 / 9  # the same for WhitenedNet (airbench's)
+BIAS_LR_SCALE = 64.0  # WhitenedNet's BatchNorm shifts train at this times the learning rate
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -152,9 +154,6 @@ class WhitenedNet(nn.Module):
         x = torch.amax(x, dim=(2, 3))  # -> (B, widths[-1])
         return self.head(x) * WHITENED_HEAD_SCALE  # -> (B, num_classes)
 
-
-WHITENED_HEAD_SCALE = 1 / 9
-BIAS_LR_SCALE = 64.0
 
 
 def build_airnet(num_classes: int, in_channels: int, image_size: Sequence[int]) -> WhitenedNet:

@@ -105,9 +105,10 @@ class RunConfig:
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")
-    tta: str = _opt("none", "test-time augmentation for validation and test: flip averages the logits of each image "
-                            "and its mirror image; flip-translate adds the two views shifted by one pixel (6 passes; both need flip in "
-                            "--augment)", choices=TTA_MODES)
+    tta: str = _opt("none", "test-time augmentation for the final evaluation (calibration, test, report; each epoch's "
+                            "validation takes one view): flip averages the logits of each image and its mirror image; "
+                            "flip-translate adds the two views shifted by one pixel (6 passes; both need flip in --augment)",
+                    choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True)
     # system

@@ -75,6 +75,16 @@ def test_a_validation_that_does_not_fit_drops_the_started_epoch() -> None:
     assert _cost(plan, speed, 3000) <= 100 * (1 - MARGIN) - REPORT_SECONDS
 
 
+def test_each_epochs_validation_is_planned_at_one_view_and_the_final_evaluation_at_all() -> None:
+    # flip-translate: 6 ms an image at the end, 1 ms in each epoch's validation
+    speed = Speed(step_seconds=0.1, eval_image_seconds=0.006, measure_seconds=1.0, val_image_seconds=0.001)
+    plan = plan_budget(200, elapsed=0, speed=speed, steps_per_epoch=100, epoch_eval_images=1000,
+                       final_eval_images=2000)
+    assert plan.epoch_end_seconds == pytest.approx(1000 * 0.001 + EPOCH_END_SECONDS)
+    assert plan.final_seconds == pytest.approx(2000 * 0.006 + REPORT_SECONDS)
+    assert Speed(0.1, 0.006, 1.0).epoch_image_seconds == 0.006  # not measured apart: as the final evaluation
+
+
 def test_too_short_a_budget_is_one_usage_error() -> None:
     speed = Speed(step_seconds=0.5, eval_image_seconds=0.001, measure_seconds=3.0)
     with pytest.raises(UsageError, match="--time-budget 20s is too short: .* about 28s"):
@@ -98,6 +108,7 @@ def test_measuring_leaves_the_model_and_the_random_generators_alone() -> None:
     cfg = RunConfig(optimizer="sgd", lr=0.1, ema=0.9, tta="flip", augment="flip", device="cpu", precision="bf16")
     speed = measure_speed(model, batches, images, cfg)
     assert speed.step_seconds > 0 and speed.eval_image_seconds > 0 and speed.measure_seconds > 0
+    assert speed.val_image_seconds == pytest.approx(speed.eval_image_seconds / 2)  # flip: 2 views at the end, 1 each epoch
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
 

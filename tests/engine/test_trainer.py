@@ -379,3 +379,20 @@ def test_results_log_writes_rows_and_starts_fresh(tmp_path: Path) -> None:
     assert path.read_text().splitlines() == [",".join(HEADER), "1,0.123457,0.5,,,0.001,1.5"]
     ResultsLog(path)
     assert path.read_text().splitlines() == [",".join(HEADER)]
+
+
+def test_each_epochs_validation_takes_one_view_whatever_the_tta(tmp_path: Path) -> None:
+    """--tta is for the final evaluation; the per-epoch validation is one forward pass per image (a sixth of
+    flip-translate's cost), so its figures are the model's own and its cost does not grow with the TTA."""
+    torch.manual_seed(0)
+    model = _Flat()
+    train = ListLoader([(torch.randn(4, 1, 2, 2), torch.randint(0, 2, (4,)))] * 2)
+    x, y = torch.randn(6, 1, 2, 2), torch.randint(0, 2, (6,))
+    seen: list[int] = []
+    model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]) if not module.training else None)
+    cfg = cfg_for(epochs=2, tta="flip-translate", augment="translate,flip", channels_last=False, precision="fp32")
+    result = fit(model, train, [(x, y)], cfg, tmp_path, meta())  # type: ignore[arg-type]
+    assert seen == [6, 6]  # one pass over the 6 validation images per epoch, not six
+    expected = evaluate(model, [(x, y)], torch.device("cpu"))  # type: ignore[arg-type]
+    assert result.history[-1]["val_acc"] == pytest.approx(expected.accuracy)
+    assert result.history[-1]["val_loss"] == pytest.approx(expected.loss)

@@ -22,7 +22,7 @@ from torch import nn
 from imgrec.config import RunConfig
 from imgrec.engine.averaging import make_averager
 from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.engine.trainer import OPTIMIZERS, optimizer_kernels, tta_logits
+from imgrec.engine.trainer import OPTIMIZERS, TTA_VIEWS, optimizer_kernels, tta_logits
 from imgrec.errors import UsageError
 
 MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
@@ -37,8 +37,13 @@ MIN_MEASURE_STEPS = 3
 @dataclass
 class Speed:
     step_seconds: float  # one training step, fetching and augmenting its batch included
-    eval_image_seconds: float  # one image in evaluation (all views of its test-time augmentation)
+    eval_image_seconds: float  # one image in the final evaluation (all views of its test-time augmentation)
     measure_seconds: float  # what measuring took
+    val_image_seconds: float | None = None  # one image in each epoch's validation (one view); None: as eval_image_seconds
+
+    @property
+    def epoch_image_seconds(self) -> float:
+        return self.eval_image_seconds if self.val_image_seconds is None else self.val_image_seconds
 
 
 @dataclass
@@ -73,7 +78,7 @@ def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: in
     """The most training steps whose cost, with each started epoch's validation and end, fits in what is left of
     the budget after the final evaluation, the report and the margin."""
     steps_per_epoch = max(1, steps_per_epoch)
-    epoch_end = epoch_eval_images * speed.eval_image_seconds + EPOCH_END_SECONDS
+    epoch_end = epoch_eval_images * speed.epoch_image_seconds + EPOCH_END_SECONDS
     final = final_eval_images * speed.eval_image_seconds + REPORT_SECONDS
     margin = MARGIN * budget
     available = budget - elapsed - final - margin
@@ -122,7 +127,8 @@ class Deadline:
 def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,
                   cfg: RunConfig) -> Speed:
     """Seconds per training step (on a copy of the model, with the run's optimiser and precision) and per
-    evaluated image; no random generator and no weight of `model` changes."""
+    evaluated image (with the run's test-time augmentation, and the one view of each epoch's validation); no random
+    generator and no weight of `model` changes."""
     start = time.perf_counter()
     device = select_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
@@ -131,7 +137,7 @@ def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     with torch.random.fork_rng(devices=[]):
         step_seconds = _time_steps(probe, batches, cfg, device, dtype, memory_format)
         eval_seconds = _time_evaluation(probe, eval_images, cfg.tta, device, dtype, memory_format)
-    return Speed(step_seconds, eval_seconds, time.perf_counter() - start)
+    return Speed(step_seconds, eval_seconds, time.perf_counter() - start, eval_seconds / TTA_VIEWS[cfg.tta])
 
 
 def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: torch.device, dtype: Any,

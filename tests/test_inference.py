@@ -37,6 +37,28 @@ def own_images(runs: dict[str, Path], kind: str) -> list[Path]:
     return sorted((runs["root"] / ("data3" if kind == "colour" else "data1")).rglob("*.png"))
 
 
+def test_the_threshold_takes_at_most_a_sample_of_the_training_images() -> None:
+    """Without (enough) validation images the threshold comes from training images: an evenly spaced sample, so
+    a run without validation does not pass over its whole training set once more."""
+    from imgrec.data.info import ArraySplit, DataBundle, FileSplit
+    from imgrec.inference.calibrate import MAX_CALIBRATION_TRAIN, calibration_split
+
+    n = 2 * MAX_CALIBRATION_TRAIN + 1
+    train = ArraySplit(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n))
+    small = ArraySplit(torch.zeros(3, 1, 1, 1, dtype=torch.uint8), torch.full((3,), -1))
+    test = ArraySplit(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    name, split = calibration_split(DataBundle(None, train, None, test))  # type: ignore[arg-type]
+    assert name == "train" and len(split) <= MAX_CALIBRATION_TRAIN
+    assert split.labels[0] == 0 and split.labels[-1] > n - 4  # spread over the whole split, not its start
+    name, split = calibration_split(DataBundle(None, train, small, test))  # type: ignore[arg-type]
+    assert name == "val+train" and len(split) <= MAX_CALIBRATION_TRAIN + 3 and (split.labels == -1).sum() == 3
+    files = FileSplit([f"{i}.png" for i in range(n)], torch.arange(n), 1, (8, 8))
+    name, split = calibration_split(DataBundle(None, files, None, test))  # type: ignore[arg-type]
+    assert len(split) <= MAX_CALIBRATION_TRAIN and split.paths[1] == f"{split.labels[1].item()}.png"
+    enough = ArraySplit(torch.zeros(300, 1, 1, 1, dtype=torch.uint8), torch.zeros(300, dtype=torch.int64))
+    assert calibration_split(DataBundle(None, train, enough, test))[1] is enough  # type: ignore[arg-type]
+
+
 def test_a_fresh_weights_file_holds_the_threshold_and_the_background(runs: dict[str, Path]) -> None:
     for kind in ("colour", "grey"):
         for name in ("best.pt", "last.pt"):

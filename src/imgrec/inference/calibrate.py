@@ -4,7 +4,7 @@
 weights/last.pt (atomically, through engine.checkpoint.save_atomic), adding to each:
   ood          {score, threshold, keep, split, count}: the out-of-distribution threshold of that file's own
                weights, set so that `keep` of the validation images score above it (with fewer than
-               MIN_CALIBRATION validation images, the training images count too)
+               MIN_CALIBRATION validation images, up to MAX_CALIBRATION_TRAIN training images count too)
   background   "dark" or "light": the training images' border brightness (light strokes on dark, or not)
   object_extent  how much of the frame the training images' objects span (median over a sample)
   object_centred whether those objects sit in the middle of the frame (else photos are not re-centred)
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
 MIN_CALIBRATION = 200  # a threshold from fewer validation images than this also uses the training images
+MAX_CALIBRATION_TRAIN = 5000  # ... at most this many of them, evenly spaced
 FILE_SAMPLES = 300  # streamed (file) training splits: images decoded for the background measurement
 
 
@@ -87,19 +88,28 @@ def ood_entry(ckpt: dict[str, Any], loader: Any, device: torch.device, split_nam
 
 
 def calibration_split(bundle: DataBundle) -> tuple[str, Split]:
-    """The images the threshold is set on: the validation split, joined by the training split when small."""
+    """The images the threshold is set on: the validation split, joined by training images when small (an evenly
+    spaced sample of up to MAX_CALIBRATION_TRAIN of them: a 95% quantile needs no more, and a run without
+    validation would otherwise pass over its whole training set once more)."""
     val = bundle.val
     if val is not None and len(val) >= MIN_CALIBRATION:
         return "val", val
+    train = _evenly_spaced(bundle.train, MAX_CALIBRATION_TRAIN)
     if val is None or len(val) == 0:
-        return "train", bundle.train
-    train = bundle.train
+        return "train", train
     if isinstance(val, ArraySplit) and isinstance(train, ArraySplit):
         return "val+train", ArraySplit(torch.cat([val.images, train.images]), torch.cat([val.labels, train.labels]))
     if isinstance(val, FileSplit) and isinstance(train, FileSplit):
         return "val+train", FileSplit(val.paths + train.paths, torch.cat([val.labels, train.labels]), val.channels,
                                       val.image_size)
     return "val", val
+
+
+def _evenly_spaced(split: Split, most: int) -> Split:
+    """The split itself, or every k-th of its images when it has more than `most`."""
+    if len(split) <= most:
+        return split
+    return split.subset(torch.arange(0, len(split), math.ceil(len(split) / most)))
 
 
 def training_sample(split: Split) -> np.ndarray:

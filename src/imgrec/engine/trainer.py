@@ -203,7 +203,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 epoch_end_started = time.perf_counter()
                 # one process stopping in the middle of validation would leave the others waiting for its sums
                 interrupt = None if distributed.context().distributed else stop.check
-                # one view per image: the test-time augmentation is for the final evaluation (a sixth of the cost)
+                # one view per image: the test-time augmentation (2 or 6 views) is for the final evaluation
                 val = evaluate(evaluated, val_loader, device, dtype, memory_format,
                                interrupt=interrupt) if val_loader else None
                 progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(

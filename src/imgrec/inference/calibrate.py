@@ -115,7 +115,6 @@ def _evenly_spaced(split: Split, most: int) -> Split:
 def training_sample(split: Split) -> np.ndarray:
     """Up to MEASURE_SAMPLES training images (FILE_SAMPLES for streamed files), evenly spaced: uint8 (N, C, H, W)."""
     if isinstance(split, ArraySplit):
-        step = max(1, math.ceil(len(split) / MEASURE_SAMPLES))
-        return split.images[::step].numpy()
-    step = max(1, math.ceil(len(split) / FILE_SAMPLES))
-    return np.stack([read_image(p, split.channels, split.image_size).numpy() for p in split.paths[::step]])
+        return _evenly_spaced(split, MEASURE_SAMPLES).images.numpy()
+    files = _evenly_spaced(split, FILE_SAMPLES)
+    return np.stack([read_image(p, files.channels, files.image_size).numpy() for p in files.paths])

@@ -156,6 +156,49 @@ def test_a_restarted_group_finds_the_newest_folder_of_its_config(tmp_path: Path)
     assert find_run(tmp_path, "digits-mlp", {"name": None, "seed": 2, "exist_ok": False}) is None
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+from imgrec.engine import distributed
+atexit.register(lambda: print(" and the interpreter shut down"))
+distributed._joined = {joined}  # what setup records when this process joins a group
+print("said before the end", end="")  # a pipe: block-buffered, lost unless flushed
+sys.stderr.write("and on stderr")
+raise SystemExit(distributed.end_process(3))
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_process_that_joined_a_group_exits_before_the_interpreters_shutdown(joined: bool) -> None:
+    # In a group, gloo's worker threads may still be releasing the last collective's tensors (which takes the
+    # GIL) while the interpreter shuts down: torch then aborts the process and the group fails.
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT.format(joined=joined)], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]  # the command's own exit code, either way
+    assert done.stdout == ("said before the end" if joined else "said before the end and the interpreter shut down\n")
+    assert done.stderr.endswith("and on stderr")
+
+
+def _a_bug(args: Any) -> int:
+    raise RuntimeError("a bug in the command")
+
+
+def test_in_a_group_the_cli_ends_every_outcome_through_end_process(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from imgrec import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "models", _a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # outside a group: Python's own report and exit
+        cli.main(["models"])
+    ended: list[int] = []
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(distributed, "end_process", lambda code: ended.append(code) or code)
+    assert cli.main(["models"]) == 1  # the traceback printed, then the group's way out
+    assert "RuntimeError: a bug in the command" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "models", lambda args: 0)
+    assert cli.main(["models"]) == 0
+    assert ended == [1, 0]
+
+
 # --- real groups of two processes ----------------------------------------------------------------------------------
 
 def _free_port() -> int:

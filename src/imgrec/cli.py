@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -390,21 +391,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except Interrupted as exc:  # training saved its state: the message says how to resume
         print(f"imgrec {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except ImgrecError as exc:
         if args.verbose:
             raise
         print(f"imgrec {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print(f"imgrec {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    except Exception:
+        if _group() is None:
+            raise
+        traceback.print_exc()  # a bug, reported as Python reports it; the process then ends as below
+        code = 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    group = _group()
+    return group.end_process(code) if group is not None else code
+
+
+def _group() -> Any:
+    """imgrec.engine.distributed when this process joined a torchrun group, else None: such a process ends through
+    its end_process (not the interpreter's shutdown). Only a command that imported the module can have joined one,
+    so the others do not import torch for this."""
+    module = sys.modules.get("imgrec.engine.distributed")
+    return module if module is not None and module.joined_a_group() else None
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -9,8 +9,9 @@ run is the plain single-process one.
 What the rest of the program asks of it: who am I (`context`, `is_main`), wrap the model in
 DistributedDataParallel (`wrap_model`), sum counts over processes (`sum_over_processes`), agree at a safe
 point on stopping and saving (`agree`), run something on the main process and hand its result, or its
-error, to all (`from_main`), and gather each process's own part of a training state (`gather`). Only the
-main process (rank 0) writes files. This module never names a data set, a model or a command.
+error, to all (`from_main`), gather each process's own part of a training state (`gather`), and end a
+process that was in a group (`end_process`). Only the main process (rank 0) writes files. This
+module never names a data set, a model or a command.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -57,6 +59,7 @@ class Context:
 
 
 _context = Context()
+_joined = False  # this process joined a group during this command (set by setup, kept after teardown)
 # id(model) -> (which parameters required grad, its DDP wrapper); dropped with the group
 _wrappers: dict[int, tuple[tuple[bool, ...], nn.Module]] = {}
 
@@ -88,7 +91,7 @@ def setup(timeout_minutes: float) -> Context:
     the GPU of its LOCAL_RANK. A collective that waits longer than timeout_minutes (a process died or hangs)
     fails instead of waiting for ever. The other processes log errors only: the main one speaks for all.
     """
-    global _context
+    global _context, _joined
     if not launched_by_torchrun() or _context.distributed:
         return _context
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -107,6 +110,7 @@ def setup(timeout_minutes: float) -> Context:
     dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size,
                             timeout=timeout)
     _context = Context(rank, world_size, local_rank, backend)
+    _joined = True
     if rank != 0:
         logging.getLogger().setLevel(logging.ERROR)
     return _context
@@ -149,6 +153,32 @@ def teardown() -> None:
         dist.destroy_process_group()
     _wrappers.clear()
     _context = Context()
+
+
+def joined_a_group() -> bool:
+    """True once this process has joined a group (it stays True after `teardown`)."""
+    return _joined
+
+
+def end_process(code: int) -> int:
+    """The exit code of a finished command; a process that joined a group exits here, with that code, without the
+    interpreter's own shutdown.
+
+    A gloo worker thread releases a collective's work after the collective has completed, and releasing tensors
+    that came from Python takes the GIL. A process that ends soon after its last collective (the others after
+    training, while the main one calibrates and tests; any of them after an error) would be shutting the
+    interpreter down by then, and a worker thread that asks for the GIL during that shutdown aborts the process
+    (std::terminate, SIGABRT), which fails the whole torchrun group. torch keeps the group's threads alive after
+    destroy_process_group once a DistributedDataParallel has used it, so they cannot be joined first. Every file
+    a process writes is closed by the time its command returns; what it printed is flushed here.
+    """
+    if not _joined:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
 
 
 def sum_over_processes(*values: Any) -> list[Any]:

@@ -119,8 +119,8 @@ def imgrec_run(args: argparse.Namespace, project: Path, name: str, *flags: str) 
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((project / name / "summary.json").read_text())
-    keep = ("train_images", "epochs", "train_seconds", "test_accuracy", "images_per_second", "precision",
-            "train_gflop_per_image", "train_gflops_per_second", "peak_rss_mb")
+    keep = ("train_images", "epochs", "best_epoch", "train_seconds", "test_accuracy", "images_per_second",
+            "precision", "train_gflop_per_image", "train_gflops_per_second", "peak_rss_mb")
     return {"command": " ".join(["imgrec", *cmd[3:]]), "total_seconds": seconds, **{k: summary.get(k) for k in keep}}
 
 

@@ -56,6 +56,12 @@ def test_a_weight_average_given_replaces_the_recipes() -> None:
     assert cfg.ema == 0.95 and not cfg.lookahead
 
 
+def test_the_recipe_keeps_the_last_epoch_unless_early_stopping_is_given() -> None:
+    assert apply_recipe(RunConfig(recipe="fast"), _info(3, (32, 32)), set()).select == "last"
+    cfg = apply_recipe(RunConfig(recipe="fast", patience=2), _info(3, (32, 32)), {"recipe", "patience"})
+    assert cfg.patience == 2 and cfg.select == "val"
+
+
 def test_without_a_given_set_the_non_defaults_count_as_explicit() -> None:
     assert explicit_settings(RunConfig(lr=0.3, recipe="fast"), None) == {"lr", "recipe"}
 
@@ -97,6 +103,8 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         (["--tta", "flip", "--augment", "crop"], "--tta flip needs flip in --augment"),
         (["--recipe", "slow"], "argument --recipe: invalid choice"),
         (["--ema", "1.5"], "--ema must be in [0, 1)"),
+        (["--select", "last", "--patience", "2"], "give --patience or --select last, not both"),
+        (["--select", "first"], "argument --select: invalid choice"),
     ]
     for argv, fragment in cases:
         code, _, err = run_main(["train", "--data", str(folder), "--project", str(tmp_path / "runs"), "--threads", "1",

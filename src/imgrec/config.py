@@ -25,6 +25,7 @@ RECIPES = ("none", "fast")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SELECTIONS = ("val", "last")
 AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop")
 # Models built on torchvision backbones: they take --pretrained, --weights and the freezing options.
 # models/backbones.py describes each one; tests/models/test_transfer.py keeps the two lists equal.
@@ -111,6 +112,9 @@ class RunConfig:
                     choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True)
+    select: str = _opt("val", "how weights/best.pt, the weights tested and used afterwards, is chosen: val (the epoch "
+                              "with the best validation accuracy) or last (the last epoch's: for schedules that decay "
+                              "to zero, where a small validation set would choose by noise)", choices=SELECTIONS)
     # system
     device: str = _opt("auto", "device: cuda when available, else cpu", choices=DEVICES)
     precision: str = _opt("auto", "fp32, bf16 or fp16 autocast; auto: bf16 on CPUs that compute it natively (AVX512-BF16, AMX) and on CUDA, else fp32", choices=PRECISIONS)
@@ -142,6 +146,8 @@ class RunConfig:
         _check(0 < self.test_fraction < 1, "--test-fraction must be in (0, 1)")
         _check(self.val_fraction + self.test_fraction < 1, "--val-fraction plus --test-fraction must be below 1")
         _check(self.patience >= 0, "--patience must not be negative")
+        _check(not (self.patience and self.select == "last"), "give --patience or --select last, not both: early "
+                                                              "stopping keeps the best validated epoch")
         _check(self.grad_clip is None or self.grad_clip > 0, "--grad-clip must be positive")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "--image-size must be in [4, 1024]")
         _check(self.train_samples is None or self.train_samples >= 1, "--train-samples must be at least 1")

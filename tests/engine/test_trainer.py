@@ -139,6 +139,16 @@ def test_early_stopping_when_validation_cannot_improve(image_folder: Path, tmp_p
     assert load_weights_file(outcome.run_dir / "weights" / "last.pt")["epoch"] == 3
 
 
+def test_select_last_keeps_the_last_epoch_whatever_validation_says(image_folder: Path, tmp_path: Path) -> None:
+    # flat validation accuracy: --select val keeps epoch 1 (no later one beats it), --select last the third
+    for select, kept in (("val", 1), ("last", 3)):
+        outcome = train_run(image_folder, tmp_path / "runs", lr=1e-12, epochs=3, select=select, name=select)
+        assert outcome.summary["best_epoch"] == kept, select
+        assert load_weights_file(outcome.run_dir / "weights" / "best.pt")["epoch"] == kept, select
+        rows = read_results(outcome.run_dir / "results.csv")
+        assert outcome.summary["best_val_accuracy"] == pytest.approx(rows[kept - 1]["val_acc"])
+
+
 def test_no_early_stopping_without_patience(image_folder: Path, tmp_path: Path) -> None:
     outcome = train_run(image_folder, tmp_path / "runs", lr=1e-12, patience=0, epochs=4)
     assert outcome.summary["epochs"] == 4 and outcome.summary["stopped_early"] is False

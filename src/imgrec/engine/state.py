@@ -48,7 +48,7 @@ class Progress:
     seen: int = 0
     lr: float = 0.0  # the learning rate at its start (the lr column of results.csv)
     seconds: float = 0.0  # its training time so far
-    best: float = -math.inf  # best validation accuracy (the epoch number when there is no validation)
+    best: float = -math.inf  # best validation accuracy (the epoch number: no validation or --select last)
     best_epoch: int = 0
     best_val_accuracy: float | None = None
     stale: int = 0  # epochs since the best: the early-stopping counter

@@ -212,7 +212,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                        "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
                        "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
                 rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
-                improved = progress.end_epoch(row, val.accuracy if val else float(epoch))  # no validation: last is best
+                # without validation, or with --select last, the last epoch is the best
+                improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
                 if results is not None:
                     results.append(row)
                     weights = _weights(evaluated, weights_meta, epoch, row)

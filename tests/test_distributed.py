@@ -182,6 +182,10 @@ def _a_bug(args: Any) -> int:
     raise RuntimeError("a bug in the command")
 
 
+def _a_usage_error(args: Any) -> int:
+    raise UsageError("a mistake of the user's")
+
+
 def test_in_a_group_the_cli_ends_every_outcome_through_end_process(monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from imgrec import cli
@@ -196,7 +200,14 @@ def test_in_a_group_the_cli_ends_every_outcome_through_end_process(monkeypatch: 
     assert "RuntimeError: a bug in the command" in capsys.readouterr().err
     monkeypatch.setitem(cli.COMMANDS, "models", lambda args: 0)
     assert cli.main(["models"]) == 0
-    assert ended == [1, 0]
+    monkeypatch.setitem(cli.COMMANDS, "models", _a_usage_error)
+    assert cli.main(["--verbose", "models"]) == 2  # --verbose shows the traceback, and still ends the group's way
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "imgrec models: error: a mistake of the user's" in err
+    assert ended == [1, 0, 2]
+    monkeypatch.setattr(distributed, "_joined", False)
+    with pytest.raises(UsageError, match="a mistake"):  # outside a group --verbose lets Python report it
+        cli.main(["--verbose", "models"])
 
 
 # --- real groups of two processes ----------------------------------------------------------------------------------

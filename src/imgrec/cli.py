@@ -397,7 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code
     except ImgrecError as exc:
         if args.verbose:
-            raise
+            if _group() is None:
+                raise
+            traceback.print_exc()  # in a group, the process still ends as below
         print(f"imgrec {args.command}: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 Trains a quick LeNet on Fashion-MNIST (1 epoch on 10,000 images, as `imgrec train` does; speed does not depend on
 accuracy), or takes --run, starts `imgrec serve` on it in a subprocess on a free loopback port, and sends
---requests POST /api/predict requests, --concurrency at a time, from an httpx async client, each a real
+--requests POST /api/predict requests, --concurrency at a time, from an httpx2 async client, each a real
 Fashion-MNIST test image as a 28x28 PNG (the first 1,000 test images, in turn; --side enlarges them). Reports errors (anything but
 200 with a label), latency percentiles (from sending the request to reading the whole answer), requests/s, how
 many answers were right, and the server's resident memory (VmRSS from /proc) when ready, after 50 warm-up
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 import numpy as np
 from PIL import Image
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2 as httpx
 import numpy as np
 import pytest
 import torch

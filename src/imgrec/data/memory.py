@@ -176,9 +176,9 @@ def _convert_arrays(x: Any, y: Any, split: str, channels: int | None, size: tupl
         raise ImgrecError(f"the {split} images have shape {x.shape}: expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
     if x.dtype != np.uint8:
         x = _scaled(x.astype(np.float64), f"the {split} images")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
-            raise ImgrecError(f"the {split} labels are {y.dtype}: give whole numbers 0..K-1")
+    whole = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))
+    if not whole:
+        raise ImgrecError(f"the {split} labels are {y.dtype}: give whole numbers 0..K-1")
     images = torch.from_numpy(np.ascontiguousarray(x[:, :3]))
     channels = channels or (1 if images.shape[1] == 1 else 3)
     size = size or (int(images.shape[2]), int(images.shape[3]))

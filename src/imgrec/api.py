@@ -29,7 +29,7 @@ from torch import nn
 
 from imgrec import workflows
 from imgrec.config import RunConfig
-from imgrec.data.memory import PYTHON_PREFIX, is_python_data, python_bundle, to_splits
+from imgrec.data.memory import is_python_data, python_bundle, to_splits
 from imgrec.engine import trainer
 from imgrec.engine.checkpoint import load_weights_file, resolve_weights, run_dir_of
 from imgrec.engine.runs import data_stem, read_results
@@ -42,18 +42,26 @@ log = logging.getLogger("imgrec")
 Builder = Callable[[int, int, Sequence[int]], nn.Module]
 
 
-def train(data: Any, model: Any = "lenet", *, classes: Sequence[str] | None = None, verbose: bool = True,
+def train(data: Any, model: Any = None, *, classes: Sequence[str] | None = None, verbose: bool = True,
           **settings: Any) -> Run:
     """Train a classifier and return its Run (the run folder, its numbers, predict, evaluate, export, resume).
 
     data: a data set name, an image folder or archive; or a torch Dataset of (image, label), an (x, y) pair of
     arrays, or a dict {"train": ..., "val": ..., "test": ...} of them (val missing: carved from train; test
     missing: the final test is on val). classes: class names for data that has none (default "0".."K-1").
-    model: a registry name (`imgrec models`), an nn.Module, its class, or a callable
-    (num_classes, in_channels, image_size) -> nn.Module. settings: RunConfig's fields (epochs=, lr=, recipe=,
-    time_budget=, project=, name=, ...). verbose=False hides the progress bars and the line per epoch.
+    model: a registry name (`imgrec models`; default lenet, or the recipe's choice), an nn.Module, its class, or
+    a callable (num_classes, in_channels, image_size) -> nn.Module. settings: RunConfig's fields (epochs=, lr=,
+    recipe=, time_budget=, project=, name=, ...). verbose=False hides the progress bars and the line per epoch.
     """
     _check_settings(settings)
+    return _interruptible(lambda: train_run(data, model, settings, classes=classes, verbose=verbose))[0]
+
+
+def train_run(data: Any, model: Any, settings: dict[str, Any], *, given: set[str] | None = None,
+              started: float | None = None, classes: Sequence[str] | None = None, verbose: bool = True,
+              source_name: str = "imgrec.train") -> tuple[Run, workflows.TrainOutcome]:
+    """imgrec.train with what `imgrec train` also needs: the settings given explicitly (default: those passed,
+    data and model), the time the command started (--time-budget counts from it), the workflow's outcome."""
     source = None
     if is_python_data(data):
         splits = to_splits(data, classes, settings.get("image_size"))
@@ -63,16 +71,17 @@ def train(data: Any, model: Any = "lenet", *, classes: Sequence[str] | None = No
         if classes is not None:
             raise UsageError("classes= names the classes of data passed from Python; a data set or folder has its own")
         data_name = str(data)
-    model_name, builder = _model_builder(model)
-    values = {**settings, "data": data_name, "model": model_name}
+    model_name, builder = _model_builder(model) if model is not None else (None, None)
+    values = {**settings, "data": data_name, **({"model": model_name} if model_name else {})}
     if builder is not None and "name" not in settings:  # <data>-<class>, not the class's whole import path
-        values["name"] = f"{data_stem(data_name.removeprefix(PYTHON_PREFIX))}-{model_name.rpartition('.')[2]}"
-    cfg = RunConfig.from_dict(values, source="imgrec.train")
+        values["name"] = f"{data_stem(data_name)}-{model_name.rpartition('.')[2]}"
+    cfg = RunConfig.from_dict(values, source=source_name)
     if builder is not None and source is not None and cfg.channels_last and "channels_last" not in settings:
         cfg.channels_last = _takes_channels_last(builder, source)
-    with _speaking(verbose), _registered(model_name, builder):
-        outcome = _interruptible(lambda: workflows.train(cfg, given=set(settings) | {"data", "model"}, data=source))
-    return Run(outcome.run_dir, source=source, model=(model_name, builder))
+    chosen = set(settings) | {"data"} | ({"model"} if model is not None else set()) if given is None else given
+    with _speaking(verbose), _registered(cfg.model, builder):
+        outcome = workflows.train(cfg, given=chosen, started=started, data=source)
+    return Run(outcome.run_dir, source=source, model=(cfg.model, builder)), outcome
 
 
 def load(run_or_weights: str | Path, model: Any = None, data: Any = None,
@@ -200,7 +209,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
     """Settings are RunConfig's fields; another name is a TypeError naming the nearest one."""
     known = sorted(f.name for f in fields(RunConfig))
     for key in settings:
-        if key not in known or key in ("data", "model"):
+        if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"unknown setting {key!r}{hint} (the settings are RunConfig's fields)")
@@ -208,15 +217,12 @@ def _check_settings(settings: dict[str, Any]) -> None:
 
 def _model_builder(model: Any) -> tuple[str, Builder | None]:
     """A registry name, or a Python model: its "<module>.<class>" name and a checked builder."""
-    if isinstance(model, str):
-        return model, None
     if isinstance(model, nn.Module):
         kind, make = type(model), _InstanceBuilder(model)
     elif callable(model):
         kind, make = model, partial(_call_builder, model)
-    else:
-        raise TypeError(f"model= takes a model name, an nn.Module, its class or a builder function; got "
-                        f"{type(model).__name__}")
+    else:  # a name (RunConfig and the registry check it)
+        return model, None
     name = f"{kind.__module__}.{kind.__qualname__}"
     return name, partial(_checked, make, kind.__qualname__)
 
@@ -318,12 +324,14 @@ def _speaking(verbose: bool) -> Iterator[None]:
     """Progress without any logging set-up: one line per epoch (and the run's notes) on stdout, tqdm.auto bars in a
     notebook; verbose=False: warnings only, no bars."""
     handler = None
-    if verbose and not logging.getLogger().handlers and not log.handlers:
+    level, bars = log.level, trainer.progress_bars
+    if not verbose:
+        log.setLevel(logging.WARNING)
+    elif not logging.getLogger().handlers and not log.handlers:  # logging set up by the caller is left as it is
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-    level, bars = log.level, trainer.progress_bars
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
+        log.setLevel(logging.INFO)
     trainer.progress_bars = (True if "ipykernel" in sys.modules else None) if verbose else False
     try:
         yield
@@ -334,7 +342,7 @@ def _speaking(verbose: bool) -> Iterator[None]:
             log.removeHandler(handler)
 
 
-def _interruptible(call: Callable[[], workflows.TrainOutcome]) -> workflows.TrainOutcome:
+def _interruptible(call: Callable[[], Any]) -> Any:
     """Ctrl-C stops at the next safe point and saves; then KeyboardInterrupt (with how to resume) is raised."""
     try:
         return call()

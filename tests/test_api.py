@@ -134,6 +134,8 @@ def test_a_model_class_gets_the_data_shape_a_missing_test_split_is_val_and_quiet
     assert run.classes == ["0", "1", "2"]
     assert run.summary["test_images"] == 90 - run.summary["train_images"] == 9  # the validation split
     assert imgrec.load(run.dir, model=Tiny).predict(list(x[:3])) == run.predict(list(x[:3]))
+    page = run._repr_html_()  # a notebook shows the headline numbers and results.png inline
+    assert f"{run.test_accuracy:.2%}" in page and "data:image/png;base64," in page
 
 
 def test_unknown_settings_are_type_errors_naming_the_nearest(tmp_path: Path) -> None:

@@ -378,6 +378,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "datasets": cmd_datasets, "export": cmd_export}
 
 
+COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imgrec` console script; returns the exit code."""
     parser = build_parser()
@@ -386,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    patient_threads()
+    if args.command in COMPUTING:
+        patient_threads()
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None

@@ -56,6 +56,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, **options)
 
 
+def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
+    """--data-dir: where named data sets live; for a run, where its data set is read from."""
+    default = "where the run was trained from, else " if of_a_run else ""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help=f"where named data sets live (default: {default}$IMGREC_DATA or ~/.cache/imgrec/data)")
+
+
 def _add_predict_parser(sub: Any) -> None:
     """The `predict` sub-command's arguments."""
     p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
@@ -108,6 +115,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--check-images", type=int, default=256, metavar="N",
                    help="compare the export with PyTorch on N validation images (test images when the run has no "
                         "validation split); 0: no check (default: 256)")
+    _add_data_dir(p, of_a_run=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "EXIF-rotated files; with a suggested fix for each problem. Exit code 0 when "
                                    "clean, 1 when problems were found.")
     p.add_argument("data", metavar="DATA", help="data set name, or a path to an image folder or archive")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 4)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the splits imgrec makes, as in training (default: 0)")
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report.html.")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("--data", help="evaluate on this data set instead (it must have the same classes)")
+    _add_data_dir(p, of_a_run=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
     p.add_argument("--data", default="digits", help="data set name or path (default: digits)")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
     p.add_argument("--n", type=int, default=32, help="number of images (default: 32)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split (default: train)")
     p.add_argument("--augmented", action="store_true", help="show images as training augments them")
@@ -166,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
     return parser
 
 
@@ -183,6 +192,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
     p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
+    _add_data_dir(p, of_a_run=True)
 
     p = sub.add_parser("compare", help="compare finished runs side by side",
                        description="Print a table of finished runs (data, model, params, epochs, test accuracy, "
@@ -229,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgrec.workflows import evaluate_run
 
-    m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device)
+    m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device,
+                     data_dir=args.data_dir)
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
           f"{m['count']:,} images)")
@@ -260,7 +271,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from imgrec.explanations import explain_run
 
     outcome = explain_run(args.target, args.images, mistakes=args.mistakes, out=args.out, method=args.method,
-                          device=args.device)
+                          device=args.device, data_dir=args.data_dir)
     for note in outcome.notes:
         print(f"note: {note}")
     for e in outcome.images:
@@ -340,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from imgrec.export.runner import export_run
 
     outcome = export_run(args.target, fmt=args.format, out=args.out, weights=args.weights,
-                         check_images=args.check_images)
+                         check_images=args.check_images, data_dir=args.data_dir)
     written = f"{outcome.path} and {outcome.sidecar}" if outcome.sidecar else str(outcome.path)
     print(f"wrote {written} ({outcome.description}) from {outcome.weights}")
     print(f"checked: {outcome.parity.summary()}" if outcome.parity else "not checked (--check-images 0)")

@@ -49,6 +49,7 @@ class DataOptions:
     mean: list[float] | None = None
     std: list[float] | None = None
     strict: bool = False  # fail on files that do not decode instead of skipping them
+    offer_download: bool = True  # a missing named set's error advises --download (train has it; evaluate has not)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def _load_named(name: str, opts: DataOptions) -> DataBundle:
     if missing and not opts.download:
         raise ImgrecError(
             f"{name} not found under {opts.data_dir}: missing {', '.join(missing[:2])}"
-            f"{' and more' if len(missing) > 2 else ''}; run with --download (needs internet), or point --data-dir "
+            f"{' and more' if len(missing) > 2 else ''}; "
+            f"{'run with --download (needs internet), or ' if opts.offer_download else ''}point --data-dir "
             f"(or $IMGREC_DATA) at a folder that holds them"
         )
     try:

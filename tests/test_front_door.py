@@ -1,0 +1,89 @@
+"""What a new user meets first: error messages whose advice names flags the command has, arguments in the wrong
+place answered directly, a run that finds its own data from another shell, and argparse without surprises."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, error_line, run_main
+
+FAST = ["--threads", "1", "--workers", "0", "--device", "cpu"]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180,
+            ) -> subprocess.CompletedProcess[str]:
+    """`python -m imgrec ARGS` in a subprocess, with this checkout's source first on the path."""
+    full = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "imgrec", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flags_on(command: str, capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """Every flag that `imgrec COMMAND --help` lists."""
+    code, out, _ = run_main([command, "--help"], capsys)
+    assert code == 0
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out))
+
+
+def assert_advice_works(command: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every flag an error message names exists on the command that printed it."""
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", message))
+    missing = named - flags_on(command, capsys)
+    assert not missing, f"imgrec {command} names {sorted(missing)}, which it does not have: {message}"
+
+
+# --- a run finds its data -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def named_run(tmp_path: Path, fake_fashion_mnist: Path, monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> Path:
+    """A run of the named fashion-mnist (fake files) trained with $IMGREC_DATA set; the variable is unset after."""
+    monkeypatch.setenv("IMGREC_DATA", str(fake_fashion_mnist))
+    code, out, err = run_main(["train", "--data", "fashion-mnist", "--model", "mlp", "--epochs", "1",
+                               "--project", str(tmp_path / "runs"), *FAST], capsys)
+    assert code == 0, err
+    monkeypatch.delenv("IMGREC_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default data folder is empty
+    return tmp_path / "runs" / "fashion-mnist-mlp"
+
+
+def test_a_run_records_where_its_data_came_from(named_run: Path, fake_fashion_mnist: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    saved = yaml.safe_load((named_run / "config.yaml").read_text())
+    assert saved["data_dir"] == str(fake_fashion_mnist.resolve())
+    code, out, err = run_main(["evaluate", str(named_run)], capsys)  # from a shell without $IMGREC_DATA
+    assert code == 0, err
+    assert "test accuracy" in out
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["explain", "--mistakes", "1"], ["export", "--format", "safetensors"]])
+def test_moved_data_is_found_with_the_flag_the_error_names(named_run: Path, fake_fashion_mnist: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    moved = fake_fashion_mnist.rename(tmp_path / "moved")
+    code, _, err = run_main([command[0], str(named_run), *command[1:]], capsys)
+    assert code == 1
+    message = error_line(err)
+    assert "--data-dir" in message
+    assert_advice_works(command[0], message, capsys)
+    code, _, err = run_main([command[0], str(named_run), *command[1:], "--data-dir", str(moved)], capsys)
+    assert code == 0, err
+
+
+def test_export_with_data_dir_from_the_real_command(named_run: Path, fake_fashion_mnist: Path, tmp_path: Path) -> None:
+    moved = fake_fashion_mnist.rename(tmp_path / "moved")
+    env = {"HOME": str(tmp_path / "home"), "IMGREC_DATA": ""}
+    proc = run_cli("export", str(named_run), "--format", "safetensors", cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    assert "--data-dir" in error_line(proc.stderr)
+    assert not (named_run / "weights" / "best.safetensors").exists()
+    proc = run_cli("export", str(named_run), "--format", "safetensors", "--data-dir", str(moved), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (named_run / "weights" / "best.safetensors").is_file()

@@ -87,3 +87,77 @@ def test_export_with_data_dir_from_the_real_command(named_run: Path, fake_fashio
     proc = run_cli("export", str(named_run), "--format", "safetensors", "--data-dir", str(moved), cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (named_run / "weights" / "best.safetensors").is_file()
+
+
+# --- arguments in the wrong place -----------------------------------------------------------------------------
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The real command failed as a user should see it: the exit code, one line on stderr, nothing on stdout."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert proc.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(("data", "said"), [("./photoz", "folder not found: ./photoz"),
+                                            ("photos/2024", "folder not found: photos/2024"),
+                                            ("holiday.zip", "file not found: holiday.zip")])
+def test_a_missing_path_is_not_found_not_an_unknown_name(tmp_path: Path, data: str, said: str) -> None:
+    proc = run_cli("train", "--data", data, "--project", str(tmp_path / "runs"), cwd=tmp_path)
+    assert one_error_line(proc, 1) == f"imgrec train: error: {said}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_path_in_doctor_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["doctor", "./photoz"], ["show", "--data", "./photoz"]):
+        code, _, err = run_main(command, capsys)
+        assert code == 1 and error_line(err) == f"imgrec {command[0]}: error: folder not found: ./photoz"
+    code, _, err = run_main(["show", "--data", "photoz"], capsys)  # no path-like sign: a name
+    assert code == 2 and "unknown data set 'photoz'" in error_line(err)
+
+
+@pytest.fixture
+def image_and_run(tmp_path: Path) -> tuple[Path, Path]:
+    """An image file, and a folder shaped like a run (only its weights/ folder is looked at before loading)."""
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(image)
+    run = tmp_path / "runs" / "digits-lenet"
+    (run / "weights").mkdir(parents=True)
+    return image, run
+
+
+def test_predict_with_its_arguments_swapped(image_and_run: tuple[Path, Path], tmp_path: Path) -> None:
+    image, run = image_and_run
+    proc = run_cli("predict", str(image), str(run), cwd=tmp_path)
+    line = one_error_line(proc, 2)
+    assert line == (f"imgrec predict: error: the arguments look swapped: {image} is an image and {run} a run; the run "
+                    f"comes first (imgrec predict {run} {image})")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain", "export", "predict"])
+def test_an_image_where_a_run_belongs(image_and_run: tuple[Path, Path], command: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    image, _ = image_and_run
+    argv = [command, str(image)] + ([str(image)] if command == "predict" else [])
+    code, _, err = run_main(argv, capsys)
+    assert code == 2
+    assert error_line(err) == (f"imgrec {command}: error: {image} is an image, not a run folder or weights file "
+                               f"(imgrec {command} RUN_OR_WEIGHTS ...)")
+
+
+def test_datasets_names_an_archive_of_a_missing_named_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    code, out, _ = run_main(["datasets", "--data-dir", str(tmp_path)], capsys)
+    assert code == 0
+    cifar = [ln for ln in out.splitlines() if "cifar10" in ln]
+    assert "missing" not in cifar[0] and "as an archive" in cifar[0], out
+    assert f"--data {tmp_path / 'cifar10-jpeg.tar.gz'}" in cifar[1]
+    mnist = next(ln for ln in out.splitlines() if ln.startswith("  mnist"))
+    assert "missing (--download)" in mnist

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,20 @@ def test_compare_bad_input(runs: dict[str, Path], tmp_path: Path, capsys: pytest
     (unfinished / "weights").mkdir(parents=True)
     code, _, err = run_main(["compare", str(runs["lenet"]), str(unfinished)], capsys)
     assert code == 1 and "did not finish" in error_line(err)
+
+
+def test_compare_skips_its_own_output_folder(runs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`imgrec compare runs/*` after a first compare: runs/compare is among the folders, and is skipped."""
+    project = tmp_path / "runs"
+    for run in runs.values():
+        shutil.copytree(run, project / run.name)
+    code, _, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+    assert code == 0, err
+    assert (project / "compare" / "compare.md").is_file()
+    code, stdout, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+    assert code == 0, err
+    assert f"note: skipped {project / 'compare'}: compare's own output" in stdout
+    assert (project / "compare" / "compare.md").read_text() == stdout.split("wrote ")[0].split("\n", 1)[1]
+    code, _, err = run_main(["compare", str(project / "digits-lenet"), str(project / "compare")], capsys)
+    assert code == 2 and "compare's own output, skipped" in error_line(err)

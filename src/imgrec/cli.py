@@ -17,6 +17,7 @@ import traceback
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from imgrec import __version__
@@ -284,6 +285,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from imgrec.comparison import compare_runs
 
     outcome = compare_runs(args.runs, out=args.out, force=args.force)
+    for folder in outcome.skipped:
+        print(f"note: skipped {folder}: compare's own output, not a run")
     print(outcome.table, end="")
     print("wrote " + ", ".join(str(p) for p in outcome.written))
     return 0
@@ -372,13 +375,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from imgrec.data.datasets import NAMED_DATASETS, missing_files
+    from imgrec.data.datasets import NAMED_DATASETS, archives_of, missing_files
 
     data_dir = args.data_dir or default_data_dir()
     print(f"named data sets (under {data_dir}):")
     for name, entry in NAMED_DATASETS.items():
         state = "embedded" if not entry.files else "missing (--download)" if missing_files(name, data_dir) else "found"
+        archives = archives_of(name, data_dir) if state.startswith("missing") else []
+        if archives:
+            state = "as an archive"
         print(f"  {name:<14} {state:<21} {entry.description}")
+        for archive in archives:
+            print(f"  {'':<14} {'':<21} {archive.name} is here, as image folders: --data {archive} "
+                  f"(or --download for the named set)")
     print("or a path: an image folder (train/, val/ or test/ of class folders, or class folders alone),")
     print("or a .zip/.tar/.tar.gz of one")
     return 0
@@ -387,6 +396,24 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "compare": cmd_compare, "serve": cmd_serve, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
             "datasets": cmd_datasets, "export": cmd_export}
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    """An image given where a run folder or weights file belongs gets a direct answer, not a checkpoint error;
+    `predict IMAGE RUN` is named as swapped."""
+    target = getattr(args, "target", None)
+    if target is None:
+        return
+    from imgrec.data.imageio import is_image_file
+
+    if not (Path(target).is_file() and is_image_file(target)):
+        return
+    others = getattr(args, "paths", None) or getattr(args, "images", None) or []
+    run = next((p for p in others if (Path(p) / "weights").is_dir() or Path(p).suffix in (".pt", ".pth")), None)
+    if run is not None:
+        raise UsageError(f"the arguments look swapped: {target} is an image and {run} a run; the run comes first "
+                         f"(imgrec {args.command} {run} {target})")
+    raise UsageError(f"{target} is an image, not a run folder or weights file (imgrec {args.command} RUN_OR_WEIGHTS ...)")
 
 
 COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
@@ -406,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        _check_target(args)
         code = COMMANDS[args.command](args)
     except Interrupted as exc:  # training saved its state: the message says how to resume
         print(f"imgrec {args.command}: {exc}", file=sys.stderr)

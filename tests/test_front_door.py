@@ -161,3 +161,95 @@ def test_datasets_names_an_archive_of_a_missing_named_set(tmp_path: Path, capsys
     assert f"--data {tmp_path / 'cifar10-jpeg.tar.gz'}" in cifar[1]
     mnist = next(ln for ln in out.splitlines() if ln.startswith("  mnist"))
     assert "missing (--download)" in mnist
+
+
+# --- argparse without surprises -------------------------------------------------------------------------------
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(tmp_path: Path) -> None:
+    """--epoch is not silently --epochs (argparse's prefix matching is off): it is an error that names --epochs."""
+    proc = run_cli("train", "--epoch", "3", "--project", str(tmp_path / "runs"), cwd=tmp_path)
+    assert one_error_line(proc, 2) == ("imgrec train: error: unrecognized arguments: --epoch 3; did you mean --epochs? "
+                                       "(see imgrec train --help)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("argv", "suggested"), [(["train", "--epcohs", "3"], "--epochs"),
+                                                 (["train", "--lrr=0.1"], "--lr"),
+                                                 (["predict", "run", "x.png", "--topp", "2"], "--topk"),
+                                                 (["evaluate", "run", "--datadir", "d"], "--data-dir")])
+def test_an_unknown_flag_gets_the_nearest_one(argv: list[str], suggested: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and not out
+    line = error_line(err)
+    assert line.startswith(f"imgrec {argv[0]}: error: unrecognized arguments: ")
+    assert f"did you mean {suggested}?" in line
+
+
+def test_an_unknown_flag_like_no_other_gets_no_guess(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["datasets", "--bogus"], capsys)
+    assert code == 2 and error_line(err) == ("imgrec datasets: error: unrecognized arguments: --bogus "
+                                             "(see imgrec datasets --help)")
+
+
+def test_verbose_after_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgrec.cli import main
+    from imgrec.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="unknown model"):  # --verbose re-raises in-process
+        main(["train", "--model", "nosuch", "--threads", "1", "-v"])
+    with pytest.raises(UsageError, match="unknown model"):
+        main(["-v", "train", "--model", "nosuch", "--threads", "1"])
+
+
+COMMANDS = ["train", "doctor", "evaluate", "show", "explain", "compare", "predict", "serve", "export", "models",
+            "datasets"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_each_default_once(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main([command, "--help"], capsys)
+    assert code == 0
+    text = re.sub(r"\s+", " ", out)
+    assert not re.search(r"\(default: [^()]*(\([^()]*\)[^()]*)*\) \(default:", text), text
+    assert "(default: None)" not in text
+
+
+def test_train_help_is_grouped(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run_main(["train", "--help"], capsys)
+    headings = [ln[:-1] for ln in out.splitlines() if ln and not ln.startswith(" ") and ln.endswith(":")]
+    assert headings == ["options", "data", "model", "transfer learning (torchvision backbones)", "optimisation",
+                        "schedule and stopping", "compute", "output"]
+    assert out.splitlines()[0] == "usage: imgrec train [--config YAML | --resume RUN] [options]"
+
+
+def _flags_in_error_messages(path: Path) -> set[str]:
+    """The flags named by the string parts of every `raise X(...)` and `_check(..., message)` in a source file."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        call = node.exc if isinstance(node, ast.Raise) else node if (
+            isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_check") else None
+        if isinstance(call, ast.Call):
+            for part in ast.walk(call):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    found.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", part.value))
+    return found
+
+
+TORCHRUN_FLAGS = {"--nproc", "--nproc-per-node", "--nnodes", "--max-restarts"}  # torchrun's own, named in advice
+
+
+def test_every_flag_an_error_names_is_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Training's errors (config, recipes, workflows, engine) name train's flags; any other error names a flag of
+    some command."""
+    listed = {command: flags_on(command, capsys) for command in COMMANDS}
+    every = set().union(*listed.values())
+    package = REPO / "src" / "imgrec"
+    for path in sorted(package.rglob("*.py")):
+        named = _flags_in_error_messages(path) - TORCHRUN_FLAGS
+        scope = listed["train"] if path.name in ("config.py", "recipes.py", "finetune.py") else every
+        assert named <= scope, f"{path.relative_to(package)} names {sorted(named - scope)}, listed by no --help"

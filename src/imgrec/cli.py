@@ -7,6 +7,7 @@ Torch is imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import signal
@@ -27,34 +28,84 @@ from imgrec.openmp import patient_threads
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line ("imgrec train: error: ...") with exit code 2."""
+    """argparse, but usage errors are one line ("imgrec train: error: ...") with exit code 2, and a flag is only
+    ever its full name (--epoch is not taken as --epochs)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """Unknown arguments are reported by the command they were given to, with the nearest flag it has."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            owner = _subparsers(self).choices.get(command, self) if command else self
+            owner.error(unrecognized(owner, extras))
+        return parsed
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: --epcohs 3; did you mean --epochs?' (the suggestion when one flag is close)."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1, cutoff=0.75)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+    return message
+
+
+# The help groups of `train --help`: the RunConfig field that opens each (fields keep their order in RunConfig).
+TRAIN_GROUPS = {"data": "data", "model": "model", "pretrained": "transfer learning (torchvision backbones)",
+                "optimizer": "optimisation", "epochs": "schedule and stopping", "device": "compute",
+                "project": "output"}
+
+
+def _default_shown(f: Any, default: Any) -> str:
+    """' (default: X)', unless the help text says its default itself or there is none to show."""
+    help_text = f.metadata.get("help", "")
+    if "default:" in help_text or default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    return f" (default: {default})"
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field: --batch-size N, --amp/--no-amp for booleans, lists as several values."""
+    """One flag per RunConfig field, in help groups: --batch-size N, --amp/--no-amp for booleans, lists as
+    several values. Each shows its default once."""
     hints = typing.get_type_hints(RunConfig)
+    group: Any = parser
     for f in fields(RunConfig):
+        if f.name in TRAIN_GROUPS:
+            group = parser.add_argument_group(TRAIN_GROUPS[f.name])
         kind = hints[f.name]
         args = typing.get_args(kind)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = argparse.SUPPRESS if f.metadata.get("advanced") else f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')}{_default_shown(f, default)}"
         options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+            group.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
         else:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}
             else:
                 options["metavar"] = f.name.upper()
-            parser.add_argument(flag, type=base, **options)
+            group.add_argument(flag, type=base, **options)
 
 
 def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
@@ -125,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.")
+    p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.",
+                       usage="%(prog)s [--config YAML | --resume RUN] [options]")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its train_state.pt (only "
                    "--epochs, --patience, --workers, --threads, --save-every-minutes and --dist-timeout may change)")
@@ -177,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     _add_data_dir(p)
+    for command in sub.choices.values():  # -v after the command too: `imgrec train -v ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug messages")
     return parser
 
 

@@ -253,3 +253,12 @@ def test_every_flag_an_error_names_is_in_help(capsys: pytest.CaptureFixture[str]
         named = _flags_in_error_messages(path) - TORCHRUN_FLAGS
         scope = listed["train"] if path.name in ("config.py", "recipes.py", "finetune.py") else every
         assert named <= scope, f"{path.relative_to(package)} names {sorted(named - scope)}, listed by no --help"
+
+
+def test_the_package_lists_only_its_public_names() -> None:
+    script = ("import sys, imgrec; print(dir(imgrec)); "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["['Failure', 'Prediction', 'Predictor', '__version__']", "[]"]

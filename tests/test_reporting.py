@@ -128,6 +128,7 @@ def test_evaluate_writes_the_report_into_out(runs: dict[str, Path], tmp_path: Pa
     code, stdout, err = run_main(["evaluate", str(runs["lenet"]), "--split", "val", "--out", str(out)], capsys)
     assert code == 0, err
     assert stdout.startswith("val accuracy:") and "ECE:" in stdout and "after temperature scaling" in stdout
+    assert "expected calibration error, the mean gap between how sure" in stdout
     assert f"report: {out / 'report.html'}" in stdout
     for name in (*FIGURES, "metrics.json", "report.html"):
         assert (out / name).is_file(), name
@@ -185,6 +186,8 @@ def test_explain_lenet_images_and_mistakes(runs: dict[str, Path], tmp_path: Path
     assert code == 0, err
     assert "note:" not in stdout
     lines = stdout.strip().splitlines()
+    assert lines[-1].startswith("Grad-CAM on LAYER (HxW): the heat-map marks")  # the words explained, once
+    lines = lines[:-1]
     assert len(lines) == 4 and all("Grad-CAM on features." in ln for ln in lines)
     assert lines[0].startswith(f"{one}: ") and lines[2].startswith("test image #")
     mistake = re.match(r"test image #\d+: (\w) [\d.]+%, true: (\w) ", lines[2])

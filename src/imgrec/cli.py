@@ -243,7 +243,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
                                    "without one).")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("images", metavar="IMAGE", nargs="*", help="image files to explain")
-    p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N worst test mistakes")
+    p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N most confident test mistakes")
     p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
@@ -301,7 +301,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
           f"{m['count']:,} images)")
     print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
-                                    f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else ""))
+                                    f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else "")
+          + ": expected calibration error, the mean gap between how sure the model is and how often it is right")
     print(f"metrics: {m['written_to']}")
     print(f"report: {m['report']}")
     return 0
@@ -333,6 +334,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for e in outcome.images:
         true = f", true: {e.true}" if e.true else ""
         print(f"{e.source}: {e.predicted} {e.probability:.1%}{true} ({e.method}) -> {e.png}")
+    if any(e.method.startswith("Grad-CAM") for e in outcome.images):
+        print("Grad-CAM on LAYER (HxW): the heat-map marks the cells of that convolution's HxW output that raise the "
+              "predicted class most, enlarged to the image")
     return 0
 
 
@@ -369,7 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least 1")
     from imgrec.engine.system import set_threads
     from imgrec.inference import Failure, Predictor, expand_paths
-    from imgrec.inference.formats import MAX_SHOWN, make_writer, save_input_sheet
+    from imgrec.inference.formats import MAX_SHOWN, input_caption, make_writer, save_input_sheet
 
     set_threads(args.threads)
     predictor = Predictor.from_run(args.target, device=args.device, auto_preprocess=args.auto_preprocess)
@@ -378,7 +382,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"imgrec predict: error: {failure.message}", file=sys.stderr)
     topk = min(args.topk, len(predictor.classes))
     writer = make_writer(args.format, sys.stdout, sources, predictor.classes, topk)
-    shown, predicted = [], 0
+    shown, captions, predicted = [], [], 0
     for item in predictor.predict_files(sources, topk, args.batch_size, keep_inputs=bool(args.show_input)):
         if isinstance(item, Failure):
             failures.append(item)
@@ -388,8 +392,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predicted += 1
         if args.show_input and len(shown) < MAX_SHOWN:
             shown.append(item.model_input)
+            captions.append(input_caption(item))
     if shown:
-        print(f"model inputs: {save_input_sheet(shown, args.show_input)}", file=sys.stderr)
+        print(f"model inputs: {save_input_sheet(shown, args.show_input, captions)}", file=sys.stderr)
     if failures:
         print(f"imgrec predict: {len(failures)} input(s) could not be predicted (named above); "
               f"{predicted} predicted", file=sys.stderr)

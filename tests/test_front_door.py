@@ -262,3 +262,35 @@ def test_the_package_lists_only_its_public_names() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["['Failure', 'Prediction', 'Predictor', '__version__']", "[]"]
+
+
+# --- the README's front door ----------------------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_quick_start_is_the_demo_the_makefile_runs() -> None:
+    """The figure the README shows is what `make demo` printed: its command must be the Makefile's."""
+    demo = re.search(r"^DEMO := (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert demo
+    front = (REPO / "README.md").read_text().split("## Contents")[0]
+    assert f"imgrec train {demo.group(1).strip()} --name demo" in front
+    assert "## Install" in front and "pip install -e ." in front and "run folder: runs/demo" in front
+
+
+def test_links_in_the_readme_and_docs_resolve() -> None:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target} does not exist"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.MULTILINE)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name}: no heading for #{anchor} in {linked.name}"

@@ -141,6 +141,15 @@ def test_predict_with_its_arguments_swapped(image_and_run: tuple[Path, Path], tm
                     f"comes first (imgrec predict {run} {image})")
 
 
+def test_predict_with_a_folder_and_a_run_swapped(image_and_run: tuple[Path, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image, run = image_and_run
+    code, _, err = run_main(["predict", str(image.parent), str(run)], capsys)
+    assert code == 2
+    assert error_line(err) == (f"imgrec predict: error: the arguments look swapped: {image.parent} is a folder and "
+                               f"{run} a run; the run comes first (imgrec predict {run} {image.parent})")
+
+
 @pytest.mark.parametrize("command", ["evaluate", "explain", "export", "predict"])
 def test_an_image_where_a_run_belongs(image_and_run: tuple[Path, Path], command: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -466,14 +466,20 @@ def _check_target(args: argparse.Namespace) -> None:
         return
     from imgrec.data.imageio import is_image_file
 
-    if not (Path(target).is_file() and is_image_file(target)):
+    def is_run(path: str) -> bool:
+        return (Path(path) / "weights").is_dir() or Path(path).suffix in (".pt", ".pth")
+
+    image = Path(target).is_file() and is_image_file(target)
+    if is_run(target) or not (image or Path(target).is_dir()):
         return
     others = getattr(args, "paths", None) or getattr(args, "images", None) or []
-    run = next((p for p in others if (Path(p) / "weights").is_dir() or Path(p).suffix in (".pt", ".pth")), None)
+    run = next((p for p in others if is_run(p)), None)
     if run is not None:
-        raise UsageError(f"the arguments look swapped: {target} is an image and {run} a run; the run comes first "
-                         f"(imgrec {args.command} {run} {target})")
-    raise UsageError(f"{target} is an image, not a run folder or weights file (imgrec {args.command} RUN_OR_WEIGHTS ...)")
+        raise UsageError(f"the arguments look swapped: {target} is {'an image' if image else 'a folder'} and {run} a "
+                         f"run; the run comes first (imgrec {args.command} {run} {target})")
+    if image:
+        raise UsageError(f"{target} is an image, not a run folder or weights file "
+                         f"(imgrec {args.command} RUN_OR_WEIGHTS ...)")
 
 
 COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads

@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             command = getattr(parsed, "command", None)
             owner = _subparsers(self).choices.get(command, self) if command else self
-            owner.error(unrecognized(owner, extras))
+            owner.error(_unrecognized(owner, extras))
         return parsed
 
 
@@ -52,7 +52,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
-def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """'unrecognized arguments: --epcohs 3; did you mean --epochs?' (the suggestion when one flag is close)."""
     message = f"unrecognized arguments: {' '.join(extras)}"
     flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]

@@ -90,9 +90,22 @@ def test_the_command_sets_the_policy_before_torch_loads_and_says_so_only_when_ve
     assert "the CPUs are busy" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["models", "datasets"])
-def test_commands_that_only_list_leave_the_policy_alone(command: str) -> None:
-    proc = _busy_command("-v", command)
+def test_commands_that_only_list_leave_the_policy_alone() -> None:
+    proc = _busy_command("-v", "datasets")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "None"
     assert "the CPUs are busy" not in proc.stderr
+
+
+@pytest.mark.parametrize(("command", "measured"), [("models", False), ("datasets", False), ("train", True),
+                                                   ("predict", True)])
+def test_only_commands_that_compute_measure_the_cpus(monkeypatch: pytest.MonkeyPatch, command: str,
+                                                     measured: bool) -> None:
+    from imgrec import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "patient_threads", lambda: calls.append("measured"))
+    monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)  # the command itself is not the point here
+    argv = {"predict": ["predict", "run", "x.png"]}.get(command, [command])
+    assert cli.main(argv) == 0
+    assert calls == (["measured"] if measured else [])

@@ -177,13 +177,15 @@ def test_a_model_of_the_wrong_width_names_both_numbers(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_cli_cannot_load_a_python_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_named_data_set_trains_a_python_model_the_cli_cannot_load(fake_fashion_mnist: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import error_line, run_main
 
-    x, y = arrays(60)
-    run = imgrec.train((x, y), model=Tiny, epochs=1, project=str(tmp_path / "runs"), verbose=False)
+    run = imgrec.train("fashion-mnist", model=Classifier, data_dir=str(fake_fashion_mnist), epochs=1,
+                       project=str(tmp_path / "runs"), verbose=False)
+    assert run.dir.name == "fashion-mnist-Classifier" and len(run.classes) == 10
     code, _, err = run_main(["predict", str(run.dir), str(tmp_path)], capsys)
-    assert code == 1 and "model=Tiny" in error_line(err)
+    assert code == 1 and "model=Classifier" in error_line(err)
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:

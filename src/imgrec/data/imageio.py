@@ -102,19 +102,31 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
+def cover_box(source_width: int, source_height: int, width: int, height: int) -> tuple[float, float, float, float]:
+    """The (left, top, right, bottom) region of a source that, resized to (width, height), covers it with the
+    aspect ratio kept and the centre kept: the source's full extent on one axis, its centre part on the other.
+
+    Always inside the source (Pillow refuses a box a hair outside it, which `width / (width / W)` can give): the
+    cropped side is one division of whole numbers, never more than the source's side, and the box is clamped.
+    """
+    if width * source_height >= height * source_width:  # the width covers: all of it, the middle rows
+        box_w, box_h = float(source_width), min(height * source_width / width, float(source_height))
+    else:  # the height covers: all of it, the middle columns
+        box_w, box_h = min(width * source_height / height, float(source_width)), float(source_height)
+    left, top = max(0.0, (source_width - box_w) / 2), max(0.0, (source_height - box_h) / 2)
+    return left, top, min(left + box_w, float(source_width)), min(top + box_h, float(source_height))
+
+
 def resize_center(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize so the image covers (H, W), keeping its aspect ratio, and keep the centre.
 
-    One resampling of the source's centre region straight to (H, W): an image of extreme aspect ratio (say
-    1 x 80 million pixels, a 100 kB PNG) never becomes a huge intermediate image on its way.
+    One resampling of the source's centre region (`cover_box`) straight to (H, W): an image of extreme aspect
+    ratio (say 1 x 80 million pixels, a 100 kB PNG) never becomes a huge intermediate image on its way.
     """
     height, width = size
     if img.size == (width, height):
         return img
-    scale = max(width / img.width, height / img.height)
-    box_w, box_h = width / scale, height / scale  # the part of the source that lands in the output
-    left, top = (img.width - box_w) / 2, (img.height - box_h) / 2
-    return img.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h),
+    return img.resize((width, height), Image.Resampling.BILINEAR, box=cover_box(img.width, img.height, width, height),
                       reducing_gap=None)
 
 

@@ -139,5 +139,10 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Decode, convert and resize one file: uint8 tensor (channels, H, W)."""
-    return image_to_tensor(resize_center(load_image(path, channels), size))
+    """Decode, convert and resize one file: uint8 tensor (channels, H, W). Whatever goes wrong with the file is
+    an ImageDecodeError naming it (a bad file to skip or report), never a traceback from inside Pillow."""
+    image = load_image(path, channels)
+    try:
+        return image_to_tensor(resize_center(image, size))
+    except Exception as exc:  # an image that decodes but does not resize is still one bad file
+        raise ImageDecodeError(f"{path}: cannot resize image ({type(exc).__name__}: {exc})") from None

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from imgrec.data.imageio import ImageDecodeError, read_image
+from imgrec.data.imageio import ImageDecodeError
 from imgrec.data.info import FileSplit
-from imgrec.data.loaders import FileDataset, file_loader, worker_error_message
+from imgrec.data.loaders import FileDataset, default_workers, file_loader, worker_error_message
 from imgrec.errors import ImgrecError
 
 DECODE_BATCH = 64
@@ -27,7 +27,7 @@ class CheckedFileDataset(FileDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:  # type: ignore[override]
         try:
-            return read_image(self.split.paths[index], self.split.channels, self.split.image_size), ""
+            return self.read(index), ""
         except ImageDecodeError as exc:
             return torch.empty(0, dtype=torch.uint8), _reason(str(exc), self.split.paths[index])
 
@@ -47,7 +47,9 @@ def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tenso
 def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> tuple[torch.Tensor | None, dict[str, str]]:
     """Decode every file once; returns (uint8 (N_good, C, H, W) of the files that decode, or None when not kept,
     {path: reason} of those that do not)."""
-    loader = file_loader(CheckedFileDataset(split), workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
+    workers = default_workers() if workers is None else workers
+    dataset = CheckedFileDataset(split, workers)
+    loader = file_loader(dataset, workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
     kept = torch.empty((len(split) if keep_images else 0, split.channels, *split.image_size), dtype=torch.uint8)
     failures: dict[str, str] = {}
     position, count = 0, 0
@@ -62,7 +64,7 @@ def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> 
                 count += len(images)
     except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
         traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
-        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc)}") from None
+        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc, dataset)}") from None
     return (kept[:count] if keep_images else None), failures
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,7 +18,9 @@ from PIL import Image
 
 from conftest import BAD_KINDS, REPO, make_photo_folder, photo_like, write_bad_file
 from imgrec.cli import main
+from imgrec.data import doctor
 from imgrec.data.doctor import DoctorOptions, diagnose, inspect_file, near_pairs
+from imgrec.errors import ImgrecError
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -191,6 +194,38 @@ def test_inspect_file_of_a_good_image(tmp_path: Path) -> None:
     facts = inspect_file(str(path))
     assert facts["problem"] is None and facts["format"] == "PNG" and facts["size"] == [32, 32]
     assert len(facts["thumb"]) == 16 * 16 and 0 <= facts["phash"] < 2**64
+
+
+def test_inspect_file_names_an_image_that_decodes_but_cannot_be_fingerprinted(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "odd.png"
+    Image.fromarray(photo_like(3)).save(path)
+
+    def broken(grey: Image.Image) -> tuple[int, bytes]:
+        raise ValueError("box offset can't be negative")
+
+    monkeypatch.setattr(doctor, "_fingerprints", broken)
+    facts = inspect_file(str(path))
+    assert facts["problem"] == "corrupt" and facts["reason"] == "cannot read image (ValueError: box offset can't be negative)"
+
+
+def test_a_worker_that_dies_names_the_file_it_was_inspecting(clean_folder: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = clean_folder / "val" / "dog" / "003.jpg"
+    real = doctor.inspect_file
+
+    def crash(path: str) -> dict[str, Any]:
+        if path == str(victim):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    monkeypatch.setattr(doctor, "inspect_file", crash)
+    with pytest.raises(ImgrecError) as info:
+        diagnose(str(clean_folder), options(workers=2))
+    message = str(info.value)
+    assert message.startswith("inspecting the images failed: DataLoader worker (pid")
+    assert message.endswith(f"while reading {victim}") and "\n" not in message
+    del info
 
 
 def test_near_pairs_match_brute_force() -> None:

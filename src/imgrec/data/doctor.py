@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,8 @@ from imgrec.data.datasets import NAMED_DATASETS, DataOptions, assign_splits, fol
 from imgrec.data.doctor_report import find_problems, format_report
 from imgrec.data.folders import scan_folder
 from imgrec.data.imageio import ImageDecodeError, is_image_file, load_image
-from imgrec.data.loaders import file_loader
-from imgrec.errors import UsageError
+from imgrec.data.loaders import ReadingNotes, default_workers, file_loader, worker_error_message
+from imgrec.errors import ImgrecError, UsageError
 
 __all__ = ["DoctorOptions", "diagnose", "format_report", "inspect_file", "near_pairs"]
 
@@ -123,11 +125,13 @@ def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str
     if splits.get("test") is splits.get("val"):  # no test split: validation doubles as test; list its files once
         del splits["test"]
     paths = [p for name in SPLITS if name in splits for p in splits[name][0]]
+    workers = default_workers() if options.workers is None else options.workers
+    inspection = _FileInspection(paths, workers)
     images = _Images(
         names=[os.path.relpath(p, scanned.root) for p in paths],
         splits=[name for name in SPLITS if name in splits for _ in splits[name][0]],
         labels=[label for name in SPLITS if name in splits for label in splits[name][1]],
-        facts=_inspect_all(_FileInspection(paths), options.workers),
+        facts=_inspect_all(inspection, workers, inspection.files_being_read),
     )
     report = {"data": spec, "kind": "folder", "root": str(scanned.root), "classes": scanned.classes, "notes": notes,
               "ignored": _ignored_files(scanned.root, set(paths))}
@@ -166,20 +170,32 @@ def _named_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str,
     return _Images(names, splits, labels, facts), report
 
 
-def _inspect_all(dataset: Dataset, workers: int | None) -> list[dict[str, Any]]:
+def _inspect_all(dataset: Dataset, workers: int | None,
+                 files_being_read: Callable[[str], list[str]] | None = None) -> list[dict[str, Any]]:
     loader = file_loader(dataset, workers, batch_size=64, collate_fn=list)
-    return [facts for batch in loader for facts in batch]
+    try:
+        return [facts for batch in loader for facts in batch]
+    except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
+        if "DataLoader worker" not in str(exc):
+            raise
+        traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
+        raise ImgrecError(f"inspecting the images failed: {worker_error_message(exc, files_being_read)}") from None
 
 
 class _FileInspection(Dataset):
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], workers: int = 0) -> None:
         self.paths = paths
+        self.notes = ReadingNotes(workers)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return inspect_file(self.paths[index])
+        with self.notes.reading(index):
+            return inspect_file(self.paths[index])
+
+    def files_being_read(self, message: str) -> list[str]:
+        return [self.paths[index] for index in self.notes.being_read(message)]
 
 
 class _ArrayInspection(Dataset):
@@ -229,6 +245,8 @@ def inspect_file(path: str) -> dict[str, Any]:
             facts["phash"], facts["thumb"] = _fingerprints(upright)
         except ImageDecodeError as exc:
             problem = _decode_problem(str(exc))
+        except Exception as exc:  # an image that decodes but cannot be fingerprinted is still one bad file
+            problem = "corrupt", f"cannot read image ({type(exc).__name__}: {exc})"
     if problem is not None:
         facts["problem"], facts["reason"] = problem
     return facts

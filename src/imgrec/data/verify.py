@@ -64,7 +64,7 @@ def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> 
                 count += len(images)
     except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
         traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
-        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc, dataset)}") from None
+        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc, dataset.files_being_read)}") from None
     return (kept[:count] if keep_images else None), failures
 
 

@@ -18,7 +18,14 @@ from conftest import make_image_folder
 from imgrec.data import imageio, loaders
 from imgrec.data.imageio import read_image
 from imgrec.data.info import ArraySplit, FileSplit
-from imgrec.data.loaders import StreamLoader, TensorLoader, epoch_generator, make_loader, worker_error_message
+from imgrec.data.loaders import (
+    ReadingNotes,
+    StreamLoader,
+    TensorLoader,
+    epoch_generator,
+    make_loader,
+    worker_error_message,
+)
 from imgrec.data.transforms import BatchTransform
 from imgrec.data.verify import decode_checked
 from imgrec.errors import ImgrecError
@@ -291,6 +298,17 @@ def test_a_worker_that_dies_names_the_file_it_was_reading(folder_with_odd_file: 
     message = str(info.value)
     assert message.startswith("DataLoader worker") and message.endswith(f"while reading {odd}")
     del info, loader
+
+
+def test_reading_notes_name_what_the_workers_the_error_names_were_reading() -> None:
+    notes = ReadingNotes(3)
+    notes.slots[:] = torch.tensor([[101, 7], [102, -1], [103, 9]])  # worker 102 is between files
+    assert notes.being_read("DataLoader worker (pid 101) is killed by signal: Killed.") == [7]
+    assert notes.being_read("DataLoader worker (pid(s) 102, 103) exited unexpectedly") == [9]
+    assert notes.being_read("DataLoader timed out after 5 seconds") == []
+    with notes.reading(4):  # in the main process (no workers): slot 0
+        assert notes.slots[0].tolist() == [os.getpid(), 4]
+    assert notes.slots[0].tolist() == [os.getpid(), -1]
 
 
 def test_worker_error_message() -> None:

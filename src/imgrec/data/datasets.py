@@ -9,6 +9,7 @@ Imports: torch, torchvision, numpy and the data package; never a model or the en
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
+from imgrec.data.imageio import read_file
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
 from imgrec.data.verify import decode_checked, strict_error, without
@@ -265,7 +267,7 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
     sizes: Counter[tuple[int, int]] = Counter()
     for p in train_paths[::step]:
         try:
-            with Image.open(p) as img:
+            with Image.open(io.BytesIO(read_file(p))) as img:  # regular files only: never a pipe or a device
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
         except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass
@@ -287,8 +289,12 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
 def _fingerprint(split: FileSplit, extra: str = "") -> str:
     digest = hashlib.sha1(f"{split.channels}|{split.image_size}|{extra}".encode())
     for path, label in zip(split.paths, split.labels.tolist()):
-        st = os.stat(path)
-        digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            seen = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError as exc:  # a dangling or looping link: the decoding pass lists it as not a regular file
+            seen = f"{exc.errno}"
+        digest.update(f"{path}|{label}|{seen}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """`imgrec doctor`: a preflight report on a data set, before any training, with a suggested fix for each problem.
 
 For an image folder (or an archive of one): counts per class and split, image sizes, modes and formats,
-files that do not decode (zero-byte, not an image, truncated, beyond the decompression-bomb limit, damaged),
+files that do not decode (zero-byte, not a regular file, not an image, truncated, beyond the decompression-bomb limit, damaged),
 exact duplicates (same bytes) and near duplicates (perceptual hash, confirmed on a small thumbnail) within
 and across splits (leakage) and across classes (conflicting labels), class imbalance, and EXIF-rotated
 files. Named data sets get the counts, duplicate and balance checks on their pixels. Files are read through
@@ -32,7 +32,17 @@ from torch.utils.data import Dataset
 from imgrec.data.datasets import NAMED_DATASETS, DataOptions, assign_splits, folder_of, load_data
 from imgrec.data.doctor_report import find_problems, format_report
 from imgrec.data.folders import scan_folder
-from imgrec.data.imageio import ImageDecodeError, is_image_file, load_image
+from imgrec.data.imageio import (
+    NOT_AN_IMAGE,
+    EmptyFileError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    NotAnImageError,
+    NotRegularFileError,
+    is_image_file,
+    load_image,
+    read_file,
+)
 from imgrec.data.loaders import file_loader
 from imgrec.errors import UsageError
 
@@ -209,26 +219,25 @@ def _blank_facts() -> dict[str, Any]:
 def inspect_file(path: str) -> dict[str, Any]:
     """Header facts, content hash, decodability (through the one image loader) and fingerprints of one file.
 
-    A bad file is described, never raised: problem is zero-byte, not-an-image, too-large, truncated or corrupt.
+    A bad file is described, never raised: problem is zero-byte, not-regular, not-an-image, too-large, truncated
+    or corrupt, and the reason is worded as training's skipped.txt and predict word it.
     """
     facts = _blank_facts()
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        facts.update(problem="corrupt", reason=f"cannot read the file ({exc.strerror or exc})")
+        data = read_file(path)  # regular files only, read no further than their size
+    except ImageDecodeError as exc:
+        facts["problem"], facts["reason"] = _kind(exc), exc.reason
         return facts
     facts["bytes"] = len(data)
-    if not data:
-        facts.update(problem="zero-byte", reason="empty file (0 bytes)")
-        return facts
     facts["digest"] = hashlib.sha1(data).hexdigest()
     problem = _read_header(data, facts)
     if problem is None:
         try:
-            upright = load_image(path, 1)  # what training decodes: upright per EXIF, grey for the fingerprints
+            # what training decodes: upright per EXIF, grey for the fingerprints
+            upright = load_image(io.BytesIO(data), 1, name=path)
             facts["phash"], facts["thumb"] = _fingerprints(upright)
         except ImageDecodeError as exc:
-            problem = _decode_problem(str(exc))
+            problem = _kind(exc), exc.reason
     if problem is not None:
         facts["problem"], facts["reason"] = problem
     return facts
@@ -246,7 +255,7 @@ def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
                 except Exception:  # a damaged EXIF block: the loader ignores it too
                     facts["orientation"] = 1
     except UnidentifiedImageError:
-        return "not-an-image", "not an image file imgrec can read"
+        return "not-an-image", NOT_AN_IMAGE
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return "too-large", f"image too large to decode safely ({exc})"
     except Exception as exc:  # any other way a header can be broken
@@ -254,9 +263,13 @@ def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _decode_problem(message: str) -> tuple[str, str]:
-    """The kind of a loader error (its message names the file first)."""
-    return _classify(message.split(": ", 1)[-1])
+_KINDS = ((EmptyFileError, "zero-byte"), (NotRegularFileError, "not-regular"), (NotAnImageError, "not-an-image"),
+          (ImageTooLargeError, "too-large"))
+
+
+def _kind(exc: ImageDecodeError) -> str:
+    """The kind of a loader error: by its class, else by its reason."""
+    return next((kind for cls, kind in _KINDS if isinstance(exc, cls)), None) or _classify(exc.reason)[0]
 
 
 def _classify(reason: str) -> tuple[str, str]:

@@ -16,6 +16,8 @@ LISTED = 10  # files (or groups) the text report names per problem; --json lists
 UNREADABLE = {  # kind -> (what such a file is, suggested fix)
     "zero-byte": ("empty (0 bytes), usually from an interrupted copy or download",
                   "copy them again from the source, or delete them"),
+    "not-regular": ("not regular files (named pipes, devices, sockets, links to nothing or looping links)",
+                    "replace them with the image files they stand for, or remove them"),
     "not-an-image": ("not an image despite the extension (text, HTML, another format)",
                      "delete them, or move them out of the class folders"),
     "truncated": ("truncated: the file ends before the image does",

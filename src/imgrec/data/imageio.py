@@ -10,6 +10,10 @@ Imports: Pillow, numpy and torch only.
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -23,8 +27,18 @@ from imgrec.errors import ImgrecError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
+# One wording per kind of bad file, the same in `imgrec doctor`, skipped.txt, train's warning and predict.
+EMPTY_FILE = "empty file (0 bytes)"
+NOT_REGULAR = "not a regular file"
+NOT_AN_IMAGE = "not an image file imgrec can read"
+
+
 class ImageDecodeError(ImgrecError):
-    """A file that is not a readable image; the message names the file and why."""
+    """A file that is not a readable image; the message names the file and why, `reason` is the why alone."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 class NotAnImageError(ImageDecodeError):
@@ -35,34 +49,107 @@ class ImageTooLargeError(ImageDecodeError):
     """An image that declares more pixels than Pillow's decompression-bomb limit: never decoded."""
 
 
+class EmptyFileError(ImageDecodeError):
+    """A file of 0 bytes (an interrupted copy or download)."""
+
+
+class NotRegularFileError(ImageDecodeError):
+    """A path that is not a regular file: a named pipe, a device, a socket, a dangling or looping link."""
+
+
+def _bad(cls: type[ImageDecodeError], label: object, reason: str) -> ImageDecodeError:
+    return cls(f"{label}: {reason}", reason)
+
+
 def is_image_file(path: str | Path) -> bool:
     """True for a visible file whose extension is one imgrec decodes."""
     p = Path(path)
     return not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+_FILE_TYPES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(path: str | Path, label: object) -> ImageDecodeError | None:
+    """Why `path` cannot be read as an image file (missing, not a regular file, empty), or None when it can."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return _bad(NotRegularFileError, label, f"{NOT_REGULAR} (a symbolic link to nothing)")
+        return _bad(ImageDecodeError, label, "file not found")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return _bad(NotRegularFileError, label, f"{NOT_REGULAR} (a loop of symbolic links)")
+        return _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})")
+    return _irregular(st, label)
+
+
+def _irregular(st: os.stat_result, label: object) -> ImageDecodeError | None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((what for test, what in _FILE_TYPES if test(st.st_mode)), "not a file")
+        return _bad(NotRegularFileError, label, f"{NOT_REGULAR} ({kind})")
+    if st.st_size == 0:
+        return _bad(EmptyFileError, label, EMPTY_FILE)
+    return None
+
+
+def read_file(path: str | Path, label: object = None) -> bytes:
+    """The bytes of an image file, read only if it is a regular, non-empty file and at most as many bytes as its
+    size: a named pipe is never opened (it would block), a link to /dev/zero never read (it never ends).
+
+    Raises ImageDecodeError (NotRegularFileError, EmptyFileError) naming `label` (default: the path).
+    """
+    label = path if label is None else label
+    problem = _not_regular(path, label)
+    if problem is not None:
+        raise problem
+    try:
+        # O_NONBLOCK: should the path have become a pipe since the check, opening it still returns at once.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise _not_regular(path, label) or _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        problem = _irregular(st, label)  # what was opened, not what the name pointed to a moment ago
+        if problem is not None:
+            raise problem
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(st.st_size)
+    except OSError as exc:
+        raise _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
 def load_image(path: str | Path | BinaryIO, channels: int, name: str | None = None) -> Image.Image:
-    """Decode a path or an open binary file to "L" (channels=1) or "RGB" (3), upright per EXIF; errors name `name`."""
+    """Decode a path or an open binary file to "L" (channels=1) or "RGB" (3), upright per EXIF; errors name `name`.
+
+    A path is read through `read_file` (regular, non-empty files only, bounded by their size)."""
     label = name if name is not None else path
     try:
+        source = io.BytesIO(read_file(path, label)) if isinstance(path, (str, Path)) else path
         with warnings.catch_warnings():
             # Pillow warns (then errors) on huge images; keep the error, make the warning one too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 _check_pixels(img)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_mode(img, channels)
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{label}: image too large to decode safely ({exc})") from None
+        raise _bad(ImageTooLargeError, label, f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
-        raise NotAnImageError(f"{label}: not an image file imgrec can read") from None
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{label}: file not found") from None
+        if source.seek(0, io.SEEK_END) == 0:  # an empty upload or stream
+            raise _bad(EmptyFileError, label, EMPTY_FILE) from None
+        raise _bad(NotAnImageError, label, NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"{label}: cannot decode image ({exc})") from None
+        raise _bad(ImageDecodeError, label, f"cannot decode image ({exc})") from None
     except Exception as exc:  # hostile bytes can trip any error inside a decoder: still just a bad file
-        raise ImageDecodeError(f"{label}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise _bad(ImageDecodeError, label, f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def _check_pixels(img: Image.Image) -> None:

@@ -29,12 +29,7 @@ class CheckedFileDataset(FileDataset):
         try:
             return read_image(self.split.paths[index], self.split.channels, self.split.image_size), ""
         except ImageDecodeError as exc:
-            return torch.empty(0, dtype=torch.uint8), _reason(str(exc), self.split.paths[index])
-
-
-def _reason(message: str, path: str) -> str:
-    """The loader's message without the leading path (it is listed beside the reason)."""
-    return message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
+            return torch.empty(0, dtype=torch.uint8), exc.reason  # without the path: it is listed beside it
 
 
 def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | None, list[str]]:

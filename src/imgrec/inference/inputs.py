@@ -72,16 +72,6 @@ def _glob_images(pattern: str) -> list[str]:
     return found
 
 
-def check_not_empty(path: str | Path) -> None:
-    """A zero-byte file gets its own message (Pillow would only say it cannot identify it)."""
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError:
-        return  # missing or unreadable: the decoder names it
-    if empty:
-        raise ImageDecodeError(f"{path}: empty file (0 bytes); it holds no image")
-
-
 def to_pil(image: object) -> Image.Image:
     """A Pillow image, numpy array or uint8 tensor -> a Pillow image, upright per its EXIF orientation."""
     if isinstance(image, Image.Image):

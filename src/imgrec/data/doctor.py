@@ -49,6 +49,7 @@ from imgrec.errors import UsageError
 __all__ = ["DoctorOptions", "diagnose", "format_report", "inspect_file", "near_pairs"]
 
 THUMB_SIZE = 16  # near duplicates are confirmed on grey thumbnails of this size
+FINGERPRINT_SIDE = 256  # larger images are box-averaged to about this size before they are fingerprinted
 SPLITS = ("train", "val", "test")
 EXIF_ORIENTATION = 0x0112
 
@@ -281,7 +282,14 @@ def _classify(reason: str) -> tuple[str, str]:
 
 
 def _fingerprints(grey: Image.Image) -> tuple[int, bytes]:
-    """The 64-bit perceptual hash and a THUMB_SIZE x THUMB_SIZE grey thumbnail of an image."""
+    """The 64-bit perceptual hash and a THUMB_SIZE x THUMB_SIZE grey thumbnail of an image.
+
+    A large image is first box-averaged to at most about FINGERPRINT_SIDE pixels a side: resampling filters size
+    their weights by the scale, and an 80,000,000 x 1 strip (a valid PNG of 77 kB) would need gigabytes of them.
+    """
+    factors = (max(1, grey.width // FINGERPRINT_SIDE), max(1, grey.height // FINGERPRINT_SIDE))
+    if factors != (1, 1):
+        grey = grey.reduce(factors)
     phash = int(str(imagehash.phash(grey)), 16)
     thumb = np.asarray(grey.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
     return phash, thumb.tobytes()

@@ -24,7 +24,7 @@ from typing import Any
 import imagehash
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.utils.data import Dataset
@@ -33,7 +33,6 @@ from imgrec.data.datasets import NAMED_DATASETS, DataOptions, assign_splits, fol
 from imgrec.data.doctor_report import find_problems, format_report
 from imgrec.data.folders import scan_folder
 from imgrec.data.imageio import (
-    NOT_AN_IMAGE,
     EmptyFileError,
     ImageDecodeError,
     ImageTooLargeError,
@@ -231,21 +230,19 @@ def inspect_file(path: str) -> dict[str, Any]:
         return facts
     facts["bytes"] = len(data)
     facts["digest"] = hashlib.sha1(data).hexdigest()
-    problem = _read_header(data, facts)
-    if problem is None:
-        try:
-            # what training decodes: upright per EXIF, grey for the fingerprints
-            upright = load_image(io.BytesIO(data), 1, name=path)
-            facts["phash"], facts["thumb"] = _fingerprints(upright)
-        except ImageDecodeError as exc:
-            problem = _kind(exc), exc.reason
-    if problem is not None:
-        facts["problem"], facts["reason"] = problem
+    _read_header(data, facts)
+    try:
+        # what training decodes: upright per EXIF, grey for the fingerprints; its error words the reason, so a
+        # file is described in the same words here, in training's skipped.txt and by predict
+        upright = load_image(io.BytesIO(data), 1, name=path)
+        facts["phash"], facts["thumb"] = _fingerprints(upright)
+    except ImageDecodeError as exc:
+        facts["problem"], facts["reason"] = _kind(exc), exc.reason
     return facts
 
 
-def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
-    """Format, mode, size and EXIF orientation from the header; a problem when even that fails."""
+def _read_header(data: bytes, facts: dict[str, Any]) -> None:
+    """Format, mode, size and EXIF orientation from the header, where it can be read (the loader says why not)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -255,13 +252,8 @@ def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
                     facts["orientation"] = int(img.getexif().get(EXIF_ORIENTATION, 1))
                 except Exception:  # a damaged EXIF block: the loader ignores it too
                     facts["orientation"] = 1
-    except UnidentifiedImageError:
-        return "not-an-image", NOT_AN_IMAGE
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "too-large", f"image too large to decode safely ({exc})"
-    except Exception as exc:  # any other way a header can be broken
-        return _classify(f"cannot read the image header ({exc or type(exc).__name__})")
-    return None
+    except Exception:  # not an image, a bomb header, a broken header: load_image names it in its own words
+        pass
 
 
 _KINDS = ((EmptyFileError, "zero-byte"), (NotRegularFileError, "not-regular"), (NotAnImageError, "not-an-image"),

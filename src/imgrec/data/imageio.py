@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -58,7 +58,9 @@ class NotRegularFileError(ImageDecodeError):
 
 
 def _bad(cls: type[ImageDecodeError], label: object, reason: str) -> ImageDecodeError:
-    return cls(f"{label}: {reason}", reason)
+    """The error for one file: the name and reason kept to one line (a newline in a file name is escaped)."""
+    reason = printable(reason)
+    return cls(f"{printable(str(label))}: {reason}", reason)
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from imgrec.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file
+from imgrec.errors import printable
 from imgrec.inference.results import Failure
 
 GLOB_CHARACTERS = "*?["
@@ -33,17 +34,17 @@ def expand_paths(specs: Sequence[str | Path]) -> tuple[list[str], list[Failure]]
     seen: set[str] = set()
     for spec in specs:
         text = str(spec)
-        path = Path(text)
+        path, shown = Path(text), printable(text)
         if path.is_dir():
             found = folder_images(path)
-            why = f"{text}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+            why = f"{shown}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
         elif path.exists():
             found, why = [text], ""
         elif any(c in text for c in GLOB_CHARACTERS):
             found = _glob_images(text)
-            why = f"{text}: no image files match this pattern"
+            why = f"{shown}: no image files match this pattern"
         else:
-            found, why = [], f"{text}: file not found"
+            found, why = [], f"{shown}: file not found"
         if not found:
             failures.append(Failure(text, why))
         for name in found:

@@ -9,7 +9,6 @@ Imports: torch, torchvision, numpy and the data package; never a model or the en
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
-from imgrec.data.imageio import read_file
+from imgrec.data.imageio import open_regular
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
 from imgrec.data.verify import decode_checked, strict_error, without
@@ -312,7 +311,7 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
     sizes: Counter[tuple[int, int]] = Counter()
     for p in train_paths[::step]:
         try:
-            with Image.open(io.BytesIO(read_file(p))) as img:  # regular files only: never a pipe or a device
+            with open_regular(p) as f, Image.open(f) as img:  # regular files only: never a pipe or a device
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
         except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass

@@ -97,9 +97,9 @@ def _irregular(st: os.stat_result, label: object) -> ImageDecodeError | None:
     return None
 
 
-def read_file(path: str | Path, label: object = None) -> bytes:
-    """The bytes of an image file, read only if it is a regular, non-empty file and at most as many bytes as its
-    size: a named pipe is never opened (it would block), a link to /dev/zero never read (it never ends).
+def open_regular(path: str | Path, label: object = None) -> BinaryIO:
+    """Open an image file for reading, only if it is a regular, non-empty file: a named pipe is never opened in a
+    way that blocks, a link to /dev/zero never read (it never ends). The check is made again on what was opened.
 
     Raises ImageDecodeError (NotRegularFileError, EmptyFileError) naming `label` (default: the path).
     """
@@ -113,25 +113,38 @@ def read_file(path: str | Path, label: object = None) -> bytes:
     except OSError as exc:
         raise _not_regular(path, label) or _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})") from None
     try:
-        st = os.fstat(fd)
-        problem = _irregular(st, label)  # what was opened, not what the name pointed to a moment ago
-        if problem is not None:
-            raise problem
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(st.st_size)
+        problem = _irregular(os.fstat(fd), label)
     except OSError as exc:
-        raise _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})") from None
-    finally:
+        problem = _bad(ImageDecodeError, label, f"cannot read the file ({exc.strerror or exc})")
+    if problem is not None:
         os.close(fd)
+        raise problem
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path: str | Path, label: object = None) -> bytes:
+    """The bytes of a regular, non-empty image file (see open_regular), no more than its size when opened."""
+    with open_regular(path, label) as f:
+        try:
+            return f.read(os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            raise _bad(ImageDecodeError, path if label is None else label,
+                       f"cannot read the file ({exc.strerror or exc})") from None
 
 
 def load_image(path: str | Path | BinaryIO, channels: int, name: str | None = None) -> Image.Image:
     """Decode a path or an open binary file to "L" (channels=1) or "RGB" (3), upright per EXIF; errors name `name`.
 
-    A path is read through `read_file` (regular, non-empty files only, bounded by their size)."""
+    A path is opened through `open_regular` (regular, non-empty files only)."""
     label = name if name is not None else path
+    if isinstance(path, (str, Path)):
+        with open_regular(path, label) as f:
+            return _decode(f, channels, label)
+    return _decode(path, channels, label)
+
+
+def _decode(source: BinaryIO, channels: int, label: object) -> Image.Image:
     try:
-        source = io.BytesIO(read_file(path, label)) if isinstance(path, (str, Path)) else path
         with warnings.catch_warnings():
             # Pillow warns (then errors) on huge images; keep the error, make the warning one too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -140,18 +153,23 @@ def load_image(path: str | Path | BinaryIO, channels: int, name: str | None = No
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_mode(img, channels)
-    except ImageDecodeError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bad(ImageTooLargeError, label, f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
-        if source.seek(0, io.SEEK_END) == 0:  # an empty upload or stream
+        if _is_empty(source):  # an empty upload or stream
             raise _bad(EmptyFileError, label, EMPTY_FILE) from None
         raise _bad(NotAnImageError, label, NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise _bad(ImageDecodeError, label, f"cannot decode image ({exc})") from None
     except Exception as exc:  # hostile bytes can trip any error inside a decoder: still just a bad file
         raise _bad(ImageDecodeError, label, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _is_empty(stream: BinaryIO) -> bool:
+    try:
+        return stream.seek(0, io.SEEK_END) == 0
+    except (OSError, ValueError, AttributeError):  # not seekable, or closed
+        return False
 
 
 def _check_pixels(img: Image.Image) -> None:

@@ -38,7 +38,7 @@ def expand_paths(specs: Sequence[str | Path]) -> tuple[list[str], list[Failure]]
         if path.is_dir():
             found = folder_images(path)
             why = f"{shown}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
-        elif path.exists():
+        elif path.exists() or path.is_symlink():  # a broken link is named as the decoder words it
             found, why = [text], ""
         elif any(c in text for c in GLOB_CHARACTERS):
             found = _glob_images(text)

@@ -3,7 +3,8 @@
 Layouts understood (class names are the sorted names of the class folders):
   root/train/<class>/...  plus root/val/<class>/... and/or root/test/<class>/...
   root/<class>/...        one folder of class folders, split by imgrec with a seed
-An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is extracted once into the cache.
+An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is extracted once into the cache, within
+limits on its total size and member count (IMGREC_MAX_ARCHIVE_BYTES, IMGREC_MAX_ARCHIVE_MEMBERS).
 Imports: numpy and the data package.
 """
 

@@ -2,10 +2,12 @@
 
 Pillow does the decoding, with its decompression-bomb limits left on and truncated files refused (never
 `LOAD_TRUNCATED_IMAGES`); whatever a broken file makes the decoder raise comes out as ImageDecodeError (its
-subclasses NotAnImageError and ImageTooLargeError say which of the two common cases it was). Files and in-memory
-bytes (an upload) decode alike. EXIF orientation is applied, and every mode is turned into grey ("L") or colour
+subclasses NotAnImageError, ImageTooLargeError, EmptyFileError and NotRegularFileError say which common case it
+was, worded once here for doctor, training and predict). Only regular files are opened (`open_regular`): a named
+pipe, a device, a socket or a broken link is refused from its stat, never read. Files and in-memory bytes (an
+upload) decode alike. EXIF orientation is applied, and every mode is turned into grey ("L") or colour
 ("RGB") the same way everywhere: transparency is composited on white, 16-bit values are scaled, not clipped.
-Imports: Pillow, numpy and torch only.
+Imports: Pillow, numpy and torch only (and imgrec.errors).
 """
 
 from __future__ import annotations

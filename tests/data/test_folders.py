@@ -439,7 +439,8 @@ def test_full_disk_while_extracting_is_one_line(image_folder: Path, tmp_path: Pa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tarfile, "copyfileobj", full)
-    one_line_error(archive, tmp_path / "cache", "no space left", str(archive), "IMGREC_CACHE")
+    size = sum(p.stat().st_size for p in image_folder.rglob("*.png"))
+    one_line_error(archive, tmp_path / "cache", "no space left", str(archive), f"it needs {size:,} bytes", "IMGREC_CACHE")
 
 
 @pytest.mark.parametrize("suffix", [".tar", ".zip"])

@@ -19,6 +19,8 @@ import socket
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +115,10 @@ def _running(pid: int) -> bool:
 def _extraction_error(archive: Path, tmp: Path, exc: BaseException) -> ImgrecError:
     """One line for anything that went wrong while reading or writing an archive's members."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return ImgrecError(f"no space left on the device of {tmp.parent} while extracting {archive}: "
-                           f"free some space, or point IMGREC_CACHE at a larger disk")
+        needed = getattr(exc, "needed", None)
+        return ImgrecError(f"no space left on the device of {tmp.parent} while extracting {archive}"
+                           f"{f' (it needs {needed:,} bytes)' if needed else ''}: free some space, or point "
+                           f"IMGREC_CACHE at a larger disk")
     if isinstance(exc, OSError) and exc.errno is not None and exc.filename:
         member = os.path.relpath(exc.filename, tmp) if str(exc.filename).startswith(str(tmp)) else exc.filename
         return ImgrecError(f"cannot extract {printable(member)} from {archive}: {exc.strerror}")
@@ -164,6 +168,17 @@ def _check_totals(archive: Path, target: Path, total_bytes: int, members: int) -
                           f"raise the limit, free some space, or extract it yourself")
 
 
+@contextmanager
+def _needing(total: int) -> Iterator[None]:
+    """Extraction of `total` bytes: a full disk says how much the archive needs."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            exc.needed = total  # type: ignore[attr-defined]
+        raise
+
+
 def _inside(root: Path, name: str) -> Path:
     dest = (root / name).resolve()
     if dest != root and root not in dest.parents:
@@ -181,8 +196,10 @@ def _extract_zip(archive: Path, target: Path) -> None:
             _inside(root, info.filename)
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise ImgrecError(f"refusing to extract '{printable(info.filename)}': symbolic link in {archive.name}")
-        _check_totals(archive, target, sum(info.file_size for info in infos), len(infos))
-        zf.extractall(root)
+        total = sum(info.file_size for info in infos)
+        _check_totals(archive, target, total, len(infos))
+        with _needing(total):
+            zf.extractall(root)
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
@@ -202,10 +219,11 @@ def _extract_tar(archive: Path, target: Path) -> None:
             total += member.size if member.isfile() else 0
         _check_totals(archive, target, total, len(members))
         # The 'data' filter (Python >= 3.10.12) repeats these checks and drops unsafe modes.
-        if hasattr(tarfile, "data_filter"):
-            tf.extractall(root, members=members, filter="data")
-        else:  # pragma: no cover - older Pythons; every member was checked above
-            tf.extractall(root, members=members)
+        with _needing(total):
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(root, members=members, filter="data")
+            else:  # pragma: no cover - older Pythons; every member was checked above
+                tf.extractall(root, members=members)
 
 
 @dataclass

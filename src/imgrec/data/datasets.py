@@ -90,13 +90,15 @@ def _load_torchvision_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
     return load
 
 
+REPLACE_ADVICE = "copy it again, or delete it and let `imgrec train --download` fetch it"
+
+
 def _read_named_file(read: Callable[[str], torch.Tensor], path: Path, kind: str) -> torch.Tensor:
     """torchvision's reader on one file; whatever it raises (a bare AssertionError on a bad header) is one line."""
     try:
         return read(str(path))
     except Exception as exc:
-        raise ImgrecError(f"{path} is not a readable {kind} file ({_reason(exc)}): delete it and run with --download, "
-                          f"or copy it again") from None
+        raise ImgrecError(f"{path} is not a readable {kind} file ({_reason(exc)}): {REPLACE_ADVICE}") from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -129,8 +131,7 @@ def _load_cifar10(opts: DataOptions) -> tuple:
                         if (folder / f).is_file() and not check_integrity(str(folder / f), md5)), None)
             if bad is None:
                 raise ImgrecError(f"cannot load cifar10 from {opts.data_dir}: {_reason(exc)}") from None
-            raise ImgrecError(f"{bad} is damaged (its MD5 checksum is not the published one): delete it and run "
-                              f"with --download, or copy it again") from None
+            raise ImgrecError(f"{bad} is damaged (its MD5 checksum is not the published one): {REPLACE_ADVICE}") from None
     splits = [
         ArraySplit(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets, dtype=torch.int64))
         for p in parts

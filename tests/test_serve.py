@@ -11,7 +11,9 @@ import base64
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import error_line, png_claiming_size, run_main
+from imgrec.errors import UsageError
 from imgrec.inference import Predictor
 from imgrec.serve import app as app_module
 from imgrec.serve.server import build, check_options, torch_threads
@@ -369,11 +372,39 @@ def test_torch_threads_share_the_cores() -> None:
     assert torch_threads(1) >= torch_threads(2) >= 1 and torch_threads(10_000) == 1
 
 
-@pytest.mark.parametrize(("flags", "words"), [(["--port", "70000"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
-                                              (["--workers-threads", "0"], "--workers-threads")])
+BAD_OPTIONS = [(["--port", "70000"], "--port"), (["--port", "0"], "--port"), (["--port", "-1"], "--port"),
+               (["--port", "99999999999999999999"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
+               (["--max-upload-mb", "-1"], "--max-upload-mb"), (["--max-upload-mb", "inf"], "got inf"),
+               (["--max-upload-mb", "nan"], "got nan"), (["--max-upload-mb", "1e400"], "got inf"),
+               (["--max-upload-mb", "1e-9"], "--max-upload-mb"), (["--max-upload-mb", "5000"], "[0.001, 1024]"),
+               (["--workers-threads", "0"], "--workers-threads"), (["--workers-threads", "1000"], "[1, 64]")]
+
+
+@pytest.mark.parametrize(("flags", "words"), BAD_OPTIONS, ids=[" ".join(flags) for flags, _ in BAD_OPTIONS])
 def test_bad_options_are_usage_errors(run: Path, capsys: pytest.CaptureFixture[str], flags: list[str], words: str) -> None:
     code, _, err = run_main(["serve", str(run), *flags], capsys)
     assert code == 2 and words in error_line(err)
+
+
+def serve_command(run: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "imgrec", "serve", str(run), "--device", "cpu", *flags]
+
+
+QUIET = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # chosen: no note on how busy the CPUs are
+
+
+def test_an_infinite_upload_limit_is_one_line_from_the_command(run: Path) -> None:
+    """The command as a user runs it: one line, exit 2, before any model is loaded or port bound."""
+    proc = subprocess.run(serve_command(run, "--max-upload-mb", "inf"), env=QUIET, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["imgrec serve: error: --max-upload-mb must be a number of MB in "
+                                                "[0.001, 1024], got inf"]
+
+
+def test_build_checks_the_limits_too(run: Path) -> None:
+    with pytest.raises(UsageError, match="--max-upload-mb"):
+        build(run, max_upload_mb=float("inf"), device="cpu")
 
 
 def test_missing_web_stack_names_the_extra(run: Path, capsys: pytest.CaptureFixture[str],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEPENDENCIES = ("fastapi", "uvicorn", "python_multipart")  # python-multipart: FastAPI's form parser
 MAX_CONNECTIONS = 64  # uvicorn answers 503 beyond this many open connections (bounds memory held by uploads)
+UPLOAD_MB_RANGE = (0.001, 1024.0)  # an upload is held in memory while it is decoded; no image needs more
 
 
 def require_dependencies() -> None:
@@ -36,13 +38,20 @@ def check_options(host: str, port: int, max_upload_mb: float, workers_threads: i
     """Usage errors for out-of-range options; a warning when the server is reachable beyond this machine."""
     if not 1 <= port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {port}")
-    if not max_upload_mb > 0:
-        raise UsageError(f"--max-upload-mb must be positive, got {max_upload_mb:g}")
-    if workers_threads < 1:
-        raise UsageError(f"--workers-threads must be at least 1, got {workers_threads}")
+    check_limits(max_upload_mb, workers_threads)
     if host not in LOCAL_HOSTS:
         log.warning(f"serving on {host}, not 127.0.0.1: anyone who can reach this machine on port {port} can use "
                     f"the model (there is no authentication); use --host 127.0.0.1 to keep it local")
+
+
+def check_limits(max_upload_mb: float, workers_threads: int) -> None:
+    """Usage errors for an upload limit or a worker count out of range (inf and nan included)."""
+    low, high = UPLOAD_MB_RANGE
+    if not (math.isfinite(max_upload_mb) and low <= max_upload_mb <= high):
+        raise UsageError(f"--max-upload-mb must be a number of MB in [{low:g}, {high:g}], got {max_upload_mb:g}")
+    if not 1 <= workers_threads <= MAX_CONNECTIONS:
+        raise UsageError(f"--workers-threads must be in [1, {MAX_CONNECTIONS}] (the server holds at most "
+                         f"{MAX_CONNECTIONS} connections), got {workers_threads}")
 
 
 def torch_threads(workers_threads: int) -> int:
@@ -53,6 +62,7 @@ def torch_threads(workers_threads: int) -> int:
 
 def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, device: str = "auto") -> Any:
     """The app for a run folder or weights file (the model loaded once, its card read once)."""
+    check_limits(max_upload_mb, workers_threads)
     require_dependencies()
     from imgrec.engine.checkpoint import load_weights_file, resolve_weights, run_dir_of
     from imgrec.inference import Predictor

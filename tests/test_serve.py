@@ -410,23 +410,57 @@ def test_build_checks_the_limits_too(run: Path) -> None:
 def test_missing_web_stack_names_the_extra(run: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
-    code, _, err = run_main(["serve", str(run)], capsys)
+    code, _, err = run_main(["serve", str(run), "--port", str(free_port())], capsys)
     assert code == 1 and "pip install 'imgrec[serve]'" in error_line(err)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_the_command_loads_the_model_and_starts_uvicorn(run: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     started: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
-    threads = torch.get_num_threads()
+
+    def fake_run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+        started.update(config=server.config, address=sockets[0].getsockname())
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    threads, port = torch.get_num_threads(), free_port()
     try:
-        code, _, err = run_main(["serve", str(run), "--port", "8123", "--workers-threads", "1", "--device", "cpu"], capsys)
+        code, _, err = run_main(["serve", str(run), "--port", str(port), "--workers-threads", "1", "--device", "cpu"],
+                                capsys)
         assert torch.get_num_threads() == torch_threads(1)
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
-    assert (started["host"], started["port"]) == ("127.0.0.1", 8123) and started["limit_concurrency"] >= 16
-    with TestClient(started["app"]) as started_client:
+    assert started["address"] == ("127.0.0.1", port) and started["config"].limit_concurrency >= 16
+    with TestClient(started["config"].app) as started_client:
         assert started_client.get("/api/model").json()["run"] == run.name
-    code, _, err = run_main(["serve", str(run.parent / "nothing-here")], capsys)
+    code, _, err = run_main(["serve", str(run.parent / "nothing-here"), "--port", str(port)], capsys)
     assert code == 1 and "nothing-here" in error_line(err)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_busy_port_is_one_line_before_anything_says_serving(run: Path, host: str) -> None:
+    """Another program listens on the port: `imgrec serve` says so in one line (exit 1) and prints no URL."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = subprocess.run(serve_command(run, "--host", host, "--port", str(port)), env=QUIET,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    if host != "127.0.0.1":
+        assert "no authentication" in lines.pop(0)  # the warning about binding beyond this machine comes first
+    assert lines == [f"imgrec serve: error: cannot serve on {host}:{port}: the port is already in use (another "
+                     f"server?): stop it or choose another --port"]
+
+
+def test_an_unknown_host_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["serve", str(run), "--host", "no-such-host.invalid", "--port", str(free_port())], capsys)
+    assert code == 1 and "cannot serve on no-such-host.invalid:" in error_line(err)

@@ -1,16 +1,20 @@
 """`imgrec serve`: check the options and the optional dependencies, load the model once, run uvicorn.
 
 Binds 127.0.0.1 unless told otherwise, and warns when bound anywhere else: the server has no authentication.
+The port is bound before the model is loaded and before the URL is printed, so a busy port is one line, not a
+URL and then uvicorn's error.
 Torch gets the CPU cores divided among the predictions that may run at once (--workers-threads), so concurrent
 requests do not oversubscribe the machine.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +80,48 @@ def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, 
     return create_app(predictor, model_card(path, run_dir_of(path), ckpt), settings)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, or one line saying why it cannot be (port in use, no right to it,
+    not an address of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ImgrecError(f"cannot serve on {host}:{port}: {_bind_problem(exc, host)}") from None
+    return sock
+
+
+def _bind_problem(exc: OSError, host: str) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"{host!r} is not a host name or address this machine knows ({exc.strerror})"
+    reasons = {errno.EADDRINUSE: "the port is already in use (another server?): stop it or choose another --port",
+               errno.EACCES: "permission denied (ports below 1024 need administrator rights): choose another --port",
+               errno.EADDRNOTAVAIL: f"{host} is not an address of this machine: use 127.0.0.1 or one of its own"}
+    return reasons.get(exc.errno or 0, exc.strerror or str(exc))
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
           workers_threads: int = 1, device: str = "auto") -> None:
-    """Load the model, then serve the page and the API until Ctrl-C."""
+    """Bind the port, load the model, then serve the page and the API until Ctrl-C."""
     check_options(host, port, max_upload_mb, workers_threads)
-    require_dependencies()
-    import torch
-    import uvicorn
+    with listen(host, port) as sock:  # first: a busy port is said at once, not after seconds of loading
+        require_dependencies()
+        import torch
+        import uvicorn
 
-    torch.set_num_threads(torch_threads(workers_threads))
-    app = build(run, max_upload_mb, workers_threads, device)
-    shown = f"[{host}]" if ":" in host else host
-    log.info(f"imgrec serve: http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=MAX_CONNECTIONS,
-                timeout_keep_alive=5, server_header=False)
+        torch.set_num_threads(torch_threads(workers_threads))
+        app = build(run, max_upload_mb, workers_threads, device)
+        shown = f"[{host}]" if ":" in host else host
+        log.info(f"imgrec serve: http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", limit_concurrency=MAX_CONNECTIONS,
+                                               timeout_keep_alive=5, server_header=False))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn has shut down gracefully and raised the signal again: a normal stop
+            return
+    if not server.started:
+        raise ImgrecError("the server did not start (uvicorn's message above says why)")

@@ -16,6 +16,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -37,6 +40,7 @@ from conftest import error_line, png_claiming_size, run_main
 from imgrec.errors import UsageError
 from imgrec.inference import Predictor
 from imgrec.serve import app as app_module
+from imgrec.serve import limits as limits_module
 from imgrec.serve.server import build, check_options, torch_threads
 from inference_helpers import train_tiny
 
@@ -189,25 +193,33 @@ def test_a_file_just_under_the_limit_is_not_refused_for_its_size(client: TestCli
     assert post(client, data).status_code == 200
 
 
-def _asgi_upload(app: Any, chunks: Iterator[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
-    """Drive the ASGI app by hand: (status, JSON body, how many body chunks the app pulled)."""
-    pulled, sent = 0, []
+def _asgi_upload(app: Any, chunks: Iterator[bytes | float], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int, int]:
+    """Drive the ASGI app by hand: (status, JSON body, body chunks pulled before the answer began, and in all).
+    A number among the chunks is a pause of the client, in seconds."""
+    pulled, sent, answered_after = 0, [], None
 
     async def receive() -> dict:
         nonlocal pulled
         chunk = next(chunks, None)
+        while isinstance(chunk, float):
+            await anyio.sleep(chunk)
+            chunk = next(chunks, None)
         pulled += chunk is not None
         return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
 
     async def send(message: dict) -> None:
+        nonlocal answered_after
+        answered_after = pulled if answered_after is None else answered_after
         sent.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/api/predict", "raw_path": b"/api/predict", "query_string": b"", "root_path": "",
              "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     anyio.run(app, scope, receive, send)
+    assert sent[-1] == {"type": "http.response.body", "body": b""} or not sent[-1].get("more_body")
+    assert (b"connection", b"close") in sent[0]["headers"]
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body), pulled
+    return sent[0]["status"], json.loads(body), answered_after, pulled
 
 
 def _multipart_chunks(total: int, chunk: int = 16 * 1024) -> Iterator[bytes]:
@@ -218,13 +230,42 @@ def _multipart_chunks(total: int, chunk: int = 16 * 1024) -> Iterator[bytes]:
 
 
 def test_413_by_streamed_body_stops_reading_at_the_limit(client: TestClient) -> None:
-    """No Content-Length (chunked) and a 4 MB body: refused after about the limit, the rest never read."""
+    """No Content-Length (chunked) and a 4 MB body: refused after about the limit; the rest is then read and dropped
+    (never parsed), so the client, still sending, can read the answer."""
     form = [(b"content-type", b"multipart/form-data; boundary=B")]
-    status, body, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), form)
+    status, body, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), form)
     assert status == 413 and "upload limit" in body["detail"]
-    assert pulled <= LIMIT // (16 * 1024) + 2  # 18 of the 258 chunks
-    status, body, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), [*form, (b"content-length", b"5000000")])
-    assert status == 413 and pulled == 0  # the header alone decides: not one byte read
+    assert answered_after <= LIMIT // (16 * 1024) + 2  # 18 of the 258 chunks
+    assert pulled == 258
+    status, body, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20),
+                                                        [*form, (b"content-length", b"5000000")])
+    assert status == 413 and answered_after == 0 and pulled == 258  # the header alone decides: answered at once
+
+
+def test_no_body_is_dropped_for_a_client_waiting_to_be_told_to_send(client: TestClient) -> None:
+    headers = [(b"content-type", b"multipart/form-data; boundary=B"), (b"content-length", b"5000000"),
+               (b"expect", b"100-continue")]
+    status, _, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), headers)
+    assert status == 413 and answered_after == 0 and pulled == 0
+
+
+def test_dropping_a_refused_body_is_bounded_in_time(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that keeps sending (or stalls) gets its 413, and the connection is closed after the time limit."""
+    monkeypatch.setattr(limits_module, "LINGER_SECONDS", 0.5)
+    monkeypatch.setattr(limits_module, "LINGER_IDLE_SECONDS", 0.2)
+
+    def endless() -> Iterator[bytes | float]:
+        while True:
+            yield bytes(1024)
+            yield 0.01
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=B"), (b"content-length", b"99999999999")]
+    began = time.monotonic()
+    status, _, answered_after, pulled = _asgi_upload(client.app, endless(), headers)
+    assert status == 413 and answered_after == 0 and pulled > 5 and 0.5 <= time.monotonic() - began < 1.5
+    began = time.monotonic()  # a client that stops sending for longer than LINGER_IDLE_SECONDS
+    status, _, answered_after, pulled = _asgi_upload(client.app, iter([bytes(1024), 2.0, bytes(1024)]), headers)
+    assert status == 413 and pulled == 1 and time.monotonic() - began < 1.0
 
 
 def test_413_on_a_real_server_for_a_chunked_upload(live_server: str) -> None:
@@ -354,6 +395,51 @@ def test_predictions_run_at_most_workers_threads_at_once(live_server: str, image
                                                        files={"file": ("x.png", data, "image/png")}), range(8)))
     assert [r.status_code for r in responses] == [200] * 8
     assert most == 2 and len({json.dumps(r.json()["top"]) for r in responses}) == 1
+
+
+@pytest.fixture(scope="module")
+def served(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`imgrec serve` as a user starts it (a subprocess) on a free port with a 1 MB upload limit; its URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("served") / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(serve_command(run, "--port", str(port), "--max-upload-mb", "1"), env=QUIET,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # the model loads in seconds on a busy machine
+            if proc.poll() is not None:
+                pytest.fail(f"imgrec serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _urllib_post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    """POST with Python's urllib, which sends the whole body before it reads the answer: (status, JSON body)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_plain_client_still_sending_reads_the_413(served: str) -> None:
+    """16 MB against a 1 MB limit, by urllib: the server answers at once, then reads and drops the rest, so the
+    client reads the 413 instead of "connection reset by peer"; twice, and the server goes on answering."""
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    body = head + bytes(16 * 2**20) + b"\r\n--B--\r\n"
+    for _ in range(2):
+        status, answer = _urllib_post(f"{served}/api/predict", body, "multipart/form-data; boundary=B")
+        assert status == 413 and "larger than the 1 MB upload limit" in answer["detail"]
+    assert httpx.get(f"{served}/healthz", timeout=10).json() == {"status": "ok"}
 
 
 # --- options and the command ---------------------------------------------------------------------------------

@@ -164,7 +164,10 @@ def test_health_page_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert f'<meta name="imgrec-max-upload-bytes" content="{int(LIMIT_MB * 2**20)}">' in page.text
     assert 'accept="image/*"' in page.text and 'capture="environment"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere: works offline
     assert client.get("/docs").status_code == 200
@@ -306,6 +309,22 @@ def test_422_for_empty_damaged_and_missing_uploads(client: TestClient, images: l
     assert_error(client.post("/api/predict", data={"file": "not a file"}), 415, "multipart/form-data")
 
 
+MALFORMED_FORMS = {  # content type, body: each says it is a multipart form and is not one
+    "no boundary": ("multipart/form-data", b"--B\r\n\r\nx\r\n--B--\r\n"),
+    "no boundary line": ("multipart/form-data; boundary=B", b"just some bytes, no boundary at all"),
+    "another boundary": ("multipart/form-data; boundary=B", b'--X\r\nContent-Disposition: form-data; name="file"\r\n\r\nx'),
+    "a bad part header": ("multipart/form-data; boundary=B", b"--B\r\nnot a header\r\n\r\nx\r\n--B--\r\n"),
+    "a part without a name": ("multipart/form-data; boundary=B", b"--B\r\nContent-Type: image/png\r\n\r\nx\r\n--B--\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FORMS)
+def test_422_for_a_malformed_multipart_body(client: TestClient, case: str) -> None:
+    content_type, body = MALFORMED_FORMS[case]
+    response = client.post("/api/predict", content=body, headers={"content-type": content_type})
+    assert_error(response, 422, "not a well-formed multipart/form-data body", "field 'file'")
+
+
 def test_client_file_names_are_only_shown_and_kept_short(client: TestClient) -> None:
     detail = assert_error(post(client, b"text", "../../etc/" + "x" * 200 + "\x1b[31m.txt"), 415)
     assert "etc" not in detail and "\x1b" not in detail and "x" * 80 + "..." in detail
@@ -440,6 +459,16 @@ def test_a_plain_client_still_sending_reads_the_413(served: str) -> None:
         status, answer = _urllib_post(f"{served}/api/predict", body, "multipart/form-data; boundary=B")
         assert status == 413 and "larger than the 1 MB upload limit" in answer["detail"]
     assert httpx.get(f"{served}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_real_server_answers_a_malformed_form_and_the_page_with_its_headers(served: str) -> None:
+    response = httpx.post(f"{served}/api/predict", content=b"--B\r\nnot a header\r\n\r\nx\r\n--B--\r\n",
+                          headers={"content-type": "multipart/form-data; boundary=B"}, timeout=30)
+    assert_error(response, 422, "not a well-formed multipart/form-data body")
+    page = httpx.get(f"{served}/", timeout=30)
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert '<meta name="imgrec-max-upload-bytes" content="1048576">' in page.text
 
 
 # --- options and the command ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,6 +175,46 @@ def test_health_page_and_docs(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/model", "/healthz"} <= set(paths)
     assert {"413", "415", "422"} <= set(paths["/api/predict"]["post"]["responses"])
+
+
+NODE = shutil.which("node")
+# The page's script with just enough of a browser around it: the upload limit the server wrote into the page, a
+# fetch that records what it is asked and never answers (the model card never arrives), and the file picker.
+PAGE_HARNESS = """
+const [maxBytes, size] = process.argv.slice(1);
+const elements = {}, listeners = {}, fetched = [];
+const element = (id) => ({id, style: {}, hidden: false, textContent: "", value: "", classList: {add() {}, remove() {}},
+  addEventListener(type, listener) { listeners[id + ":" + type] = listener; }, append() {}, replaceChildren() {}});
+globalThis.document = {getElementById: (id) => elements[id] ??= element(id), createElement: () => element(""),
+  querySelector: (selector) => selector === 'meta[name="imgrec-max-upload-bytes"]' ? {content: maxBytes} : null,
+  body: element("body")};
+globalThis.window = {addEventListener() {}};
+globalThis.fetch = (url) => { fetched.push(url); return new Promise(() => {}); };
+(0, eval)(require("fs").readFileSync(0, "utf8"));
+const file = Object.assign(new Blob([new Uint8Array(Number(size))]), {name: "big.png"});
+listeners["pick:change"]({target: {files: [file], value: "big.png"}});
+setTimeout(() => console.log(JSON.stringify({fetched, error: elements["error-text"].textContent})), 20);
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node to run the page's script (the browser test runs it in Chromium)")
+@pytest.mark.parametrize("size", [int(LIMIT_MB * 2**20), int(LIMIT_MB * 2**20) + 1, 5 * 2**20])
+def test_the_page_refuses_a_file_over_the_limit_before_sending_it(client: TestClient, size: int) -> None:
+    """The page's own script, with the limit the server wrote into it: a larger file is refused with a message
+    and never sent, even while the model card is still on its way; a file at the limit is sent."""
+    page = client.get("/").text
+    script = page[page.index("<script>") + len("<script>"):page.index("</script>")]
+    maximum = page.split('name="imgrec-max-upload-bytes" content="', 1)[1].split('"', 1)[0]
+    proc = subprocess.run([str(NODE), "-e", PAGE_HARNESS, maximum, str(size)], input=script, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout)
+    if size <= LIMIT_MB * 2**20:
+        assert outcome == {"fetched": ["api/model", "api/predict?topk=5"], "error": ""}
+    else:
+        assert outcome["fetched"] == ["api/model"]  # the card, asked for when the page loads; never the upload
+        assert outcome["error"] == f"big.png is {size / 2**20:.1f} MB, larger than the 0.25 MB upload limit: send a " \
+                                   f"smaller image."
 
 
 @pytest.mark.parametrize("path", ["/static/index.html", "/../pyproject.toml", "/index.html", "/api/../../etc/passwd",

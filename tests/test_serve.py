@@ -172,6 +172,7 @@ def test_health_page_and_docs(client: TestClient) -> None:
     assert 'accept="image/*"' in page.text and 'capture="environment"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere: works offline
     assert client.get("/docs").status_code == 200
+    assert_error(client.get("/api/predict"), 405, "Method Not Allowed")  # as the README's table says
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/model", "/healthz"} <= set(paths)
     assert {"413", "415", "422"} <= set(paths["/api/predict"]["post"]["responses"])

@@ -534,7 +534,8 @@ BAD_OPTIONS = [(["--port", "70000"], "--port"), (["--port", "0"], "--port"), (["
                (["--max-upload-mb", "-1"], "--max-upload-mb"), (["--max-upload-mb", "inf"], "got inf"),
                (["--max-upload-mb", "nan"], "got nan"), (["--max-upload-mb", "1e400"], "got inf"),
                (["--max-upload-mb", "1e-9"], "--max-upload-mb"), (["--max-upload-mb", "5000"], "[0.001, 1024]"),
-               (["--workers-threads", "0"], "--workers-threads"), (["--workers-threads", "1000"], "[1, 64]")]
+               (["--workers-threads", "0"], "--workers-threads"), (["--workers-threads", "1000"], "[1, 64]"),
+               (["--host", ""], "--host"), (["--host", " "], "--host")]
 
 
 @pytest.mark.parametrize(("flags", "words"), BAD_OPTIONS, ids=[" ".join(flags) for flags, _ in BAD_OPTIONS])

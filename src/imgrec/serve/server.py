@@ -40,6 +40,8 @@ def require_dependencies() -> None:
 
 def check_options(host: str, port: int, max_upload_mb: float, workers_threads: int) -> None:
     """Usage errors for out-of-range options; a warning when the server is reachable beyond this machine."""
+    if not host.strip():
+        raise UsageError("--host must be an address or a host name (0.0.0.0: all of this machine's), got ''")
     if not 1 <= port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {port}")
     check_limits(max_upload_mb, workers_threads)
@@ -83,14 +85,15 @@ def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, 
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port and listening, or one line saying why it cannot be (port in use, no right to it,
     not an address of this machine)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = None
     try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # the family uvicorn would choose
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise ImgrecError(f"cannot serve on {host}:{port}: {_bind_problem(exc, host)}") from None
     return sock
 

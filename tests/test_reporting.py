@@ -292,18 +292,27 @@ def test_compare_bad_input(runs: dict[str, Path], tmp_path: Path, capsys: pytest
     assert code == 1 and "did not finish" in error_line(err)
 
 
-def test_compare_skips_its_own_output_folder(runs: dict[str, Path], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """`imgrec compare runs/*` after a first compare: runs/compare is among the folders, and is skipped."""
+def test_compare_writes_beside_runs_and_skips_its_own_output_folder(runs: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`imgrec compare runs/*` writes compare/ beside runs/, so a second `compare runs/*` meets only runs; a compare
+    folder among the arguments (one written with --out runs/compare) is skipped."""
+    monkeypatch.chdir(tmp_path)
     project = tmp_path / "runs"
     for run in runs.values():
         shutil.copytree(run, project / run.name)
-    code, _, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+    for _ in range(2):
+        code, stdout, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+        assert code == 0, err
+        assert "skipped" not in stdout
+        assert sorted(p.name for p in project.iterdir()) == ["digits-lenet", "digits-mlp"]
+        assert (tmp_path / "compare" / "compare.md").read_text() == stdout.split("wrote ")[0]
+    code, _, err = run_main(["compare", str(project / "digits-lenet"), str(project / "digits-mlp"),
+                             "--out", str(project / "compare")], capsys)
     assert code == 0, err
-    assert (project / "compare" / "compare.md").is_file()
     code, stdout, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
     assert code == 0, err
     assert f"note: skipped {project / 'compare'}: compare's own output" in stdout
-    assert (project / "compare" / "compare.md").read_text() == stdout.split("wrote ")[0].split("\n", 1)[1]
+    assert (tmp_path / "compare" / "compare.md").read_text() == stdout.split("wrote ")[0].split("\n", 1)[1]
     code, _, err = run_main(["compare", str(project / "digits-lenet"), str(project / "compare")], capsys)
     assert code == 2 and "compare's own output, skipped" in error_line(err)

@@ -256,7 +256,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
                                    "compare.png.")
     p.add_argument("runs", metavar="RUN", nargs="+", help="two or more run folders")
     p.add_argument("--force", action="store_true", help="compare runs tested on different data")
-    p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ beside the first run)")
+    p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ in the current folder)")
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:

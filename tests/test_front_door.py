@@ -217,6 +217,84 @@ COMMANDS = ["train", "doctor", "evaluate", "show", "explain", "compare", "predic
             "datasets"]
 
 
+def _options(command: str) -> dict[str, str]:
+    """Each option string of `imgrec COMMAND` (-e, --epochs, ...) -> the long name of the flag it belongs to."""
+    from imgrec.cli import _subparsers, build_parser
+
+    parser = _subparsers(build_parser()).choices[command]
+    return {option: action.option_strings[-1] for action in parser._actions for option in action.option_strings}
+
+
+SHORT_FORMS = {"-e": "--epochs", "-b": "--batch-size", "-m": "--model", "-d": "--data", "-o": "--out",
+               "-v": "--verbose", "-q": "--quiet", "-h": "--help"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_short_flags_mean_the_same_on_every_command(command: str) -> None:
+    """A letter is one flag everywhere, and every command with that flag has the letter."""
+    options = _options(command)
+    shorts = {o: long for o, long in options.items() if not o.startswith("--")}
+    assert shorts == {o: long for o, long in SHORT_FORMS.items() if long in options.values()}
+
+
+def test_train_with_short_flags_and_quiet_after_the_command(tmp_path: Path) -> None:
+    """-q: the result on stdout, nothing on stderr (no data, model or per-epoch lines, no progress bars)."""
+    proc = run_cli("train", "-d", "digits", "-m", "mlp", "-e", "1", "-b", "64", "--project", "runs", "-q", *FAST,
+                   cwd=tmp_path, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "run folder: runs/digits-mlp" and lines[1].startswith("test accuracy: ") and len(lines) == 2
+    saved = yaml.safe_load((tmp_path / "runs" / "digits-mlp" / "config.yaml").read_text())
+    assert (saved["data"], saved["model"], saved["epochs"], saved["batch_size"]) == ("digits", "mlp", 1, 64)
+
+
+@pytest.mark.parametrize("argv", [["-q", "compare", "a", "b"], ["compare", "a", "b", "--quiet"]])
+def test_quiet_before_or_after_the_command(argv: list[str]) -> None:
+    from imgrec.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.verbose is False
+
+
+def test_quiet_leaves_out_notes_but_not_the_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """compare's note on a skipped folder is left out under -q; its table and files are not."""
+    runs = []
+    for model in ("mlp", "mlp"):
+        code, out, err = run_main(["train", "-d", "digits", "-m", model, "-e", "1", "--project", str(tmp_path / "runs"),
+                                   *FAST], capsys)
+        assert code == 0, err
+        runs.append(re.search(r"^run folder: (.+)$", out, re.MULTILINE).group(1))
+    out = ["-o", str(tmp_path / "runs" / "compare")]
+    assert run_main(["compare", *runs, *out], capsys)[0] == 0
+    argv = ["compare", *runs, str(tmp_path / "runs" / "compare"), *out]
+    code, loud, _ = run_main(argv, capsys)
+    assert code == 0 and "note: skipped" in loud
+    code, quiet, err = run_main(["-q", *argv], capsys)
+    assert code == 0 and not err
+    assert quiet == loud.split("\n", 1)[1]
+
+
+def test_verbose_and_quiet_together_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["-v", "models", "-q"], capsys)
+    assert code == 2 and not out
+    assert error_line(err) == ("imgrec models: error: -v/--verbose and -q/--quiet exclude each other: give one "
+                               "(see imgrec models --help)")
+
+
+def test_serve_threads_is_named_like_predict_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    """serve --threads, as predict and train call it; the old --workers-threads still works, hidden, with a note."""
+    from imgrec.cli import build_parser
+
+    assert "--threads" in flags_on("serve", capsys) and "--workers-threads" not in flags_on("serve", capsys)
+    args = build_parser().parse_args(["serve", "run", "--workers-threads", "3"])
+    assert args.workers_threads == 3
+    code, _, err = run_main(["serve", "run", "--workers-threads", "0"], capsys)
+    assert code == 2
+    assert err.splitlines() == ["note: --workers-threads is now called --threads (the old name still works)",
+                                "imgrec serve: error: --threads must be in [1, 64] (the server holds at most 64 "
+                                "connections), got 0"]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_each_default_once(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main([command, "--help"], capsys)

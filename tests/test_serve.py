@@ -534,7 +534,7 @@ BAD_OPTIONS = [(["--port", "70000"], "--port"), (["--port", "0"], "--port"), (["
                (["--max-upload-mb", "-1"], "--max-upload-mb"), (["--max-upload-mb", "inf"], "got inf"),
                (["--max-upload-mb", "nan"], "got nan"), (["--max-upload-mb", "1e400"], "got inf"),
                (["--max-upload-mb", "1e-9"], "--max-upload-mb"), (["--max-upload-mb", "5000"], "[0.001, 1024]"),
-               (["--workers-threads", "0"], "--workers-threads"), (["--workers-threads", "1000"], "[1, 64]"),
+               (["--threads", "0"], "--threads"), (["--threads", "1000"], "[1, 64]"),
                (["--host", ""], "--host"), (["--host", " "], "--host")]
 
 
@@ -589,7 +589,7 @@ def test_the_command_loads_the_model_and_starts_uvicorn(run: Path, capsys: pytes
     monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     threads, port = torch.get_num_threads(), free_port()
     try:
-        code, _, err = run_main(["serve", str(run), "--port", str(port), "--workers-threads", "1", "--device", "cpu"],
+        code, _, err = run_main(["serve", str(run), "--port", str(port), "--threads", "1", "--device", "cpu"],
                                 capsys)
         assert torch.get_num_threads() == torch_threads(1)
     finally:

@@ -76,7 +76,7 @@ def server(fashion_run: Path, tmp_path: Path) -> Iterator[str]:
         port = probe.getsockname()[1]
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "imgrec", "serve", str(fashion_run), "--port", str(port),
-                             "--max-upload-mb", "1", "--workers-threads", "1", "--device", "cpu"],
+                             "--max-upload-mb", "1", "--threads", "1", "--device", "cpu"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

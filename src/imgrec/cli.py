@@ -64,6 +64,9 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     return message
 
 
+# The short forms of the flags typed most; the same letter means the same thing on every command that has the flag.
+SHORT = {"data": "-d", "model": "-m", "epochs": "-e", "batch_size": "-b", "out": "-o"}
+
 # The help groups of `train --help`: the RunConfig field that opens each (fields keep their order in RunConfig).
 TRAIN_GROUPS = {"data": "data", "model": "model", "pretrained": "transfer learning (torchvision backbones)",
                 "optimizer": "optimisation", "epochs": "schedule and stopping", "device": "compute",
@@ -93,19 +96,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         flag = "--" + f.name.replace("_", "-")
+        flags = [SHORT[f.name], flag] if f.name in SHORT else [flag]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')}{_default_shown(f, default)}"
         options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
-            group.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+            group.add_argument(*flags, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
         else:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}
             else:
                 options["metavar"] = f.name.upper()
-            group.add_argument(flag, type=base, **options)
+            group.add_argument(*flags, type=base, **options)
 
 
 def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
@@ -125,7 +129,7 @@ def _add_predict_parser(sub: Any) -> None:
     p.add_argument("--topk", type=int, default=3, help="how many best classes to show per image (default: 3)")
     p.add_argument("--format", default="table", choices=("table", "json", "csv"),
                    help="table, JSON lines or CSV on stdout (default: table)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    p.add_argument(SHORT["batch_size"], "--batch-size", type=int, default=256, help="images per model call (default: 256)")
     p.add_argument("--no-auto-preprocess", dest="auto_preprocess", action="store_false",
                    help="do not convert photos like the training images (grey models of light strokes on dark: "
                         "invert, crop, centre); only resize")
@@ -146,9 +150,11 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0,
                    help="largest upload accepted, in MB; larger ones get 413 before they are read (default: 10)")
-    p.add_argument("--workers-threads", type=int, default=1,
+    p.add_argument("--threads", dest="workers_threads", type=int, default=1, metavar="N",
                    help="predictions running at once, each in a worker thread; torch gets the CPU cores divided "
                         "among them (default: 1)")
+    p.add_argument("--workers-threads", dest="workers_threads", type=int, action=_Renamed, new="--threads",
+                   help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
 
 
@@ -161,7 +167,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("--format", choices=("onnx", "safetensors"),
                    help="onnx or safetensors (default: what --out's suffix names, else onnx)")
-    p.add_argument("--out", metavar="PATH", help="file (or folder) to write (default: beside the weights file, "
+    p.add_argument(SHORT["out"], "--out", metavar="PATH", help="file (or folder) to write (default: beside the weights file, "
                                                  "e.g. runs/<run>/weights/best.onnx)")
     p.add_argument("--weights", choices=("best", "last"), help="which weights of a run folder (default: best)")
     p.add_argument("--check-images", type=int, default=256, metavar="N",
@@ -173,7 +179,7 @@ def _add_export_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgrec", description="Train, evaluate and look at image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug messages")
+    _add_loudness(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.",
@@ -203,16 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.json, confusion matrices, mistakes, samples, a reliability diagram and "
                                    "report.html.")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
-    p.add_argument("--data", help="evaluate on this data set instead (it must have the same classes)")
+    p.add_argument(SHORT["data"], "--data", help="evaluate on this data set instead (it must have the same classes)")
     _add_data_dir(p, of_a_run=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
-    p.add_argument("--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
+    p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
                                                 "(default: the run folder)")
 
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
-    p.add_argument("--data", default="digits", help="data set name or path (default: digits)")
+    p.add_argument(SHORT["data"], "--data", default="digits", help="data set name or path (default: digits)")
     _add_data_dir(p)
     p.add_argument("--n", type=int, default=32, help="number of images (default: 32)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split (default: train)")
@@ -220,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="auto", help="augmentations for --augmented (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="which random sample (default: 0)")
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
-    p.add_argument("--out", help="PNG file to write (default: samples-<data>.png)")
+    p.add_argument(SHORT["out"], "--out", help="PNG file to write (default: samples-<data>.png)")
 
     _add_understanding_commands(sub)
     _add_predict_parser(sub)
@@ -229,10 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
     _add_data_dir(p)
-    for command in sub.choices.values():  # -v after the command too: `imgrec train -v ...`
-        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                             help="show tracebacks and debug messages")
+    for command in sub.choices.values():  # -v and -q after the command too: `imgrec train -q ...`
+        _add_loudness(command, argparse.SUPPRESS)
     return parser
+
+
+def _add_loudness(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show tracebacks and debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only the result, warnings and errors: no progress, per-epoch lines or notes")
+
+
+class _Renamed(argparse.Action):
+    """An old flag name that still works (hidden from --help); main() says once what it is called now."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        renamed = getattr(namespace, "renamed", [])
+        namespace.renamed = [*renamed, f"{option_string} is now called {self.new} (the old name still works)"]
 
 
 def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
@@ -247,7 +273,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
-    p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
+    p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
     _add_data_dir(p, of_a_run=True)
 
     p = sub.add_parser("compare", help="compare finished runs side by side",
@@ -256,7 +282,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
                                    "compare.png.")
     p.add_argument("runs", metavar="RUN", nargs="+", help="two or more run folders")
     p.add_argument("--force", action="store_true", help="compare runs tested on different data")
-    p.add_argument("--out", metavar="DIR", help="folder for the files (default: compare/ in the current folder)")
+    p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for the files (default: compare/ in the current folder)")
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,6 +298,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from imgrec.api import train_run  # imgrec.train's code path: the flags are its settings
     from imgrec.workflows import resume
 
+    if args.quiet:
+        from imgrec.engine import trainer
+
+        trainer.progress_bars = False
     if args.resume:
         outcome = resume(args.resume, _given_settings(args))
     else:
@@ -325,17 +355,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A note beside a command's result, on stdout; --quiet leaves it out."""
+    if not args.quiet:
+        print(f"note: {text}")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from imgrec.explanations import explain_run
 
     outcome = explain_run(args.target, args.images, mistakes=args.mistakes, out=args.out, method=args.method,
                           device=args.device, data_dir=args.data_dir)
     for note in outcome.notes:
-        print(f"note: {note}")
+        _note(args, note)
     for e in outcome.images:
         true = f", true: {e.true}" if e.true else ""
         print(f"{e.source}: {e.predicted} {e.probability:.1%}{true} ({e.method}) -> {e.png}")
-    if any(e.method.startswith("Grad-CAM") for e in outcome.images):
+    if any(e.method.startswith("Grad-CAM") for e in outcome.images) and not args.quiet:
         print("Grad-CAM on LAYER (HxW): the heat-map marks the cells of that convolution's HxW output that raise the "
               "predicted class most, enlarged to the image")
     return 0
@@ -346,7 +382,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     outcome = compare_runs(args.runs, out=args.out, force=args.force)
     for folder in outcome.skipped:
-        print(f"note: skipped {folder}: compare's own output, not a run")
+        _note(args, f"skipped {folder}: compare's own output, not a run")
     print(outcome.table, end="")
     print("wrote " + ", ".join(str(p) for p in outcome.written))
     return 0
@@ -493,7 +529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.verbose and args.quiet:
+        _subparsers(parser).choices[args.command].error("-v/--verbose and -q/--quiet exclude each other: give one")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for note in getattr(args, "renamed", []):
+        print(f"note: {note}", file=sys.stderr)
     if args.command in COMPUTING:
         patient_threads()
     main_thread = threading.current_thread() is threading.main_thread()

@@ -3,7 +3,7 @@
 Binds 127.0.0.1 unless told otherwise, and warns when bound anywhere else: the server has no authentication.
 The port is bound before the model is loaded and before the URL is printed, so a busy port is one line, not a
 URL and then uvicorn's error.
-Torch gets the CPU cores divided among the predictions that may run at once (--workers-threads), so concurrent
+Torch gets the CPU cores divided among the predictions that may run at once (--threads), so concurrent
 requests do not oversubscribe the machine.
 """
 
@@ -56,7 +56,7 @@ def check_limits(max_upload_mb: float, workers_threads: int) -> None:
     if not (math.isfinite(max_upload_mb) and low <= max_upload_mb <= high):
         raise UsageError(f"--max-upload-mb must be a number of MB in [{low:g}, {high:g}], got {max_upload_mb:g}")
     if not 1 <= workers_threads <= MAX_CONNECTIONS:
-        raise UsageError(f"--workers-threads must be in [1, {MAX_CONNECTIONS}] (the server holds at most "
+        raise UsageError(f"--threads must be in [1, {MAX_CONNECTIONS}] (the server holds at most "
                          f"{MAX_CONNECTIONS} connections), got {workers_threads}")
 
 
@@ -120,7 +120,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload
         app = build(run, max_upload_mb, workers_threads, device)
         shown = f"[{host}]" if ":" in host else host
         log.info(f"imgrec serve: http://{shown}:{port}/ (API docs at /docs; Ctrl-C stops)")
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", limit_concurrency=MAX_CONNECTIONS,
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info" if log.isEnabledFor(logging.INFO) else "warning", limit_concurrency=MAX_CONNECTIONS,
                                                timeout_keep_alive=5, server_header=False))
         try:
             server.run(sockets=[sock])

@@ -212,7 +212,7 @@ def test_flags_override_the_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("batch-sise: 5\n", 2, "did you mean 'batch_size'?"),
         ("epochs: [1, 2\n", 2, "is not valid YAML"),
         ("- epochs\n- 3\n", 2, "must hold a mapping"),
-        ("epochs: ten\n", 2, "bad value in {path}"),
+        ("epochs: ten\n", 2, "--epochs must be an integer; got 'ten'"),
         ("epochs: 0\n", 2, "--epochs must be at least 1"),
     ],
 )

@@ -262,7 +262,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise UsageError(f"config file {path} is not valid YAML: {first}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -336,7 +336,10 @@ def load_run(run_or_weights: str | Path) -> tuple[Path, dict[str, Any], RunConfi
     """Weights path, checkpoint, config and a model with the weights loaded."""
     path = resolve_weights(run_or_weights)
     ckpt = load_weights_file(path)
-    cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    try:
+        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
+        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
     spec = ckpt["model"]
     model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
     load_model_state(model, ckpt["state_dict"], path)

@@ -362,7 +362,10 @@ def load_run(run_or_weights: str | Path, data_dir: str | None = None,
     the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
     path = resolve_weights(run_or_weights)
     ckpt = load_weights_file(path)
-    cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    try:
+        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
+        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
     if data_dir:
         cfg.data_dir = data_dir
     elif cfg.data_dir and not Path(cfg.data_dir).is_dir():

@@ -376,6 +376,18 @@ def test_the_quick_start_is_the_demo_the_makefile_runs() -> None:
     assert "## Install" in front and "pip install -e ." in front and "run folder: runs/demo" in front
 
 
+def test_the_readme_is_short_and_opens_with_the_front_door() -> None:
+    """Under 250 lines; its first 60 hold the two Make commands that work on a fresh machine (first), the install
+    and the quick start; everything else is in docs/."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < 250
+    front = "\n".join(lines[:60])
+    for needed in ("## Install", "make demo", "make test", "pip install -e .", "## Quick start", "run folder: runs/demo",
+                   "## Contents"):
+        assert needed in front, needed
+    assert front.index("make demo") < front.index("make test") < front.index("pip install")
+
+
 def test_links_in_the_readme_and_docs_resolve() -> None:
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     for page in pages:

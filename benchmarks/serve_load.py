@@ -71,7 +71,7 @@ def start_server(run: Path, workers_threads: int, log: Path) -> tuple[subprocess
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "imgrec", "serve", str(run), "--port", str(port),
-                             "--workers-threads", str(workers_threads), "--device", "cpu"],
+                             "--threads", str(workers_threads), "--device", "cpu"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     while True:

@@ -26,7 +26,7 @@ LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("val", "last")
-AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop")
+AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop", "randaugment", "trivialaugment")
 # Models built on torchvision backbones: they take --pretrained, --weights and the freezing options.
 # models/backbones.py describes each one; tests/models/test_transfer.py keeps the two lists equal.
 TRANSFER_MODELS = ("resnet18", "resnet50", "vgg16", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
@@ -67,8 +67,14 @@ class RunConfig:
     workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
                                resume=True)
     strict: bool = _opt(False, "fail on image files that do not decode instead of skipping them (with one warning)")
-    augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop; none; or auto (colour data: "
-                             "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop, randaugment, "
+                                "trivialaugment (torchvision's policies, per image); none; or auto (colour data: "
+                                "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    mixup: float = _opt(0.0, "MixUp: blend each training image with another, and their labels, by a weight drawn "
+                             "from Beta(ALPHA, ALPHA) (e.g. 0.2; 0: off)")
+    cutmix: float = _opt(0.0, "CutMix: paste a box of another training image into each, labels mixed by the area "
+                              "kept; box size from Beta(ALPHA, ALPHA) (e.g. 1.0; 0: off; with --mixup, one of the "
+                              "two per batch)")
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: the data set's)")
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)")
     # model
@@ -161,6 +167,8 @@ class RunConfig:
                                                   "validated and saved")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        _check(math.isfinite(self.mixup) and 0 <= self.mixup <= 100, "--mixup must be in [0, 100] (0: off)")
+        _check(math.isfinite(self.cutmix) and 0 <= self.cutmix <= 100, "--cutmix must be in [0, 100] (0: off)")
         _check(self.dist_timeout > 0, "--dist-timeout must be positive (minutes)")
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
@@ -196,6 +204,8 @@ class RunConfig:
                "--cache-features needs --freeze: features can be computed once only while the backbone never changes")
         _check(not self.cache_features or self.augment.strip().lower() in ("auto", "none", ""),
                "--cache-features trains on features computed once, so images cannot be augmented: drop --augment")
+        _check(not self.cache_features or not (self.mixup or self.cutmix),
+               "--cache-features trains on features computed once, so images cannot be mixed: drop --mixup/--cutmix")
 
     @property
     def data_root(self) -> str:

@@ -24,7 +24,7 @@ from imgrec.config import RunConfig, default_cache_dir, parse_duration, resume_s
 from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
+from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.budget import Deadline
@@ -315,8 +315,9 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                              "without torchrun")
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
     here = distributed.context()
+    mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard)
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=mix)
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")

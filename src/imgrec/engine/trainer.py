@@ -305,7 +305,8 @@ def _check_finite(model: nn.Module, progress: Progress) -> None:
 
 
 def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
-    """One optimisation step on a batch: returns (loss, correct predictions) as tensors."""
+    """One optimisation step on a batch: returns (loss, correct predictions) as tensors. The targets are labels,
+    or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both)."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
@@ -322,7 +323,9 @@ def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, 
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        # mixed batches (MixUp/CutMix) have probabilities as targets: accuracy against each image's main label
+        labels = y if y.ndim == 1 else y.argmax(1)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
 
     return step
 

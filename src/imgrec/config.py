@@ -26,6 +26,7 @@ LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("val", "last")
+LOGS = ("none", "tensorboard")
 AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop", "randaugment", "trivialaugment")
 # Models built on torchvision backbones: they take --pretrained, --weights and the freezing options.
 # models/backbones.py describes each one; tests/models/test_transfer.py keeps the two lists equal.
@@ -136,6 +137,10 @@ class RunConfig:
     project: str = _opt("runs", "folder that holds run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>, numbered when taken)")
     exist_ok: bool = _opt(False, "reuse the run folder if it exists instead of numbering a new one")
+    log: str = _opt("none", "also log to runs/<run>/tensorboard/ for TensorBoard (per-step loss and learning rate, "
+                            "epoch metrics, confusion matrix, sample predictions, settings with final metrics); needs "
+                            "the tensorboard extra. results.csv and report.html are always written", choices=LOGS,
+                    resume=True)
     save_every_minutes: float = _opt(5.0, "also save the training state (train_state.pt) this often within an epoch "
                                      "(0: at epoch ends only)", resume=True)
     save_every_steps: int = _opt(0, "also save the training state every this many steps (0: never)", resume=True,

@@ -27,6 +27,7 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_warning
 from imgrec.engine import distributed
+from imgrec.engine.board import TensorBoardLog, summary_writer_class
 from imgrec.engine.budget import Deadline
 from imgrec.engine.checkpoint import (
     load_model_state,
@@ -171,6 +172,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
             return outcome
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
+    if cfg.log == "tensorboard":
+        summary_writer_class()  # so does a missing tensorboard package
     explicit = explicit_settings(cfg, given)
     if not resumed:  # a resumed run keeps the settings and the plan its state holds
         cfg = recipe_data_settings(cfg, explicit)
@@ -218,7 +221,23 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     if plan and cfg.schedule != "onecycle":  # a new budgeted run keeps to its budget at the speed it really has
         deadline = Deadline(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds,
                             plan.steps_per_epoch)
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline)
+    board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
+    try:
+        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline, plan,
+                             source, started, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+                  val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
+                  deadline: Deadline | None, plan: Any, source: Any, started: float,
+                  board: TensorBoardLog | None) -> TrainOutcome:
+    """Train, then (in the main process) calibrate, test and report; the end of train()."""
+    here = distributed.context()
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
+                                   board)
     if deadline and deadline.revisions and here.is_main:
         write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
@@ -229,6 +248,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     calibrate_weights(model, val_loader, run_dir, cfg)
     record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    if board is not None:
+        log_final(board, cfg, summary, run_dir)
     if source:
         summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
     if cfg.time_budget:  # the plan (also on resume: it is in plan.json) and how well the run kept to it
@@ -305,7 +326,7 @@ def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfi
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
          val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
-         deadline: Deadline | None = None) -> tuple[FitResult, float | None]:
+         deadline: Deadline | None = None, board: TensorBoardLog | None = None) -> tuple[FitResult, float | None]:
     """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
     features computed once."""
     if cfg.cache_features:
@@ -322,7 +343,20 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
-               deadline=deadline), None
+               deadline=deadline, board=board), None
+
+
+FINAL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1", "best_val_accuracy")
+
+
+def log_final(board: TensorBoardLog, cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
+    """The end of a run for TensorBoard: the test's confusion matrix and sample predictions (the report's figures),
+    and the settings with the final metrics."""
+    board.log_images({"test/confusion_matrix": run_dir / "confusion_matrix.png",
+                      "test/sample_predictions": run_dir / "samples.png",
+                      "test/most_confident_mistakes": run_dir / "mistakes.png"})
+    metrics = {f"final/{k}": float(summary[k]) for k in FINAL_METRICS if summary.get(k) is not None}
+    board.log_hparams(cfg.to_dict(), metrics)
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,

@@ -274,7 +274,7 @@ def test_only_settings_that_cannot_change_the_past_are_resume_safe() -> None:
     from imgrec.config import resume_safe_settings
 
     assert sorted(resume_safe_settings()) == sorted(
-        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps", "dist_timeout"])
+        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps", "dist_timeout", "log"])
 
 
 def test_resume_with_a_weight_average_and_a_cut_last_epoch_is_exact(image_folder: Path, tmp_path: Path,

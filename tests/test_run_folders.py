@@ -1,0 +1,121 @@
+"""Run folders under stress: one writer at a time (a lock the OS releases), plain run names, no folder left by a
+failed start, a start-up killed before its first save resumed from the beginning, and writes the system refuses
+(a full disk, no permission, a read-only folder) as one line that leaves what was on disk valid."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from imgrec.engine.checkpoint import load_weights_file
+from imgrec.engine.runs import LOCK_FILE, RunLock
+from imgrec.engine.state import STATE_FILE, load_state
+from imgrec.errors import ImgrecError
+
+SETTINGS = ["--model", "mlp", "--batch-size", "8", "--threads", "1", "--workers", "0", "--device", "cpu",
+            "--lr", "0.003"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+       "OMP_WAIT_POLICY": "PASSIVE"}  # chosen: no note on how busy the CPUs are
+TIMEOUT = 240
+
+# Runs imgrec's CLI after waiting, at the end of every epoch's training steps, until the file argv[1] exists:
+# the first writer keeps its run folder for as long as the test needs.
+GATED = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from imgrec.engine import trainer
+    gate, real = Path(sys.argv[1]), trainer.train_one_epoch
+    def gated(*args, **kwargs):
+        real(*args, **kwargs)
+        waited = time.monotonic()
+        while not gate.exists() and time.monotonic() - waited < 200:
+            time.sleep(0.05)
+    trainer.train_one_epoch = gated
+    from imgrec.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def imgrec(*args: str, wrapper: str | None = None, extra: list[str] | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", wrapper, *(extra or [])] if wrapper else [sys.executable, "-m", "imgrec"]
+    return subprocess.run([*command, *args], env=env or ENV, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The process ended with `code` and said exactly one line on stderr, no traceback."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imgrec "), proc.stderr
+    return lines[0]
+
+
+def epochs_of(run: Path) -> list[str]:
+    with (run / "results.csv").open(newline="") as f:
+        return [row[0] for row in csv.reader(f)][1:]
+
+
+def seeds_in(run: Path) -> dict[str, int]:
+    """The seed each file of the run records: who wrote it."""
+    return {"config.yaml": yaml.safe_load((run / "config.yaml").read_text())["seed"],
+            STATE_FILE: load_state(run / STATE_FILE)["config"]["seed"],
+            **{name: load_weights_file(run / "weights" / name)["config"]["seed"] for name in ("best.pt", "last.pt")}}
+
+
+@pytest.mark.parametrize("second", ["exist-ok", "resume"])
+def test_a_second_writer_is_refused_naming_the_process_that_holds_the_run(image_folder: Path, tmp_path: Path,
+                                                                          second: str) -> None:
+    project, gate = tmp_path / "runs", tmp_path / "gate"
+    base = ["train", "--data", str(image_folder), *SETTINGS, "--project", str(project), "--name", "x"]
+    if second == "resume":  # an existing run, continued by two commands at once
+        gate.touch()
+        assert imgrec(*base, "--epochs", "1", "--seed", "1").returncode == 0
+        gate.unlink()
+        first_args = ["train", "--resume", str(project / "x"), "--epochs", "3"]
+        second_args = first_args
+    else:  # two new runs of other seeds into one folder
+        first_args = [*base, "--epochs", "2", "--seed", "1", "--exist-ok"]
+        second_args = [*base, "--epochs", "2", "--seed", "2", "--exist-ok"]
+    first = subprocess.Popen([sys.executable, "-c", GATED, str(gate), *first_args], env=ENV, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:  # the first one holds the folder once it names it
+            if line.startswith("run folder:") or line.startswith("resuming from"):
+                break
+        refused = imgrec(*second_args)
+        gate.touch()
+        out, err = first.communicate(timeout=TIMEOUT)
+    finally:
+        first.kill()
+    line = one_error_line(refused)
+    assert f"{project / 'x'} is in use by process {first.pid}" in line, line
+    assert first.returncode == 0, err
+    assert epochs_of(project / "x") == (["1", "2", "3"] if second == "resume" else ["1", "2"])
+    assert set(seeds_in(project / "x").values()) == {1}
+    assert sorted(p.name for p in project.iterdir()) == ["x"]
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom imgrec.engine.runs import RunLock\n"
+                               f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              env=ENV, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ImgrecError, match=rf"is in use by process {holder.pid}: one command at a time"), \
+                RunLock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with RunLock(tmp_path), RunLock(tmp_path):  # free again (no stale lock); the same process may hold it twice
+        assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())

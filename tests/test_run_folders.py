@@ -12,9 +12,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, error_line, run_main
 from imgrec.engine.checkpoint import load_weights_file
 from imgrec.engine.runs import LOCK_FILE, RunLock
 from imgrec.engine.state import STATE_FILE, load_state
@@ -119,3 +120,65 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
         holder.wait(timeout=30)
     with RunLock(tmp_path), RunLock(tmp_path):  # free again (no stale lock); the same process may hold it twice
         assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+
+
+@pytest.mark.parametrize("name", ["../../outside", ".", "..", "a/b", ""])
+def test_a_run_name_is_a_plain_folder_name(image_folder: Path, tmp_path: Path, name: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    project = tmp_path / "deep" / "runs"
+    code, _, err = run_main(["train", "--data", str(image_folder), *SETTINGS, "--epochs", "1", "--project",
+                             str(project), "--name", name], capsys)
+    assert code == 2
+    assert "is not a plain folder name" in error_line(err)
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # nothing made, in --project or beside it
+
+
+def test_a_start_that_fails_leaves_no_folder_and_frees_its_name(image_folder: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    project = tmp_path / "runs"
+    base = ["train", "--data", str(image_folder), *SETTINGS, "--epochs", "1", "--project", str(project),
+            "--name", "x"]
+    # --tta flip without flip in --augment is refused once the model is built, after the folder was made
+    code, _, err = run_main([*base, "--tta", "flip", "--augment", "none"], capsys)
+    assert code == 2 and "--tta flip needs flip in --augment" in error_line(err)
+    assert list(project.iterdir()) == []
+    code, out, err = run_main(base, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in project.iterdir()) == ["x"]  # the name was free
+    # a failed --exist-ok start in a folder that holds a run leaves that run alone
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    code, _, err = run_main([*base, "--exist-ok", "--tta", "flip", "--augment", "none"], capsys)
+    assert code == 2
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
+    assert load_weights_file(project / "x" / "weights" / "best.pt")["epoch"] == 1
+
+
+# Runs imgrec's CLI and dies (SIGKILL) as training is about to start: the run folder has its config.yaml only.
+KILLED_AT_START = textwrap.dedent("""
+    import os, signal, sys
+    from imgrec import workflows
+    workflows.fit = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    from imgrec.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_run_killed_during_start_up_resumes_from_the_beginning(image_folder: Path, tmp_path: Path) -> None:
+    project = tmp_path / "runs"
+    run = ["train", "--data", str(image_folder), *SETTINGS, "--epochs", "2", "--seed", "7", "--project", str(project)]
+    killed = imgrec(*run, "--name", "x", wrapper=KILLED_AT_START)
+    assert killed.returncode == -9, killed.stderr
+    assert (project / "x" / "config.yaml").is_file() and not (project / "x" / STATE_FILE).exists()
+    resumed = imgrec("train", "--resume", str(project / "x"))
+    assert resumed.returncode == 0, resumed.stderr
+    notes = [ln for ln in resumed.stderr.splitlines() if "stopped before it saved a training state" in ln]
+    assert notes == [f"{project / 'x'} stopped before it saved a training state: starting it again from the "
+                     f"beginning with its config.yaml"]
+    assert sorted(p.name for p in project.iterdir()) == ["x"]
+    assert epochs_of(project / "x") == ["1", "2"]
+    # the same run as one never killed: its own config (seed 7), bit for bit
+    assert imgrec(*run, "--name", "reference").returncode == 0
+    for name in ("best.pt", "last.pt"):
+        got, expected = (load_weights_file(project / r / "weights" / name) for r in ("x", "reference"))
+        assert got["config"]["seed"] == 7
+        assert all(torch.equal(got["state_dict"][k], expected["state_dict"][k]) for k in expected["state_dict"])

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, error_line, run_main
+from conftest import REPO, error_line, make_image_folder, run_main
 from imgrec.engine.checkpoint import load_weights_file
 from imgrec.engine.runs import LOCK_FILE, RunLock
 from imgrec.engine.state import STATE_FILE, load_state
@@ -51,13 +52,15 @@ def imgrec(*args: str, wrapper: str | None = None, extra: list[str] | None = Non
     return subprocess.run([*command, *args], env=env or ENV, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def one_error_line(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """The process ended with `code` and said exactly one line on stderr, no traceback."""
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int = 1, logged: bool = False) -> str:
+    """The process ended with `code` and said exactly one line on stderr, no traceback (logged: after the log
+    lines of a training that had started)."""
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("imgrec "), proc.stderr
-    return lines[0]
+    errors = [ln for ln in lines if ln.startswith("imgrec ")]
+    assert errors == lines[-1:] and (logged or len(lines) == 1), proc.stderr
+    return lines[-1]
 
 
 def epochs_of(run: Path) -> list[str]:
@@ -182,3 +185,159 @@ def test_a_run_killed_during_start_up_resumes_from_the_beginning(image_folder: P
         got, expected = (load_weights_file(project / r / "weights" / name) for r in ("x", "reference"))
         assert got["config"]["seed"] == 7
         assert all(torch.equal(got["state_dict"][k], expected["state_dict"][k]) for k in expected["state_dict"])
+
+
+# Runs imgrec's CLI in a file system that refuses writes: argv[1] an errno name (ENOSPC, EACCES, EROFS,
+# ENAMETOOLONG), argv[2] a folder, argv[3] a part of the file names refused in it ("" for all). Creating, opening
+# for writing and making folders are refused, as are (but for ENOSPC) renaming, linking and removing. With
+# argv[3] ".pt", only torch.save writing to the file it was handed fails, after argv[4] saves that succeed,
+# and the way torch fails on a full disk: a RuntimeError of its stream writer.
+REFUSING = textwrap.dedent("""
+    import builtins, errno, io, os, shutil, sys, torch
+    code, folder, part, allowed = getattr(errno, sys.argv[1]), os.path.realpath(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def refused(path):
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        path = os.path.abspath(os.fsdecode(path))
+        return (path + "/").startswith(folder + "/") and part in os.path.basename(path)
+
+    def guard(real, is_write=lambda *a, **k: True):
+        def guarded(path, *args, **kwargs):
+            if is_write(*args, **kwargs) and refused(path):
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        return guarded
+
+    if part == ".pt":
+        saves, real_save = [0], torch.save
+        def save(obj, f, *args, **kwargs):
+            name = getattr(f, "name", "")
+            if isinstance(name, int):  # a file opened from a descriptor (mkstemp's)
+                name = os.readlink(f"/proc/self/fd/{name}")
+            if hasattr(f, "write") and refused(name):
+                saves[0] += 1
+                if saves[0] > allowed:
+                    f.write(b"PK\\x03\\x04 half a checkpoint")
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                                       "writing file data/0: file write failed")
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = save
+    else:
+        builtins.open = io.open = guard(io.open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+        os.open = guard(os.open, lambda flags, *a, **k: bool(flags & WRITE))
+        for name in ("mkdir",) + (() if code == errno.ENOSPC else ("replace", "rename", "link", "unlink", "remove")):
+            setattr(os, name, guard(getattr(os, name)))
+    if code == errno.ENOSPC:  # what a full disk reports
+        shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
+    from imgrec.cli import main
+    sys.exit(main(sys.argv[5:]))
+""")
+
+
+def refusing(errno_name: str, folder: Path, part: str = "", allowed: int = 0) -> dict[str, Any]:
+    return {"wrapper": REFUSING, "extra": [errno_name, str(folder), part, str(allowed)]}
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    for name in ("best.pt", "last.pt"):
+        got, expected = (load_weights_file(r / "weights" / name)["state_dict"] for r in (run, reference))
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resume_is_exact_once_there_is_space(image_folder: Path,
+                                                                                       tmp_path: Path) -> None:
+    project = tmp_path / "runs"
+    run = ["train", "--data", str(image_folder), *SETTINGS, "--epochs", "2", "--save-every-minutes", "0",
+           "--project", str(project)]
+    # epoch 1 saves last.pt, best.pt and train_state.pt; epoch 2's last.pt finds the disk full
+    full = imgrec(*run, "--name", "x", **refusing("ENOSPC", project / "x", ".pt", allowed=3))
+    line = one_error_line(full, logged=True)
+    assert f"cannot write {project / 'x' / 'weights' / 'last.pt'}: no space left on device (it needs about" in line
+    assert "enforce fail" not in line
+    x = project / "x"
+    assert load_state(x / STATE_FILE)["progress"]["epoch"] == 2  # epoch 1 done, all files loadable
+    assert all(load_weights_file(x / "weights" / name)["epoch"] == 1 for name in ("best.pt", "last.pt"))
+    assert not list(x.rglob("*.tmp"))
+    resumed = imgrec("train", "--resume", str(x))
+    assert resumed.returncode == 0, resumed.stderr
+    assert imgrec(*run, "--name", "reference").returncode == 0
+    assert_same_weights(x, project / "reference")
+    assert epochs_of(x) == ["1", "2"]
+
+
+@pytest.mark.parametrize("errno_name, part, cause", [
+    ("ENOSPC", "metrics.json", "no space left on device (it needs about"),
+    ("EROFS", "summary.json", "read-only file system"),
+    ("ENAMETOOLONG", "results.csv", "file name too long"),
+    ("EACCES", "config.yaml", "permission denied"),
+])
+def test_a_refused_text_write_is_one_line_naming_the_file(image_folder: Path, tmp_path: Path, errno_name: str,
+                                                         part: str, cause: str) -> None:
+    project = tmp_path / "runs"
+    proc = imgrec("train", "--data", str(image_folder), *SETTINGS, "--epochs", "1", "--project", str(project),
+                  "--name", "x", **refusing(errno_name, project / "x", part))
+    assert f"cannot write {project / 'x' / part}: {cause}" in one_error_line(proc, logged=True)
+    if part in ("metrics.json", "summary.json"):  # after training: what it saved stays, and resuming finishes it
+        assert load_weights_file(project / "x" / "weights" / "best.pt")["epoch"] == 1
+        assert imgrec("train", "--resume", str(project / "x")).returncode == 0
+        assert (project / "x" / "summary.json").is_file()
+    else:  # before anything of training was saved: the folder is gone
+        assert not (project / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    data = make_image_folder(root / "photos")
+    proc = imgrec("train", "--data", str(data), *SETTINGS, "--epochs", "1", "--project", str(root / "runs"),
+                  "--name", "done")
+    assert proc.returncode == 0, proc.stderr
+    return root / "runs" / "done"
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["explain", "--mistakes", "1"], ["train", "--resume"]])
+def test_a_read_only_run_folder_is_one_line_and_stays_as_it_was(finished_run: Path, command: list[str]) -> None:
+    if command[0] == "train":
+        (finished_run / "summary.json").rename(finished_run / "summary.moved")  # something left to do
+    before = contents(finished_run)
+    args = [*command[:1], *command[1:], str(finished_run)] if command[0] != "explain" else \
+        [command[0], str(finished_run), *command[1:]]
+    try:
+        if os.geteuid() == 0:  # root writes through any mode: the folder refuses as a read-only one would
+            proc = imgrec(*args, **refusing("EACCES", finished_run))
+        else:
+            modes = {p: p.stat().st_mode for p in [finished_run, *finished_run.rglob("*")] if p.is_dir()}
+            for p in modes:
+                p.chmod(0o555)
+            try:
+                proc = imgrec(*args)
+            finally:
+                for p, mode in modes.items():
+                    p.chmod(mode)
+        line = one_error_line(proc)
+    finally:
+        if command[0] == "train":
+            (finished_run / "summary.moved").rename(finished_run / "summary.json")
+    assert str(finished_run) in line and "permission denied" in line, line
+    after = contents(finished_run)
+    if command[0] == "train":
+        before["summary.json"] = before.pop("summary.moved")
+    assert after == before
+
+
+def test_an_unwritable_cache_is_one_warning_and_training_goes_on(image_folder: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in ENV.items() if k != "IMGREC_CACHE"}
+    env.update(HOME="/proc/1", MPLCONFIGDIR=str(tmp_path / "mpl"))  # no cache can be made in /proc/1
+    proc = imgrec("train", "--data", str(image_folder), *SETTINGS, "--epochs", "1", "--project",
+                  str(tmp_path / "runs"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "cache" in ln]
+    assert warnings == ["cannot write the cache in /proc/1/.cache/imgrec (no such file or folder); going on "
+                        "without it (IMGREC_CACHE chooses another folder)"], proc.stderr

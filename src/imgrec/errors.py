@@ -24,7 +24,7 @@ class Interrupted(ImgrecError):
 # What an OSError's errno means for the user, in the words of the one line they read.
 _CAUSES = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EACCES": "permission denied",
            "EPERM": "permission denied", "EROFS": "read-only file system", "ENAMETOOLONG": "file name too long",
-           "EFBIG": "file too large", "EIO": "input/output error", "ENOTDIR": "a part of the path is not a folder",
+           "EFBIG": "file too large", "ENOTDIR": "a part of the path is not a folder",
            "EISDIR": "it is a folder", "ENOENT": "no such file or folder"}
 
 

@@ -14,6 +14,7 @@ Everything inference needs is in it; nothing in it can run code when loaded. The
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -69,8 +70,10 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | None = None) ->
 
 
 def _discard(tmp: str | None) -> None:
+    """Remove a temporary file a failed write left (what cannot be removed now, a resume clears away)."""
     if tmp is not None:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _is_write_failure(exc: RuntimeError) -> bool:
@@ -79,12 +82,12 @@ def _is_write_failure(exc: RuntimeError) -> bool:
 
 
 def _write_failure_cause(folder: Path) -> OSError:
-    """What most likely failed when torch's writer gives no errno: a full disk (checked), else an I/O error."""
+    """What failed when torch's writer gives no errno: a full disk where the folder's free space says so."""
     try:
         full = shutil.disk_usage(folder).free < 1 << 20
     except OSError:
         full = False
-    return OSError(errno.ENOSPC if full else errno.EIO, "")
+    return OSError(errno.ENOSPC, "no space left on device") if full else OSError(errno.EIO, "the write failed")
 
 
 def _tensor_bytes(obj: Any) -> int:

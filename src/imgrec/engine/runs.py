@@ -6,6 +6,7 @@ for the whole command, and the operating system releases it when the process end
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -221,7 +222,8 @@ def write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # what cannot be removed now, a resume clears away
+                Path(tmp).unlink(missing_ok=True)
         raise write_error(path, exc, needed=len(text.encode())) from None
 
 

@@ -210,8 +210,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
             return outcome
     if cfg.exist_ok and not resumed:  # a folder another command is writing: refused before any data is loaded
         existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
-        if existing.is_dir():
-            distributed.from_main(lambda: _lock(existing, owned))
+        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     explicit = explicit_settings(cfg, given)

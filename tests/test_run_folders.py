@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -109,20 +110,39 @@ def test_a_second_writer_is_refused_naming_the_process_that_holds_the_run(image_
     assert sorted(p.name for p in project.iterdir()) == ["x"]
 
 
+# Holds a run folder's lock, with a forked child (as a data loader worker is) still running, until killed.
+HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from imgrec.engine.runs import RunLock
+    with RunLock(sys.argv[1]):
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(120)
+""")
+
+
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom imgrec.engine.runs import RunLock\n"
-                               f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
-                              env=ENV, text=True, stdout=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=ENV, text=True,
+                              stdout=subprocess.PIPE)
+    child = None
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert holder.stdout is not None
+        child = int(holder.stdout.readline())
         with pytest.raises(ImgrecError, match=rf"is in use by process {holder.pid}: one command at a time"), \
                 RunLock(tmp_path):
             pass
-    finally:
         holder.kill()
         holder.wait(timeout=30)
-    with RunLock(tmp_path), RunLock(tmp_path):  # free again (no stale lock); the same process may hold it twice
-        assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        # free again at once (no stale lock, though the child lives on); the same process may hold it twice
+        with RunLock(tmp_path), RunLock(tmp_path):
+            assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    finally:
+        holder.kill()
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("name", ["../../outside", ".", "..", "a/b", ""])

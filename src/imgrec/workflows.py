@@ -151,8 +151,8 @@ def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
 
 def _stopped_in_start_up(folder: Path) -> bool:
     """A run folder whose training was stopped (killed) during its start-up: config.yaml, but no training state."""
-    return (folder.is_dir() and (folder / "config.yaml").is_file() and not (folder / STATE_FILE).exists()
-            and not (folder / PREVIOUS_STATE_FILE).exists())
+    return (folder.is_dir() and (folder / "config.yaml").is_file()
+            and not any((folder / name).exists() for name in (STATE_FILE, PREVIOUS_STATE_FILE, "summary.json")))
 
 
 def _restart_config(folder: Path, given: dict[str, Any]) -> tuple[RunConfig, list[str]]:

@@ -112,11 +112,26 @@ class RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        held = self._held[self.key]
+        held = self._held.get(self.key)
+        if held is None:  # a forked child's copy (see _forget_in_child)
+            return
         held[1] -= 1
         if held[1] == 0:
             del self._held[self.key]
             os.close(held[0])  # releases the lock
+
+
+def _forget_in_child() -> None:
+    """A forked child (a data loader worker) closes its copies of the lock files: the lock is the parent's alone,
+    so that it is released when the parent dies, even while a worker is still winding down."""
+    for fd, _ in RunLock._held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    RunLock._held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _lock_holder(fd: int) -> str:

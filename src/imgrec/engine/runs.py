@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 LOCK_FILE = ".imgrec.lock"
+NAME_MAX = 250  # bytes of a run name: file systems allow 255 in a folder name, and taken names get a number
 
 
 def check_run_name(name: str) -> str:
@@ -39,6 +40,8 @@ def check_run_name(name: str) -> str:
     if not name or name in (".", "..") or any(s in name for s in separators) or "\0" in name:
         raise UsageError(f"--name {name!r} is not a plain folder name: a run name has no path separators and is not "
                          f"'.' or '..' (use --project to choose where run folders go)")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise UsageError(f"--name is {len(os.fsencode(name))} bytes long: a folder name may have at most {NAME_MAX}")
     return name
 
 

@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision are pinned to the releases imgrec is tested with (pyproject admits no newer ones).
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Where pip finds torch: PyPI by default; on a machine without a GPU, `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+# installs PyTorch's CPU-only wheels instead of several GB of CUDA libraries.
+TORCH_INDEX ?=
 DEMO := --data digits --model lenet --epochs 30 --batch-size 32 --schedule onecycle --lr 0.002 --augment translate
 
 .PHONY: demo test lint clean
@@ -12,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/pip install -q -e .
 	touch $@
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgrec.data.photo import CAPTION_HEIGHT
 from imgrec.engine.checkpoint import load_weights_file, save_atomic
 from imgrec.inference import Predictor
 from inference_helpers import train_tiny, write_bomb_png, write_truncated
@@ -164,8 +165,10 @@ def test_show_input_saves_what_the_model_saw(tiny: dict[str, Path], tmp_path: Pa
     assert code == 0, err
     assert f"model inputs: {sheet}" in err
     with Image.open(sheet) as img:
-        seen = np.asarray(img)
-    assert img.format == "PNG" and seen.shape == (96, 96)  # one 16x16 input, enlarged 6 times
+        whole = np.asarray(img)
+    assert img.format == "PNG" and whole.shape == (96 + CAPTION_HEIGHT, 96)  # one 16x16 input, enlarged 6 times
+    seen, caption = whole[:96], whole[96:]
+    assert (caption > 200).any()  # the caption's text (file name and prediction) is drawn under the image
     expected = Predictor.from_run(tiny["grey"]).prepare(photo)[0].numpy()
     assert np.array_equal(seen[::6, ::6], expected)
     assert expected[:8, :8].mean() > 150  # the light photo was inverted: a bright square, top-left, as trained
@@ -174,7 +177,7 @@ def test_show_input_saves_what_the_model_saw(tiny: dict[str, Path], tmp_path: Pa
                              "--no-auto-preprocess"], capsys)
     assert code == 0, err
     with Image.open(plain) as img:
-        assert np.asarray(img)[::6, ::6][:8, :8].mean() < 100  # resized only: still dark on light
+        assert np.asarray(img)[:96][::6, ::6][:8, :8].mean() < 100  # resized only: still dark on light
 
 
 def test_weights_without_the_new_keys_say_so_once(tiny: dict[str, Path], tmp_path: Path,

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,7 @@ def test_evaluate_writes_the_report_into_out(runs: dict[str, Path], tmp_path: Pa
     code, stdout, err = run_main(["evaluate", str(runs["lenet"]), "--split", "val", "--out", str(out)], capsys)
     assert code == 0, err
     assert stdout.startswith("val accuracy:") and "ECE:" in stdout and "after temperature scaling" in stdout
+    assert "expected calibration error, the mean gap between how sure" in stdout
     assert f"report: {out / 'report.html'}" in stdout
     for name in (*FIGURES, "metrics.json", "report.html"):
         assert (out / name).is_file(), name
@@ -184,6 +186,8 @@ def test_explain_lenet_images_and_mistakes(runs: dict[str, Path], tmp_path: Path
     assert code == 0, err
     assert "note:" not in stdout
     lines = stdout.strip().splitlines()
+    assert lines[-1].startswith("Grad-CAM on LAYER (HxW): the heat-map marks")  # the words explained, once
+    lines = lines[:-1]
     assert len(lines) == 4 and all("Grad-CAM on features." in ln for ln in lines)
     assert lines[0].startswith(f"{one}: ") and lines[2].startswith("test image #")
     mistake = re.match(r"test image #\d+: (\w) [\d.]+%, true: (\w) ", lines[2])
@@ -286,3 +290,20 @@ def test_compare_bad_input(runs: dict[str, Path], tmp_path: Path, capsys: pytest
     (unfinished / "weights").mkdir(parents=True)
     code, _, err = run_main(["compare", str(runs["lenet"]), str(unfinished)], capsys)
     assert code == 1 and "did not finish" in error_line(err)
+
+
+def test_compare_skips_its_own_output_folder(runs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`imgrec compare runs/*` after a first compare: runs/compare is among the folders, and is skipped."""
+    project = tmp_path / "runs"
+    for run in runs.values():
+        shutil.copytree(run, project / run.name)
+    code, _, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+    assert code == 0, err
+    assert (project / "compare" / "compare.md").is_file()
+    code, stdout, err = run_main(["compare", *(str(p) for p in sorted(project.iterdir()))], capsys)
+    assert code == 0, err
+    assert f"note: skipped {project / 'compare'}: compare's own output" in stdout
+    assert (project / "compare" / "compare.md").read_text() == stdout.split("wrote ")[0].split("\n", 1)[1]
+    code, _, err = run_main(["compare", str(project / "digits-lenet"), str(project / "compare")], capsys)
+    assert code == 2 and "compare's own output, skipped" in error_line(err)

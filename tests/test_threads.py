@@ -25,7 +25,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def test_busy_cpus_make_waiting_threads_sleep(fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     fresh.setattr(openmp, "busy_cpus", lambda: 1.3)
-    with caplog.at_level(logging.INFO, logger="imgrec"):
+    with caplog.at_level(logging.DEBUG, logger="imgrec"):
         openmp.patient_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "the CPUs are busy (1.3 of" in caplog.text
@@ -69,12 +69,43 @@ def test_busy_cpus_sees_a_process_spinning_beside_it() -> None:
     assert max(readings) >= 0.8, readings
 
 
-def test_the_command_sets_the_policy_before_torch_loads() -> None:
-    """End to end: a command on a busy machine (forced by a tiny threshold) runs with sleeping threads."""
-    script = ("import os, sys, imgrec.openmp as o, imgrec.cli as c; o.BUSY_CPUS = -1.0; c.main(['datasets']); "
-              "print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr)")
+def _busy_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`imgrec ARGS` on a machine that looks busy (a tiny threshold); stderr ends with the wait policy it left."""
+    script = ("import os, sys, imgrec.openmp as o, imgrec.cli as c; o.BUSY_CPUS = -1.0; code = c.main(sys.argv[1:]); "
+              "print(repr(os.environ.get('OMP_WAIT_POLICY')), file=sys.stderr); sys.exit(code)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(REPO / "src")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_sets_the_policy_before_torch_loads_and_says_so_only_when_verbose() -> None:
+    """End to end, on a busy machine: a command that computes runs with sleeping threads; a usage error stays the
+    one line on stderr (the note is a debug message, shown with -v)."""
+    proc = _busy_command("train", "--data", "nosuch")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "'PASSIVE'"
+    assert len(lines) == 2 and lines[0].startswith("imgrec train: error: unknown data set 'nosuch'"), lines
+    proc = _busy_command("-v", "train", "--data", "nosuch")
+    assert "the CPUs are busy" in proc.stderr
+
+
+def test_commands_that_only_list_leave_the_policy_alone() -> None:
+    proc = _busy_command("-v", "datasets")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "'PASSIVE'"
+    assert proc.stderr.strip().splitlines()[-1] == "None"
+    assert "the CPUs are busy" not in proc.stderr
+
+
+@pytest.mark.parametrize(("command", "measured"), [("models", False), ("datasets", False), ("train", True),
+                                                   ("predict", True)])
+def test_only_commands_that_compute_measure_the_cpus(monkeypatch: pytest.MonkeyPatch, command: str,
+                                                     measured: bool) -> None:
+    from imgrec import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "patient_threads", lambda: calls.append("measured"))
+    monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)  # the command itself is not the point here
+    argv = {"predict": ["predict", "run", "x.png"]}.get(command, [command])
+    assert cli.main(argv) == 0
+    assert calls == (["measured"] if measured else [])

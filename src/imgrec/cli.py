@@ -7,6 +7,7 @@ Torch is imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import signal
@@ -17,6 +18,7 @@ import traceback
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from imgrec import __version__
@@ -26,34 +28,91 @@ from imgrec.openmp import patient_threads
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line ("imgrec train: error: ...") with exit code 2."""
+    """argparse, but usage errors are one line ("imgrec train: error: ...") with exit code 2, and a flag is only
+    ever its full name (--epoch is not taken as --epochs)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """Unknown arguments are reported by the command they were given to, with the nearest flag it has."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            owner = _subparsers(self).choices.get(command, self) if command else self
+            owner.error(_unrecognized(owner, extras))
+        return parsed
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: --epcohs 3; did you mean --epochs?' (the suggestion when one flag is close)."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1, cutoff=0.75)
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+    return message
+
+
+# The help groups of `train --help`: the RunConfig field that opens each (fields keep their order in RunConfig).
+TRAIN_GROUPS = {"data": "data", "model": "model", "pretrained": "transfer learning (torchvision backbones)",
+                "optimizer": "optimisation", "epochs": "schedule and stopping", "device": "compute",
+                "project": "output"}
+
+
+def _default_shown(f: Any, default: Any) -> str:
+    """' (default: X)', unless the help text says its default itself or there is none to show."""
+    help_text = f.metadata.get("help", "")
+    if "default:" in help_text or default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    return f" (default: {default})"
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field: --batch-size N, --amp/--no-amp for booleans, lists as several values."""
+    """One flag per RunConfig field, in help groups: --batch-size N, --amp/--no-amp for booleans, lists as
+    several values. Each shows its default once."""
     hints = typing.get_type_hints(RunConfig)
+    group: Any = parser
     for f in fields(RunConfig):
+        if f.name in TRAIN_GROUPS:
+            group = parser.add_argument_group(TRAIN_GROUPS[f.name])
         kind = hints[f.name]
         args = typing.get_args(kind)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = argparse.SUPPRESS if f.metadata.get("advanced") else f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')}{_default_shown(f, default)}"
         options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+            group.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
         else:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}
             else:
                 options["metavar"] = f.name.upper()
-            parser.add_argument(flag, type=base, **options)
+            group.add_argument(flag, type=base, **options)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
+    """--data-dir: where named data sets live; for a run, where its data set is read from."""
+    default = "where the run was trained from, else " if of_a_run else ""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help=f"where named data sets live (default: {default}$IMGREC_DATA or ~/.cache/imgrec/data)")
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -108,6 +167,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--check-images", type=int, default=256, metavar="N",
                    help="compare the export with PyTorch on N validation images (test images when the run has no "
                         "validation split); 0: no check (default: 256)")
+    _add_data_dir(p, of_a_run=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.")
+    p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.",
+                       usage="%(prog)s [--config YAML | --resume RUN] [options]")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its train_state.pt (only "
                    "--epochs, --patience, --workers, --threads, --save-every-minutes and --dist-timeout may change)")
@@ -129,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "EXIF-rotated files; with a suggested fix for each problem. Exit code 0 when "
                                    "clean, 1 when problems were found.")
     p.add_argument("data", metavar="DATA", help="data set name, or a path to an image folder or archive")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 4)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the splits imgrec makes, as in training (default: 0)")
@@ -143,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report.html.")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("--data", help="evaluate on this data set instead (it must have the same classes)")
+    _add_data_dir(p, of_a_run=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
@@ -151,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
     p.add_argument("--data", default="digits", help="data set name or path (default: digits)")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
     p.add_argument("--n", type=int, default=32, help="number of images (default: 32)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"), help="split (default: train)")
     p.add_argument("--augmented", action="store_true", help="show images as training augments them")
@@ -166,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
     p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
-    p.add_argument("--data-dir", help="where named data sets live (default: $IMGREC_DATA or ~/.cache/imgrec/data)")
+    _add_data_dir(p)
+    for command in sub.choices.values():  # -v after the command too: `imgrec train -v ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug messages")
     return parser
 
 
@@ -178,11 +243,12 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
                                    "without one).")
     p.add_argument("target", metavar="RUN_OR_WEIGHTS", help="a run folder or a weights file")
     p.add_argument("images", metavar="IMAGE", nargs="*", help="image files to explain")
-    p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N worst test mistakes")
+    p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N most confident test mistakes")
     p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
     p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
+    _add_data_dir(p, of_a_run=True)
 
     p = sub.add_parser("compare", help="compare finished runs side by side",
                        description="Print a table of finished runs (data, model, params, epochs, test accuracy, "
@@ -229,12 +295,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgrec.workflows import evaluate_run
 
-    m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device)
+    m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device,
+                     data_dir=args.data_dir)
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
           f"{m['count']:,} images)")
     print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
-                                    f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else ""))
+                                    f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else "")
+          + ": expected calibration error, the mean gap between how sure the model is and how often it is right")
     print(f"metrics: {m['written_to']}")
     print(f"report: {m['report']}")
     return 0
@@ -260,12 +328,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from imgrec.explanations import explain_run
 
     outcome = explain_run(args.target, args.images, mistakes=args.mistakes, out=args.out, method=args.method,
-                          device=args.device)
+                          device=args.device, data_dir=args.data_dir)
     for note in outcome.notes:
         print(f"note: {note}")
     for e in outcome.images:
         true = f", true: {e.true}" if e.true else ""
         print(f"{e.source}: {e.predicted} {e.probability:.1%}{true} ({e.method}) -> {e.png}")
+    if any(e.method.startswith("Grad-CAM") for e in outcome.images):
+        print("Grad-CAM on LAYER (HxW): the heat-map marks the cells of that convolution's HxW output that raise the "
+              "predicted class most, enlarged to the image")
     return 0
 
 
@@ -273,6 +344,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from imgrec.comparison import compare_runs
 
     outcome = compare_runs(args.runs, out=args.out, force=args.force)
+    for folder in outcome.skipped:
+        print(f"note: skipped {folder}: compare's own output, not a run")
     print(outcome.table, end="")
     print("wrote " + ", ".join(str(p) for p in outcome.written))
     return 0
@@ -300,7 +373,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least 1")
     from imgrec.engine.system import set_threads
     from imgrec.inference import Failure, Predictor, expand_paths
-    from imgrec.inference.formats import MAX_SHOWN, make_writer, save_input_sheet
+    from imgrec.inference.formats import MAX_SHOWN, input_caption, make_writer, save_input_sheet
 
     set_threads(args.threads)
     predictor = Predictor.from_run(args.target, device=args.device, auto_preprocess=args.auto_preprocess)
@@ -309,7 +382,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"imgrec predict: error: {failure.message}", file=sys.stderr)
     topk = min(args.topk, len(predictor.classes))
     writer = make_writer(args.format, sys.stdout, sources, predictor.classes, topk)
-    shown, predicted = [], 0
+    shown, captions, predicted = [], [], 0
     for item in predictor.predict_files(sources, topk, args.batch_size, keep_inputs=bool(args.show_input)):
         if isinstance(item, Failure):
             failures.append(item)
@@ -319,8 +392,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predicted += 1
         if args.show_input and len(shown) < MAX_SHOWN:
             shown.append(item.model_input)
+            captions.append(input_caption(item))
     if shown:
-        print(f"model inputs: {save_input_sheet(shown, args.show_input)}", file=sys.stderr)
+        print(f"model inputs: {save_input_sheet(shown, args.show_input, captions)}", file=sys.stderr)
     if failures:
         print(f"imgrec predict: {len(failures)} input(s) could not be predicted (named above); "
               f"{predicted} predicted", file=sys.stderr)
@@ -340,7 +414,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from imgrec.export.runner import export_run
 
     outcome = export_run(args.target, fmt=args.format, out=args.out, weights=args.weights,
-                         check_images=args.check_images)
+                         check_images=args.check_images, data_dir=args.data_dir)
     written = f"{outcome.path} and {outcome.sidecar}" if outcome.sidecar else str(outcome.path)
     print(f"wrote {written} ({outcome.description}) from {outcome.weights}")
     print(f"checked: {outcome.parity.summary()}" if outcome.parity else "not checked (--check-images 0)")
@@ -361,13 +435,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from imgrec.data.datasets import NAMED_DATASETS, missing_files
+    from imgrec.data.datasets import NAMED_DATASETS, archives_of, missing_files
 
     data_dir = args.data_dir or default_data_dir()
     print(f"named data sets (under {data_dir}):")
     for name, entry in NAMED_DATASETS.items():
         state = "embedded" if not entry.files else "missing (--download)" if missing_files(name, data_dir) else "found"
+        archives = archives_of(name, data_dir) if state.startswith("missing") else []
+        if archives:
+            state = "as an archive"
         print(f"  {name:<14} {state:<21} {entry.description}")
+        for archive in archives:
+            print(f"  {'':<14} {'':<21} {archive.name} is here, as image folders: --data {archive} "
+                  f"(or --download for the named set)")
     print("or a path: an image folder (train/, val/ or test/ of class folders, or class folders alone),")
     print("or a .zip/.tar/.tar.gz of one")
     return 0
@@ -378,6 +458,33 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "datasets": cmd_datasets, "export": cmd_export}
 
 
+def _check_target(args: argparse.Namespace) -> None:
+    """An image given where a run folder or weights file belongs gets a direct answer, not a checkpoint error;
+    `predict IMAGE RUN` is named as swapped."""
+    target = getattr(args, "target", None)
+    if target is None:
+        return
+    from imgrec.data.imageio import is_image_file
+
+    def is_run(path: str) -> bool:
+        return (Path(path) / "weights").is_dir() or Path(path).suffix in (".pt", ".pth")
+
+    image = Path(target).is_file() and is_image_file(target)
+    if is_run(target) or not (image or Path(target).is_dir()):
+        return
+    others = getattr(args, "paths", None) or getattr(args, "images", None) or []
+    run = next((p for p in others if is_run(p)), None)
+    if run is not None:
+        raise UsageError(f"the arguments look swapped: {target} is {'an image' if image else 'a folder'} and {run} a "
+                         f"run; the run comes first (imgrec {args.command} {run} {target})")
+    if image:
+        raise UsageError(f"{target} is an image, not a run folder or weights file "
+                         f"(imgrec {args.command} RUN_OR_WEIGHTS ...)")
+
+
+COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imgrec` console script; returns the exit code."""
     parser = build_parser()
@@ -386,11 +493,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    patient_threads()
+    if args.command in COMPUTING:
+        patient_threads()
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        _check_target(args)
         code = COMMANDS[args.command](args)
     except Interrupted as exc:  # training saved its state: the message says how to resume
         print(f"imgrec {args.command}: {exc}", file=sys.stderr)

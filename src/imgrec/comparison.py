@@ -41,6 +41,7 @@ class CompareOutcome:
     rows: list[dict[str, Any]]
     table: str  # Markdown
     written: list[Path]
+    skipped: list[Path]  # compare's own output folders among the paths (`imgrec compare runs/*`)
 
 
 def load_record(path: str | Path) -> RunRecord:
@@ -74,8 +75,11 @@ def _test(record: RunRecord, summary_key: str, metrics_key: str) -> Any:
 
 def compare_runs(paths: list[str | Path], out: str | Path | None = None, force: bool = False) -> CompareOutcome:
     """Compare finished runs; write compare.md, compare.csv and compare.png into out (default: <runs>/compare)."""
+    skipped = [Path(p) for p in paths if is_compare_output(p)]
+    paths = [p for p in paths if not is_compare_output(p)]
     if len(paths) < 2:
-        raise UsageError("compare needs at least two run folders")
+        raise UsageError("compare needs at least two run folders"
+                         + (f" ({', '.join(map(str, skipped))}: compare's own output, skipped)" if skipped else ""))
     records = [load_record(p) for p in paths]
     _name_uniquely(records)
     if not force:
@@ -94,7 +98,15 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None, force: 
     plot_comparison([{"name": r.name, "train_seconds": row["train_seconds"], "test_accuracy": row["test_accuracy"],
                       "val_acc": r.val_acc} for r, row in zip(records, rows)
                      if row["train_seconds"] is not None and row["test_accuracy"] is not None], out_dir / "compare.png")
-    return CompareOutcome(rows, table, [out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.png"])
+    return CompareOutcome(rows, table, [out_dir / "compare.md", out_dir / "compare.csv", out_dir / "compare.png"],
+                          skipped)
+
+
+def is_compare_output(path: str | Path) -> bool:
+    """A folder compare wrote (compare.md or compare.csv, no weights): not a run."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "weights").is_dir()
+            and any((path / name).is_file() for name in ("compare.md", "compare.csv")))
 
 
 def _row(record: RunRecord) -> dict[str, Any]:

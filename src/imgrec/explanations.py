@@ -47,13 +47,13 @@ class ExplainOutcome:
 
 
 def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes: int = 0, out: str | Path | None = None,
-                method: str = "auto", device: str | None = None) -> ExplainOutcome:
+                method: str = "auto", device: str | None = None, data_dir: str | None = None) -> ExplainOutcome:
     """Write one heat-map PNG per image file and per worst test mistake (the first `mistakes` of them)."""
     if not images and not mistakes:
         raise UsageError("nothing to explain: give image files, or --mistakes N for the N worst test mistakes")
     if mistakes < 0:
         raise UsageError("--mistakes must not be negative")
-    path, ckpt, cfg, model = load_run(run_or_weights)
+    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
     if device:
         cfg.device = device
     # Decode every file before any work, so a bad file fails at once and names itself.

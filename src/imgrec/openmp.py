@@ -16,14 +16,15 @@ def patient_threads() -> None:
     cores they spin away each other's time slices and training runs several times slower; sleeping threads are
     slower on an idle machine (benchmarks/thread_policy.py measures both). So the choice follows how busy the
     CPUs are when the command starts. The OpenMP runtime reads the setting once, when torch is first imported.
+    The note saying so is a debug message (`imgrec -v`): it changes no result, and a one-line error must stay one line.
     """
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
         return
     busy = busy_cpus()
     if busy is not None and busy >= BUSY_CPUS:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        logging.getLogger("imgrec").info(f"the CPUs are busy ({busy:.1f} of {os.cpu_count()} in use by other "
-                                         f"processes): torch's threads will sleep while they wait")
+        logging.getLogger("imgrec").debug(f"the CPUs are busy ({busy:.1f} of {os.cpu_count()} in use by other "
+                                          f"processes): torch's threads will sleep while they wait")
 
 
 BUSY_CPUS = 0.5  # CPUs in use by other processes from which spinning threads lose more than they gain

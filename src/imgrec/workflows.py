@@ -9,6 +9,7 @@ writes the run folder and tells the others where it is; after training it alone 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -16,14 +17,14 @@ import shutil
 import time
 from collections.abc import Collection
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from imgrec.config import RunConfig, default_cache_dir, load_yaml, parse_duration, resume_safe_settings
-from imgrec.data.datasets import DataOptions, load_data
+from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
@@ -99,6 +100,14 @@ class ResumePoint:
     state: dict[str, Any]
 
 
+def with_data_dir_recorded(cfg: RunConfig) -> RunConfig:
+    """The config with the folder its named data set is read from, as an absolute path: the run's config.yaml and
+    weights then find their data from any shell (evaluate, explain and export read it; --data-dir overrides it)."""
+    if cfg.data not in NAMED_DATASETS or not NAMED_DATASETS[cfg.data].files:
+        return cfg
+    return dataclasses.replace(cfg, data_dir=str(Path(cfg.data_root).expanduser().resolve()))
+
+
 def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
     """DataOptions from the run's config, with overrides (inference rebuilds data as the model saw it)."""
     opts = DataOptions(
@@ -160,7 +169,7 @@ def _restart_config(folder: Path, given: dict[str, Any]) -> tuple[RunConfig, lis
     given), in its own folder."""
     source = folder / "config.yaml"
     _, cfg = resumed_settings(load_yaml(source), given, source)
-    cfg = replace(cfg, project=str(folder.parent), name=folder.name, exist_ok=True)
+    cfg = dataclasses.replace(cfg, project=str(folder.parent), name=folder.name, exist_ok=True)
     return cfg, [f"{folder} stopped before it saved a training state: starting it again from the beginning with its "
                  f"config.yaml"]
 
@@ -203,6 +212,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     started = time.perf_counter() if started is None else started
     if cfg.name is not None and not resumed:
         check_run_name(cfg.name)  # before any data is loaded
+    if resumed is None:
+        cfg = with_data_dir_recorded(cfg)
     here = distributed.setup(cfg.dist_timeout)
     if resumed is None and distributed.restart_count() > 0:
         outcome = _restarted(cfg)
@@ -385,11 +396,19 @@ def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec
     }
 
 
-def load_run(run_or_weights: str | Path) -> tuple[Path, dict[str, Any], RunConfig, torch.nn.Module]:
-    """Weights path, checkpoint, config and a model with the weights loaded."""
+def load_run(run_or_weights: str | Path, data_dir: str | None = None,
+             ) -> tuple[Path, dict[str, Any], RunConfig, torch.nn.Module]:
+    """Weights path, checkpoint, config and a model with the weights loaded.
+
+    The config's data_dir is where the run's named data set is looked for: data_dir (--data-dir) when given, else
+    the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
     path = resolve_weights(run_or_weights)
     ckpt = load_weights_file(path)
     cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    if data_dir:
+        cfg.data_dir = data_dir
+    elif cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        cfg.data_dir = None
     spec = ckpt["model"]
     model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
     load_model_state(model, ckpt["state_dict"], path)
@@ -397,10 +416,11 @@ def load_run(run_or_weights: str | Path) -> tuple[Path, dict[str, Any], RunConfi
 
 
 def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+                 out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
+                 ) -> dict[str, Any]:
     """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
     the figures and report.html into out (default: the run folder)."""
-    path, ckpt, cfg, model = load_run(run_or_weights)
+    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
     if data:
         cfg.data = data
     if device:
@@ -436,7 +456,7 @@ def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path) -> DataBun
     stats = len(ckpt["mean"]) == ckpt["channels"]
     bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
                                               mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None,
-                                              train_samples=None))
+                                              train_samples=None, offer_download=False))
     if bundle.skipped:
         log.warning(skipped_warning(bundle.skipped))
     check_classes(bundle, ckpt["classes"], source)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imgrec.data.photo import (
+    CAPTION_HEIGHT,
     border_ring,
     foreground_box,
     measure_foreground,
@@ -134,3 +135,14 @@ def test_tile_images_keeps_every_pixel() -> None:
     assert np.array_equal(second, images[1, 0])
     colour = tile_images(np.zeros((1, 3, 8, 8), np.uint8))
     assert colour.mode == "RGB" and colour.size == (96, 96)
+
+
+def test_tile_images_writes_each_caption_under_its_tile() -> None:
+    images = np.zeros((3, 1, 8, 8), np.uint8)
+    sheet = np.asarray(tile_images(images, columns=2, gap=2, captions=["cat.jpg: dog 87%", "b.png: unsure"]))
+    assert sheet.shape == (2 * (96 + CAPTION_HEIGHT) + 2, 2 * 96 + 2)
+    strips = [sheet[96:96 + CAPTION_HEIGHT, :96], sheet[96:96 + CAPTION_HEIGHT, 98:],
+              sheet[2 * 96 + CAPTION_HEIGHT + 2:, :96]]
+    assert (strips[0] > 200).any() and (strips[1] > 200).any()  # light text on a dark strip
+    assert (strips[2] == 128).all()  # the third tile has no caption
+    assert not sheet[:96, :96].any()  # the tiles keep their pixels

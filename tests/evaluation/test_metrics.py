@@ -319,9 +319,16 @@ def test_confusion_matrix_from_logits(case: tuple[torch.Tensor, torch.Tensor, in
                        confusion_matrix(logits.argmax(1), targets, num_classes))
 
 
-def test_worst_mistakes_are_the_highest_losses_among_the_wrong() -> None:
+def test_worst_mistakes_are_the_most_confident_among_the_wrong() -> None:
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 1.0], [3.0, 0.0], [0.0, 9.0]])
-    targets = torch.tensor([0, 0, 0, 1, 1])  # wrong: rows 1 (loss ~5), 2 (~1.3), 3 (~3)
+    targets = torch.tensor([0, 0, 0, 1, 1])  # wrong: rows 1 (99.3% for the wrong class), 2 (73%), 3 (95%)
     assert worst_mistakes(logits, targets, 10).tolist() == [1, 3, 2]
     assert worst_mistakes(logits, targets, 2).tolist() == [1, 3]
     assert worst_mistakes(logits[:1], targets[:1], 3).tolist() == []
+
+
+def test_worst_mistakes_rank_by_the_wrong_class_probability_not_the_loss() -> None:
+    """Row 0 splits its belief between two wrong classes (52% for class 2, loss 5.75); row 1 is 95% sure of a wrong
+    class (loss 3.05): row 1 is the more confident mistake."""
+    logits = torch.tensor([[0.0, 5.0, 5.1], [2.0, 5.0, 0.0]])
+    assert worst_mistakes(logits, torch.tensor([0, 0]), 2).tolist() == [1, 0]

@@ -54,6 +54,7 @@ class DataOptions:
     mean: list[float] | None = None
     std: list[float] | None = None
     strict: bool = False  # fail on files that do not decode instead of skipping them
+    offer_download: bool = True  # a missing named set's error advises --download (train has it; evaluate has not)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,16 @@ def missing_files(name: str, data_dir: str) -> list[str]:
     return [f for f in NAMED_DATASETS[name].files if not (Path(data_dir) / f).is_file()]
 
 
+def archives_of(name: str, data_dir: str) -> list[Path]:
+    """Archives under data_dir named after a named data set (cifar10-jpeg.tar.gz for cifar10): image folders that
+    `--data PATH` reads, though not the named set's own files."""
+    folder, key = Path(data_dir), name.replace("-", "").lower()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_archive(p)
+                  and p.name.lower().replace("-", "").replace("_", "").startswith(key))
+
+
 def load_data(spec: str, opts: DataOptions) -> DataBundle:
     """Load a data set by name or path, with its info and its train/val/test splits."""
     if spec in NAMED_DATASETS:
@@ -135,15 +146,22 @@ def load_data(spec: str, opts: DataOptions) -> DataBundle:
     elif os.path.exists(spec):
         bundle = _load_folder(spec, opts)
     else:
-        raise UsageError(
-            f"unknown data set {spec!r}: use one of {', '.join(NAMED_DATASETS)}, or a path to an image folder or archive"
-        )
+        raise data_not_found(spec)
     if opts.train_samples is not None and opts.train_samples < len(bundle.train):
         keep = stratified_split(bundle.train.labels.numpy(), [opts.train_samples / len(bundle.train)], opts.split_seed)[0]
         bundle.train = bundle.train.subset(torch.from_numpy(keep))
         bundle.notes.append(f"training on a stratified subset of {len(bundle.train)} images")
     _check_splits(bundle)
     return bundle
+
+
+def data_not_found(spec: str) -> ImgrecError:
+    """The error for --data that is neither a named set nor an existing path: ./photos, ~/data, a/b or x.zip were
+    meant as a path (missing: exit 1), anything else as a name (unknown: a usage error)."""
+    if any(sep in spec for sep in ("/", os.sep)) or spec.startswith((".", "~")) or is_archive(Path(spec)):
+        return ImgrecError(f"{'file' if is_archive(Path(spec)) else 'folder'} not found: {spec}")
+    return UsageError(f"unknown data set {spec!r}: use one of {', '.join(NAMED_DATASETS)}, or a path to an image "
+                      f"folder or archive")
 
 
 def _check_splits(bundle: DataBundle) -> None:
@@ -173,7 +191,8 @@ def _load_named(name: str, opts: DataOptions) -> DataBundle:
     if missing and not opts.download:
         raise ImgrecError(
             f"{name} not found under {opts.data_dir}: missing {', '.join(missing[:2])}"
-            f"{' and more' if len(missing) > 2 else ''}; run with --download (needs internet), or point --data-dir "
+            f"{' and more' if len(missing) > 2 else ''}; "
+            f"{'run with --download (needs internet), or ' if opts.offer_download else ''}point --data-dir "
             f"(or $IMGREC_DATA) at a folder that holds them"
         )
     try:

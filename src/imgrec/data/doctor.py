@@ -29,12 +29,18 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.utils.data import Dataset
 
-from imgrec.data.datasets import NAMED_DATASETS, DataOptions, assign_splits, folder_of, load_data
+from imgrec.data.datasets import (
+    NAMED_DATASETS,
+    DataOptions,
+    assign_splits,
+    data_not_found,
+    folder_of,
+    load_data,
+)
 from imgrec.data.doctor_report import find_problems, format_report
 from imgrec.data.folders import scan_folder
 from imgrec.data.imageio import ImageDecodeError, is_image_file, load_image
 from imgrec.data.loaders import file_loader
-from imgrec.errors import UsageError
 
 __all__ = ["DoctorOptions", "diagnose", "format_report", "inspect_file", "near_pairs"]
 
@@ -75,8 +81,7 @@ def diagnose(spec: str, options: DoctorOptions) -> dict[str, Any]:
     elif os.path.exists(spec):
         images, report = _folder_images(spec, options)
     else:
-        raise UsageError(f"unknown data set {spec!r}: use one of {', '.join(NAMED_DATASETS)}, or a path to an image "
-                         f"folder or archive")
+        raise data_not_found(spec)
     report["images"] = len(images.names)
     report["counts"] = _counts(images, report["classes"])
     report["sizes"] = _tally(f"{f['size'][0]}x{f['size'][1]}" for f in images.facts if f["size"])

@@ -12,9 +12,10 @@ Pure image operations on Pillow images and numpy arrays: no model, no torch. Imp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 BORDER_FRACTION = 0.05  # the border ring that shows the background: 5% of the shorter side, at least 1 px
 TRIM = 0.005  # mass trimmed from each side of the object's box, so that a speck of dirt does not widen it
@@ -157,19 +158,35 @@ def _shrink(image: Image.Image, longest: int) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
-def tile_images(images: np.ndarray, columns: int = 8, min_tile: int = 96, gap: int = 2) -> Image.Image:
-    """uint8 (N, C, H, W) -> one image: each enlarged by a whole factor (nearest neighbour, pixels kept), in a grid."""
+CAPTION_HEIGHT = 14  # pixels of text under each tile when the sheet has captions
+
+
+def tile_images(images: np.ndarray, columns: int = 8, min_tile: int = 96, gap: int = 2,
+                captions: Sequence[str] | None = None) -> Image.Image:
+    """uint8 (N, C, H, W) -> one image: each enlarged by a whole factor (nearest neighbour, pixels kept), in a grid;
+    with captions, each tile's caption in a strip under it (a long one loses its start)."""
     n, channels, height, width = images.shape
     factor = max(1, math.ceil(min_tile / max(height, width)))
     columns = max(1, min(columns, n))
     rows = math.ceil(n / columns)
     tile_h, tile_w = height * factor, width * factor
+    cell_h = tile_h + (CAPTION_HEIGHT if captions else 0)
     mode = "L" if channels == 1 else "RGB"
-    sheet = Image.new(mode, (columns * (tile_w + gap) - gap, rows * (tile_h + gap) - gap), 128)
+    sheet = Image.new(mode, (columns * (tile_w + gap) - gap, rows * (cell_h + gap) - gap), 128)
+    draw = ImageDraw.Draw(sheet)
     for i, chw in enumerate(images):
         hwc = np.ascontiguousarray(chw.transpose(1, 2, 0))
         tile = Image.fromarray(hwc[:, :, 0] if channels == 1 else hwc)
         tile = tile.resize((tile_w, tile_h), Image.Resampling.NEAREST)
         row, col = divmod(i, columns)
-        sheet.paste(tile, (col * (tile_w + gap), row * (tile_h + gap)))
+        x, y = col * (tile_w + gap), row * (cell_h + gap)
+        sheet.paste(tile, (x, y))
+        if captions and i < len(captions):
+            text = captions[i].encode("ascii", "replace").decode()  # PIL's built-in font may lack other characters
+            cut = 0
+            while cut < len(text) and draw.textlength(text if not cut else ".." + text[cut:]) > tile_w - 2:
+                cut += 1  # a long caption keeps its end (the prediction)
+            text = text if not cut else ".." + text[cut:]
+            draw.rectangle((x, y + tile_h, x + tile_w - 1, y + cell_h - 1), fill=0)
+            draw.text((x + 1, y + tile_h + 1), text, fill=255 if channels == 1 else (255, 255, 255))
     return sheet

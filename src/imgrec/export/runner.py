@@ -65,7 +65,8 @@ class ExportOutcome:
 
 
 def export_run(run: str | Path, fmt: str | None = None, out: str | Path | None = None, weights: str | None = None,
-               check_images: int = DEFAULT_CHECK_IMAGES, split: str | None = None) -> ExportOutcome:
+               check_images: int = DEFAULT_CHECK_IMAGES, split: str | None = None, data_dir: str | None = None,
+               ) -> ExportOutcome:
     """Export a run's (or a weights file's) model to ONNX or safetensors, check it on check_images of the run's data,
     and write it (atomically) to out (default: beside the weights file)."""
     fmt = choose_format(fmt, out)
@@ -76,7 +77,7 @@ def export_run(run: str | Path, fmt: str | None = None, out: str | Path | None =
     weights_path = pick_weights(run, weights)
     target = output_path(out, weights_path, fmt)
     _probe_writable(target)  # before the minutes an export and its check may take
-    _, ckpt, cfg, model = load_run(weights_path)
+    _, ckpt, cfg, model = load_run(weights_path, data_dir)
     model.eval()
     images, used_split = check_images_of(cfg, ckpt, weights_path, check_images, split) if check_images else (None, "")
     fields = shipped_fields(ckpt)

@@ -66,8 +66,8 @@ def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunCon
     if best is not None:
         log.info(f"prediction: {foreground['background']} background, objects span {foreground['object_extent']:.0%} "
                  f"of the frame{'' if foreground['object_centred'] else ' (not centred)'}; "
-                 f"'none of my classes' below {best['score']} {best['threshold']:.3f} "
-                 f"({best['keep']:.0%} of {best['count']} {split_name} images are above)")
+                 f"'unsure' (unlike the training images) below a familiarity score of {best['threshold']:.3f} "
+                 f"({best['score']} of the logits; {best['keep']:.0%} of {best['count']} {split_name} images are above)")
     return {**foreground, "ood": best}
 
 

@@ -93,10 +93,17 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
-def save_input_sheet(inputs: Sequence[Any], path: str | Path) -> Path:
-    """Save model inputs (uint8 (C, H, W) tensors or arrays), enlarged without smoothing, as one PNG grid."""
+def save_input_sheet(inputs: Sequence[Any], path: str | Path, captions: Sequence[str] | None = None) -> Path:
+    """Save model inputs (uint8 (C, H, W) tensors or arrays), enlarged without smoothing, as one PNG grid, each
+    with its caption (file name and prediction) under it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = np.stack([np.asarray(x) for x in inputs[:MAX_SHOWN]])
-    tile_images(images).save(path, format="PNG")
+    tile_images(images, captions=captions).save(path, format="PNG")
     return path
+
+
+def input_caption(prediction: Any) -> str:
+    """'cat.jpg: dog 87%', or 'unsure' for an image that looks like none of the classes."""
+    label = UNSURE if prediction.in_distribution is False else f"{prediction.label} {prediction.probability:.0%}"
+    return f"{Path(prediction.source).name}: {label}"

@@ -21,6 +21,12 @@ class Interrupted(ImgrecError):
     exit_code = 130
 
 
+def printable(text: str) -> str:
+    """Text fit for one line of a message or a table row: control characters (a newline or a tab in a file name)
+    escaped as Python writes them, everything else (accents included) as it is."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 # What an OSError's errno means for the user, in the words of the one line they read.
 _CAUSES = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EACCES": "permission denied",
            "EPERM": "permission denied", "EROFS": "read-only file system", "ENAMETOOLONG": "file name too long",

@@ -28,7 +28,7 @@ from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
-from imgrec.data.verify import skipped_warning
+from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.budget import Deadline
 from imgrec.engine.checkpoint import (
@@ -546,5 +546,5 @@ def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
         csv.writer(buffer).writerows([("file", "class", "split", "skipped"), *bundle.manifest])
         write_text(run_dir / "split.csv", buffer.getvalue())
     if bundle.skipped:
-        write_text(run_dir / "skipped.txt", "".join(f"{p}\t{split}\t{why}\n" for p, split, why in bundle.skipped))
+        write_text(run_dir / "skipped.txt", skipped_table(bundle.skipped))
         log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))

@@ -233,7 +233,11 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (what `--config` reads back)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (what config.yaml holds)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def parse_duration(text: str) -> float:

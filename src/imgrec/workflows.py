@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir, parse_duration, resume_safe_settings
+from imgrec.config import RunConfig, default_cache_dir, load_yaml, parse_duration, resume_safe_settings
 from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
@@ -37,8 +40,19 @@ from imgrec.engine.checkpoint import (
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
-from imgrec.engine.runs import create_run_dir, default_run_name, find_run, read_results, write_json
+from imgrec.engine.runs import (
+    RunLock,
+    check_run_name,
+    create_run_dir,
+    default_run_name,
+    find_run,
+    read_results,
+    write_json,
+    write_text,
+)
 from imgrec.engine.state import (
+    PREVIOUS_STATE_FILE,
+    STATE_FILE,
     Progress,
     check_same_data,
     check_world_size,
@@ -46,6 +60,7 @@ from imgrec.engine.state import (
     make_current,
     resolve_state,
     resume_config,
+    resumed_settings,
 )
 from imgrec.engine.system import (
     autocast_dtype,
@@ -112,19 +127,28 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
 @distributed.group_errors()
 def resume(run: str | Path, given: dict[str, Any], data: DataSource | None = None) -> TrainOutcome:
     """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is.
+    A run stopped during its start-up, before it saved any state, starts again from the beginning in its folder.
     data: where its images come from when not from its data setting (a run trained on data passed from Python)."""
     distributed.setup(given.get("dist_timeout", RunConfig.dist_timeout))
-    # The main process reads the run folder; the others get its state from it (their machines may not see it).
-    path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given))
-    if summary is not None:
-        return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
-    for note in notes:
-        log.info(note)
-    return train(cfg, ResumePoint(path, state), data=data)
+    with ExitStack() as owned:  # the main process owns the run folder from here to the end of training
+        # The main process reads the run folder; the others get its state from it (their machines may not see it).
+        path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given, owned))
+        if summary is not None:
+            return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
+        for note in notes:
+            log.info(note)
+        return train(cfg, ResumePoint(path, state) if state is not None else None, data=data)
 
 
-def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, RunConfig, list[str], dict | None]:
-    """The state to resume and its config; the run's summary instead when it has nothing left to do."""
+def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
+                  ) -> tuple[Path, dict | None, RunConfig, list[str], dict | None]:
+    """The state to resume and its config; the run's summary instead when it has nothing left to do; no state
+    (None) and the config to start again with when the run never got to save one."""
+    target = Path(run)
+    if target.exists():  # before anything is read: another process may be writing it
+        owned.enter_context(RunLock(target if target.is_dir() else target.parent))
+    if _stopped_in_start_up(target):
+        return target, None, *_restart_config(target, given), None
     path = resolve_state(run)
     state = load_state(path)
     cfg, notes = resume_config(state, given, path)
@@ -136,6 +160,22 @@ def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, R
     if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
         return path, state, cfg, notes, json.loads(summary.read_text())
     return make_current(path), state, cfg, notes, None
+
+
+def _stopped_in_start_up(folder: Path) -> bool:
+    """A run folder whose training was stopped (killed) during its start-up: config.yaml, but no training state."""
+    return (folder.is_dir() and (folder / "config.yaml").is_file()
+            and not any((folder / name).exists() for name in (STATE_FILE, PREVIOUS_STATE_FILE, "summary.json")))
+
+
+def _restart_config(folder: Path, given: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The config a run that never saved a state starts again with: its config.yaml (and the resume-safe settings
+    given), in its own folder."""
+    source = folder / "config.yaml"
+    _, cfg = resumed_settings(load_yaml(source), given, source)
+    cfg = dataclasses.replace(cfg, project=str(folder.parent), name=folder.name, exist_ok=True)
+    return cfg, [f"{folder} stopped before it saved a training state: starting it again from the beginning with its "
+                 f"config.yaml"]
 
 
 def _restarted(cfg: RunConfig) -> TrainOutcome | None:
@@ -165,8 +205,18 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
 
     given: the settings the user chose explicitly (they win over --recipe; default: those unlike the defaults);
     started: the time.perf_counter() at which the command started (what --time-budget counts from);
-    data: the data loaded from the options when it does not come from cfg.data (data passed from Python)."""
+    data: the data loaded from the options when it does not come from cfg.data (data passed from Python).
+    The main process owns the run folder (RunLock) until the end; a new folder that fails before training saved
+    anything is removed again."""
+    with ExitStack() as owned:
+        return _train(cfg, resumed, given, started, data, owned)
+
+
+def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] | None, started: float | None,
+           data: DataSource | None, owned: ExitStack) -> TrainOutcome:
     started = time.perf_counter() if started is None else started
+    if cfg.name is not None and not resumed:
+        check_run_name(cfg.name)  # before any data is loaded
     if resumed is None:
         cfg = with_data_dir_recorded(cfg)
     here = distributed.setup(cfg.dist_timeout)
@@ -174,6 +224,9 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
         outcome = _restarted(cfg)
         if outcome is not None:
             return outcome
+    if cfg.exist_ok and not resumed:  # a folder another command is writing: refused before any data is loaded
+        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
+        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
@@ -203,7 +256,7 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
             raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
                                      time.perf_counter() - started)
-    run_dir = _run_folder(cfg, bundle, resumed)
+    run_dir = _run_folder(cfg, bundle, resumed, owned)
     if plan and distributed.is_main():
         write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
@@ -427,13 +480,22 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
     except KeyError:
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
     out_dir = Path(out) if out else run_dir_of(path)
-    metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
-    metrics.update(data=cfg.data, weights=str(path))
-    write_json(out_dir / "metrics.json", metrics)
-    report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
+    with own_run_folder(path, out_dir):
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics.update(data=cfg.data, weights=str(path))
+        write_json(out_dir / "metrics.json", metrics)
+        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)
     return metrics
+
+
+def own_run_folder(weights: Path, out_dir: Path) -> AbstractContextManager[Any]:
+    """The run folder's lock while a command writes into it (out_dir is the run folder of weights/x.pt, or in it);
+    nothing to lock for other folders."""
+    run_dir = run_dir_of(weights)
+    inside = out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents
+    return RunLock(run_dir) if weights.parent.name == "weights" and inside else nullcontext()
 
 
 def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path, data: DataSource | None = None) -> DataBundle:
@@ -485,33 +547,54 @@ def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "tra
     return plot_image_grid(images, titles, out)
 
 
-def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None) -> Path:
+def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None, owned: ExitStack) -> Path:
     """The run folder: the resumed run's, or a new one that the main process makes and names for all processes;
-    the main process writes config.yaml, split.csv and skipped.txt into it."""
+    the main process locks it (for as long as `owned` is open) and writes config.yaml, split.csv and skipped.txt
+    into it. A folder made here is removed again if the command fails before training saved anything."""
     if resumed:
         if cfg.cache_features:
             raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
         run_dir = resumed.path.parent
+        distributed.from_main(lambda: _lock(run_dir, owned))  # resume() holds it already: counted, not locked again
     else:
         name = cfg.name or default_run_name(cfg.data, cfg.model)
-        run_dir = distributed.from_main(lambda: create_run_dir(cfg.project, name, cfg.exist_ok))
+        run_dir = distributed.from_main(lambda: _new_run_folder(cfg.project, name, cfg.exist_ok, owned))
     if distributed.is_main():
         _write_run_files(cfg, bundle, run_dir)
     return run_dir
 
 
+def _new_run_folder(project: str, name: str, exist_ok: bool, owned: ExitStack) -> Path:
+    run_dir, made = create_run_dir(project, name, exist_ok)
+    _lock(run_dir, owned)  # a folder another process holds is left to it
+
+    def remove_if_failed(kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None:
+            _remove_if_untrained(run_dir)
+
+    if made:
+        owned.push(remove_if_failed)  # runs before the lock is released
+    return run_dir
+
+
+def _lock(run_dir: Path, owned: ExitStack) -> None:
+    owned.enter_context(RunLock(run_dir))
+
+
+def _remove_if_untrained(run_dir: Path) -> None:
+    """A new run folder its command failed to train: nothing of training saved (no state, no weights), so it is
+    removed and its name is free again."""
+    if not (run_dir / STATE_FILE).exists() and not (run_dir / "weights").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
-    """config.yaml, and split.csv and skipped.txt when the data has them."""
-    cfg.save(run_dir / "config.yaml")
+    """config.yaml, and split.csv and skipped.txt when the data has them (each written atomically)."""
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
     if bundle.manifest:
-        _write_manifest(bundle.manifest, run_dir / "split.csv")
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([("file", "class", "split", "skipped"), *bundle.manifest])
+        write_text(run_dir / "split.csv", buffer.getvalue())
     if bundle.skipped:
-        (run_dir / "skipped.txt").write_text(skipped_table(bundle.skipped))
+        write_text(run_dir / "skipped.txt", skipped_table(bundle.skipped))
         log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
-
-
-def _write_manifest(rows: list[tuple[str, str, str, str]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("file", "class", "split", "skipped"))
-        writer.writerows(rows)

@@ -26,6 +26,7 @@ LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("val", "last")
+BALANCE_MODES = ("none", "weights", "sampler")
 AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop")
 # Models built on torchvision backbones: they take --pretrained, --weights and the freezing options.
 # models/backbones.py describes each one; tests/models/test_transfer.py keeps the two lists equal.
@@ -63,6 +64,9 @@ class RunConfig:
     test_fraction: float = _opt(0.2, "fraction held out for testing when an image folder has no test or val split")
     split_seed: int = _opt(0, "seed of the train/val/test splits imgrec makes (fixed, so runs share a test set)")
     train_samples: int | None = _opt(None, "train on a seeded, stratified subset of this many training images")
+    balance: str = _opt("none", "imbalanced classes: weights (each class's loss weighted by the inverse of its share of "
+                                "the training images) or sampler (each epoch draws every class equally often)",
+                        choices=BALANCE_MODES)
     loader: str = _opt("auto", "data path: memory (one uint8 tensor), stream (DataLoader workers) or auto", choices=LOADERS)
     workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
                                resume=True)
@@ -97,6 +101,9 @@ class RunConfig:
     epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True)
     schedule: str = _opt("constant", "learning-rate schedule (linear: warm up over the first fifth of the steps, then "
                                      "decay linearly to zero)", choices=SCHEDULES)
+    warmup_epochs: float | None = _opt(None, "raise the learning rate linearly from near zero over this many epochs "
+                                             "(fractions allowed), then follow --schedule over the rest (default: "
+                                             "none; linear keeps its first fifth)")
     max_steps: int | None = _opt(None, "stop after this many training steps in all, cutting the last epoch short "
                                        "(--time-budget sets it)")
     time_budget: str | None = _opt(None, "finish the whole run (data, training, test, report) within this time, "
@@ -155,6 +162,8 @@ class RunConfig:
         _check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
         _check(self.save_every_minutes >= 0, "--save-every-minutes must not be negative")
         _check(self.save_every_steps >= 0, "--save-every-steps must not be negative")
+        _check(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs,
+               "--warmup-epochs must be at least 0 and fewer than --epochs")
         _check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1")
         _check(0 <= self.ema < 1, "--ema must be in [0, 1) (0: off; 0.99 averages about the last 100 steps)")
         _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "

@@ -55,7 +55,7 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import FitResult, fit
+from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError, UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import record_prediction_stats
@@ -316,12 +316,21 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
     here = distributed.context()
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard)
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, balanced=cfg.balance == "sampler")
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
-               deadline=deadline), None
+               deadline=deadline, class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)), None
+
+
+def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The loss's class weights under --balance weights (logged), else None."""
+    if cfg.balance != "weights":
+        return None
+    weights = inverse_frequency_weights(labels, num_classes)
+    log.info(f"balance: class weights in the loss from {weights.min():.3g} to {weights.max():.3g} (inverse frequency)")
+    return weights
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,

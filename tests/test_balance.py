@@ -3,6 +3,7 @@ reach the training loss; a run on an imbalanced folder trains with either."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,6 +126,21 @@ def test_class_weights_are_in_the_training_loss(tmp_path: Path, smoothing: float
         assert not torch.allclose(p.detach(), p0 - plain.grad)
 
 
+def test_the_report_leads_with_balanced_metrics_on_an_imbalanced_split() -> None:
+    from imgrec.evaluation.html import _cards
+    from imgrec.evaluation.metrics import classification_report
+
+    logits = torch.eye(3)[torch.tensor([0] * 9 + [1, 2, 0])]  # 9 a's right, b and c right, one c called a
+    balanced = classification_report(logits, torch.tensor([0] * 9 + [1, 2, 2]), ["a", "b", "c"])
+    assert balanced["imbalanced"] and balanced["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    even = classification_report(torch.eye(3)[torch.arange(3).repeat(3)], torch.arange(3).repeat(3), ["a", "b", "c"])
+    assert not even["imbalanced"]
+    html = _cards({**balanced, "split": "test", "calibration": {}}, None)
+    assert html.index("balanced accuracy") < html.index(">accuracy<") and "test split is imbalanced" in html
+    html = _cards({**even, "split": "test", "calibration": {}}, None)
+    assert html.index(">accuracy<") < html.index("balanced accuracy") and "imbalanced" not in html
+
+
 def test_balance_is_a_checked_setting() -> None:
     assert RunConfig().balance == "none"
     with pytest.raises(UsageError, match="--balance must be one of none, weights, sampler"):
@@ -146,3 +162,7 @@ def test_cli_trains_an_imbalanced_folder(tmp_path: Path, balance: str) -> None:
     assert f"balance: {balance}" in config
     if balance == "weights":
         assert "class weights in the loss" in done.stderr
+    # the test split (about 5 cats, 1 dog) is imbalanced: the headline adds balanced accuracy and macro-F1
+    assert "balanced accuracy:" in done.stdout and "macro-F1" in done.stdout
+    summary = json.loads((tmp_path / "runs" / "photos-mlp" / "summary.json").read_text())
+    assert summary["test_imbalanced"] is True and 0 <= summary["test_balanced_accuracy"] <= 1

@@ -289,6 +289,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"test accuracy: {s['test_accuracy']:.2%} (test loss {s['test_loss']:.4f}, best epoch {s['best_epoch']}/"
           f"{s['epochs']}, {s['train_seconds']:.1f}s training, {s['images_per_second']:,.0f} img/s)")
+    if s.get("test_imbalanced"):
+        print(f"balanced accuracy: {s['test_balanced_accuracy']:.2%}, macro-F1 {s['test_macro_f1']:.3f} (the test split "
+              f"is imbalanced: accuracy is mostly its large classes')")
     return 0
 
 
@@ -300,6 +303,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
           f"{m['count']:,} images)")
+    if m.get("imbalanced"):
+        print(f"balanced accuracy: {m['balanced_accuracy']:.2%} (the {m['split']} split is imbalanced: accuracy is "
+              f"mostly its large classes')")
     print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
                                     f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else "")
           + ": expected calibration error, the mean gap between how sure the model is and how often it is right")

@@ -277,6 +277,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     summary = {
         "data": cfg.data, "model": cfg.model, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_macro_f1": metrics["macro_f1"],
+        "test_balanced_accuracy": metrics["balanced_accuracy"], "test_imbalanced": metrics["imbalanced"],
         "test_ece": metrics["ece"], "test_ece_calibrated": metrics["calibration"].get("ece_after"),
         "temperature": best.get("temperature"), "best_val_accuracy": result.best_val_accuracy,
         "params": count_parameters(model), "train_seconds": round(result.train_seconds, 3),

@@ -110,8 +110,9 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
     if cfg.schedule in ("cosine", "linear") or (cfg.schedule == "constant" and warmup):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup))
     if cfg.schedule == "onecycle":
-        # its own warm-up is the first 30% of the steps; --warmup-epochs sets it (at least two steps: it divides by it)
-        start = 0.3 if warmup is None else min(0.99, max(warmup, 2) / max(total_steps, 1))
+        # its own warm-up is the first 30% of the steps; --warmup-epochs sets it: the peak at step `warmup` (torch's
+        # peak is at step pct_start x total - 1, and its warm-up must be at least a step long)
+        start = 0.3 if warmup is None else min(0.99, (max(warmup, 1) + 1) / max(total_steps, 1))
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total_steps, pct_start=start)
     return None

@@ -100,6 +100,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
             group.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+        elif "words" in f.metadata:  # a number or a word: --lr 0.01, --lr find
+            group.add_argument(flag, type=str, metavar=f"{f.name.upper()}|{'|'.join(f.metadata['words'])}", **options)
         else:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}

@@ -92,7 +92,8 @@ class RunConfig:
                                        "validation images once and train the head on them (no augmentation)")
     # optimisation
     optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
-    lr: float = _opt(1e-3, "learning rate (the peak rate for onecycle)")
+    lr: float | str = _opt(1e-3, "learning rate (the peak rate for onecycle), or find: run the learning-rate range "
+                                 "test first (imgrec lr-find) and train with its suggestion", words=("find",))
     weight_decay: float = _opt(0.0, "weight decay")
     momentum: float = _opt(0.9, "momentum for sgd (Nesterov)")
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
@@ -145,7 +146,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.epochs >= 1, "--epochs must be at least 1")
-        _check(self.lr > 0, "--lr must be positive")
+        self.lr = _number_or_word(self.lr, "--lr", ("find",))
+        _check(self.lr == "find" or self.lr > 0, "--lr must be positive (or find)")
         _check(self.weight_decay >= 0, "--weight-decay must not be negative")
         _check(0 <= self.momentum < 1, "--momentum must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
@@ -266,6 +268,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _number_or_word(value: Any, flag: str, words: tuple[str, ...]) -> float | str:
+    """A number, or one of words (any case); a string of a number (YAML's 1e-3) is the number."""
+    if isinstance(value, str):
+        if value.strip().lower() in words:
+            return value.strip().lower()
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"{flag} must be a number or {' or '.join(words)}; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{flag} must be a number or {' or '.join(words)}; got {value!r}")
+    return float(value)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -39,6 +39,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def torchvision_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A torchvision resnet18 state dict, randomly initialised, saved as torchvision's own files are (the stand-in
+    for its pretrained weights: no test downloads them)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18().state_dict()
+    path = tmp_path_factory.mktemp("tv") / "resnet18-random.pth"
+    torch.save(state, path)
+    return path, state
+
+
 def class_image(label: int, num_classes: int, size: int = 16, channels: int = 3, seed: int = 0) -> np.ndarray:
     """A learnable image: a bright square whose position encodes the class, on faint noise. (H, W[, C]) uint8."""
     rng = np.random.default_rng(seed)
@@ -88,24 +102,27 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def photo_like(seed: int, size: int = 32) -> np.ndarray:
-    """A distinct colour picture (smooth random blobs): unlike class_image, no two seeds look alike. (H, W, 3)."""
+def photo_like(seed: int, size: int | tuple[int, int] = 32) -> np.ndarray:
+    """A distinct colour picture (smooth random blobs): unlike class_image, no two seeds look alike. (H, W, 3);
+    size is the side of a square or (W, H)."""
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8))
-    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
+    return np.asarray(coarse.resize(size if isinstance(size, tuple) else (size, size), Image.Resampling.BICUBIC))
 
 
 def make_photo_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 10,
-                      splits: tuple[str, ...] = ("train", "test"), ext: str = ".jpg") -> Path:
-    """root/<split>/<class>/NNN<ext> of distinct pictures (no duplicates anywhere)."""
+                      splits: tuple[str, ...] = ("train", "test"), ext: str = ".jpg",
+                      sizes: tuple[tuple[int, int], ...] = ((32, 32),)) -> Path:
+    """root/<split>/<class>/NNN<ext> (root/<class>/NNN<ext> with no splits) of distinct pictures (no duplicates
+    anywhere), their (W, H) sizes taken from `sizes` in turn."""
     seed = 0
-    for split in splits:
+    for split in splits or ("",):
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 seed += 1
-                Image.fromarray(photo_like(seed)).save(folder / f"{i:03d}{ext}")
+                Image.fromarray(photo_like(seed, sizes[seed % len(sizes)])).save(folder / f"{i:03d}{ext}")
     return root
 
 

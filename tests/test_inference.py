@@ -235,7 +235,7 @@ def test_bad_files_are_named(runs: dict[str, Path], tmp_path: Path) -> None:
         predictor.predict([good[0], tmp_path / "missing.png"])
     items = list(predictor.predict_files([good[0], empty, text, good[1]], batch_size=3))
     assert [type(i) for i in items] == [Prediction, Failure, Failure, Prediction]
-    assert items[1].message == f"{empty}: empty file (0 bytes); it holds no image"
+    assert items[1].message == f"{empty}: empty file (0 bytes)"
     assert str(text) in items[2].message and "not an image" in items[2].message
     assert items[3].source == str(good[1])
     assert list(predictor.predict_files([empty])) == [Failure(str(empty), items[1].message)]

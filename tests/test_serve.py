@@ -11,9 +11,15 @@ import base64
 import io
 import json
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -32,8 +38,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import error_line, png_claiming_size, run_main
+from imgrec.errors import UsageError
 from imgrec.inference import Predictor
 from imgrec.serve import app as app_module
+from imgrec.serve import limits as limits_module
 from imgrec.serve.server import build, check_options, torch_threads
 from inference_helpers import train_tiny
 
@@ -157,13 +165,57 @@ def test_health_page_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert f'<meta name="imgrec-max-upload-bytes" content="{int(LIMIT_MB * 2**20)}">' in page.text
     assert 'accept="image/*"' in page.text and 'capture="environment"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere: works offline
     assert client.get("/docs").status_code == 200
+    assert_error(client.get("/api/predict"), 405, "Method Not Allowed")  # as the README's table says
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/model", "/healthz"} <= set(paths)
     assert {"413", "415", "422"} <= set(paths["/api/predict"]["post"]["responses"])
+
+
+NODE = shutil.which("node")
+# The page's script with just enough of a browser around it: the upload limit the server wrote into the page, a
+# fetch that records what it is asked and never answers (the model card never arrives), and the file picker.
+PAGE_HARNESS = """
+const [maxBytes, size] = process.argv.slice(1);
+const elements = {}, listeners = {}, fetched = [];
+const element = (id) => ({id, style: {}, hidden: false, textContent: "", value: "", classList: {add() {}, remove() {}},
+  addEventListener(type, listener) { listeners[id + ":" + type] = listener; }, append() {}, replaceChildren() {}});
+globalThis.document = {getElementById: (id) => elements[id] ??= element(id), createElement: () => element(""),
+  querySelector: (selector) => selector === 'meta[name="imgrec-max-upload-bytes"]' ? {content: maxBytes} : null,
+  body: element("body")};
+globalThis.window = {addEventListener() {}};
+globalThis.fetch = (url) => { fetched.push(url); return new Promise(() => {}); };
+(0, eval)(require("fs").readFileSync(0, "utf8"));
+const file = Object.assign(new Blob([new Uint8Array(Number(size))]), {name: "big.png"});
+listeners["pick:change"]({target: {files: [file], value: "big.png"}});
+setTimeout(() => console.log(JSON.stringify({fetched, error: elements["error-text"].textContent})), 20);
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node to run the page's script (the browser test runs it in Chromium)")
+@pytest.mark.parametrize("size", [int(LIMIT_MB * 2**20), int(LIMIT_MB * 2**20) + 1, 5 * 2**20])
+def test_the_page_refuses_a_file_over_the_limit_before_sending_it(client: TestClient, size: int) -> None:
+    """The page's own script, with the limit the server wrote into it: a larger file is refused with a message
+    and never sent, even while the model card is still on its way; a file at the limit is sent."""
+    page = client.get("/").text
+    script = page[page.index("<script>") + len("<script>"):page.index("</script>")]
+    maximum = page.split('name="imgrec-max-upload-bytes" content="', 1)[1].split('"', 1)[0]
+    proc = subprocess.run([str(NODE), "-e", PAGE_HARNESS, maximum, str(size)], input=script, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout)
+    if size <= LIMIT_MB * 2**20:
+        assert outcome == {"fetched": ["api/model", "api/predict?topk=5"], "error": ""}
+    else:
+        assert outcome["fetched"] == ["api/model"]  # the card, asked for when the page loads; never the upload
+        assert outcome["error"] == f"big.png is {size / 2**20:.1f} MB, larger than the 0.25 MB upload limit: send a " \
+                                   f"smaller image."
 
 
 @pytest.mark.parametrize("path", ["/static/index.html", "/../pyproject.toml", "/index.html", "/api/../../etc/passwd",
@@ -186,25 +238,33 @@ def test_a_file_just_under_the_limit_is_not_refused_for_its_size(client: TestCli
     assert post(client, data).status_code == 200
 
 
-def _asgi_upload(app: Any, chunks: Iterator[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
-    """Drive the ASGI app by hand: (status, JSON body, how many body chunks the app pulled)."""
-    pulled, sent = 0, []
+def _asgi_upload(app: Any, chunks: Iterator[bytes | float], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int, int]:
+    """Drive the ASGI app by hand: (status, JSON body, body chunks pulled before the answer began, and in all).
+    A number among the chunks is a pause of the client, in seconds."""
+    pulled, sent, answered_after = 0, [], None
 
     async def receive() -> dict:
         nonlocal pulled
         chunk = next(chunks, None)
+        while isinstance(chunk, float):
+            await anyio.sleep(chunk)
+            chunk = next(chunks, None)
         pulled += chunk is not None
         return {"type": "http.request", "body": chunk or b"", "more_body": chunk is not None}
 
     async def send(message: dict) -> None:
+        nonlocal answered_after
+        answered_after = pulled if answered_after is None else answered_after
         sent.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/api/predict", "raw_path": b"/api/predict", "query_string": b"", "root_path": "",
              "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     anyio.run(app, scope, receive, send)
+    assert sent[-1] == {"type": "http.response.body", "body": b""} or not sent[-1].get("more_body")
+    assert (b"connection", b"close") in sent[0]["headers"]
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body), pulled
+    return sent[0]["status"], json.loads(body), answered_after, pulled
 
 
 def _multipart_chunks(total: int, chunk: int = 16 * 1024) -> Iterator[bytes]:
@@ -215,13 +275,42 @@ def _multipart_chunks(total: int, chunk: int = 16 * 1024) -> Iterator[bytes]:
 
 
 def test_413_by_streamed_body_stops_reading_at_the_limit(client: TestClient) -> None:
-    """No Content-Length (chunked) and a 4 MB body: refused after about the limit, the rest never read."""
+    """No Content-Length (chunked) and a 4 MB body: refused after about the limit; the rest is then read and dropped
+    (never parsed), so the client, still sending, can read the answer."""
     form = [(b"content-type", b"multipart/form-data; boundary=B")]
-    status, body, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), form)
+    status, body, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), form)
     assert status == 413 and "upload limit" in body["detail"]
-    assert pulled <= LIMIT // (16 * 1024) + 2  # 18 of the 258 chunks
-    status, body, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), [*form, (b"content-length", b"5000000")])
-    assert status == 413 and pulled == 0  # the header alone decides: not one byte read
+    assert answered_after <= LIMIT // (16 * 1024) + 2  # 18 of the 258 chunks
+    assert pulled == 258
+    status, body, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20),
+                                                        [*form, (b"content-length", b"5000000")])
+    assert status == 413 and answered_after == 0 and pulled == 258  # the header alone decides: answered at once
+
+
+def test_no_body_is_dropped_for_a_client_waiting_to_be_told_to_send(client: TestClient) -> None:
+    headers = [(b"content-type", b"multipart/form-data; boundary=B"), (b"content-length", b"5000000"),
+               (b"expect", b"100-continue")]
+    status, _, answered_after, pulled = _asgi_upload(client.app, _multipart_chunks(4 * 2**20), headers)
+    assert status == 413 and answered_after == 0 and pulled == 0
+
+
+def test_dropping_a_refused_body_is_bounded_in_time(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that keeps sending (or stalls) gets its 413, and the connection is closed after the time limit."""
+    monkeypatch.setattr(limits_module, "LINGER_SECONDS", 0.5)
+    monkeypatch.setattr(limits_module, "LINGER_IDLE_SECONDS", 0.2)
+
+    def endless() -> Iterator[bytes | float]:
+        while True:
+            yield bytes(1024)
+            yield 0.01
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=B"), (b"content-length", b"99999999999")]
+    began = time.monotonic()
+    status, _, answered_after, pulled = _asgi_upload(client.app, endless(), headers)
+    assert status == 413 and answered_after == 0 and pulled > 5 and 0.5 <= time.monotonic() - began < 1.5
+    began = time.monotonic()  # a client that stops sending for longer than LINGER_IDLE_SECONDS
+    status, _, answered_after, pulled = _asgi_upload(client.app, iter([bytes(1024), 2.0, bytes(1024)]), headers)
+    assert status == 413 and pulled == 1 and time.monotonic() - began < 1.0
 
 
 def test_413_on_a_real_server_for_a_chunked_upload(live_server: str) -> None:
@@ -260,6 +349,22 @@ def test_422_for_empty_damaged_and_missing_uploads(client: TestClient, images: l
     text_field = client.post("/api/predict", data={"file": "not a file"}, files={"other": ("o.txt", b"1", "text/plain")})
     assert_error(text_field, 422, "file")
     assert_error(client.post("/api/predict", data={"file": "not a file"}), 415, "multipart/form-data")
+
+
+MALFORMED_FORMS = {  # content type, body: each says it is a multipart form and is not one
+    "no boundary": ("multipart/form-data", b"--B\r\n\r\nx\r\n--B--\r\n"),
+    "no boundary line": ("multipart/form-data; boundary=B", b"just some bytes, no boundary at all"),
+    "another boundary": ("multipart/form-data; boundary=B", b'--X\r\nContent-Disposition: form-data; name="file"\r\n\r\nx'),
+    "a bad part header": ("multipart/form-data; boundary=B", b"--B\r\nnot a header\r\n\r\nx\r\n--B--\r\n"),
+    "a part without a name": ("multipart/form-data; boundary=B", b"--B\r\nContent-Type: image/png\r\n\r\nx\r\n--B--\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FORMS)
+def test_422_for_a_malformed_multipart_body(client: TestClient, case: str) -> None:
+    content_type, body = MALFORMED_FORMS[case]
+    response = client.post("/api/predict", content=body, headers={"content-type": content_type})
+    assert_error(response, 422, "not a well-formed multipart/form-data body", "field 'file'")
 
 
 def test_client_file_names_are_only_shown_and_kept_short(client: TestClient) -> None:
@@ -353,6 +458,61 @@ def test_predictions_run_at_most_workers_threads_at_once(live_server: str, image
     assert most == 2 and len({json.dumps(r.json()["top"]) for r in responses}) == 1
 
 
+@pytest.fixture(scope="module")
+def served(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`imgrec serve` as a user starts it (a subprocess) on a free port with a 1 MB upload limit; its URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("served") / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(serve_command(run, "--port", str(port), "--max-upload-mb", "1"), env=QUIET,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # the model loads in seconds on a busy machine
+            if proc.poll() is not None:
+                pytest.fail(f"imgrec serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _urllib_post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    """POST with Python's urllib, which sends the whole body before it reads the answer: (status, JSON body)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_plain_client_still_sending_reads_the_413(served: str) -> None:
+    """16 MB against a 1 MB limit, by urllib: the server answers at once, then reads and drops the rest, so the
+    client reads the 413 instead of "connection reset by peer"; twice, and the server goes on answering."""
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    body = head + bytes(16 * 2**20) + b"\r\n--B--\r\n"
+    for _ in range(2):
+        status, answer = _urllib_post(f"{served}/api/predict", body, "multipart/form-data; boundary=B")
+        assert status == 413 and "larger than the 1 MB upload limit" in answer["detail"]
+    assert httpx.get(f"{served}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_real_server_answers_a_malformed_form_and_the_page_with_its_headers(served: str) -> None:
+    response = httpx.post(f"{served}/api/predict", content=b"--B\r\nnot a header\r\n\r\nx\r\n--B--\r\n",
+                          headers={"content-type": "multipart/form-data; boundary=B"}, timeout=30)
+    assert_error(response, 422, "not a well-formed multipart/form-data body")
+    page = httpx.get(f"{served}/", timeout=30)
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert '<meta name="imgrec-max-upload-bytes" content="1048576">' in page.text
+
+
 # --- options and the command ---------------------------------------------------------------------------------
 
 
@@ -369,33 +529,96 @@ def test_torch_threads_share_the_cores() -> None:
     assert torch_threads(1) >= torch_threads(2) >= 1 and torch_threads(10_000) == 1
 
 
-@pytest.mark.parametrize(("flags", "words"), [(["--port", "70000"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
-                                              (["--workers-threads", "0"], "--workers-threads")])
+BAD_OPTIONS = [(["--port", "70000"], "--port"), (["--port", "0"], "--port"), (["--port", "-1"], "--port"),
+               (["--port", "99999999999999999999"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
+               (["--max-upload-mb", "-1"], "--max-upload-mb"), (["--max-upload-mb", "inf"], "got inf"),
+               (["--max-upload-mb", "nan"], "got nan"), (["--max-upload-mb", "1e400"], "got inf"),
+               (["--max-upload-mb", "1e-9"], "--max-upload-mb"), (["--max-upload-mb", "5000"], "[0.001, 1024]"),
+               (["--workers-threads", "0"], "--workers-threads"), (["--workers-threads", "1000"], "[1, 64]"),
+               (["--host", ""], "--host"), (["--host", " "], "--host")]
+
+
+@pytest.mark.parametrize(("flags", "words"), BAD_OPTIONS, ids=[" ".join(flags) for flags, _ in BAD_OPTIONS])
 def test_bad_options_are_usage_errors(run: Path, capsys: pytest.CaptureFixture[str], flags: list[str], words: str) -> None:
     code, _, err = run_main(["serve", str(run), *flags], capsys)
     assert code == 2 and words in error_line(err)
 
 
+def serve_command(run: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "imgrec", "serve", str(run), "--device", "cpu", *flags]
+
+
+QUIET = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # chosen: no note on how busy the CPUs are
+
+
+def test_an_infinite_upload_limit_is_one_line_from_the_command(run: Path) -> None:
+    """The command as a user runs it: one line, exit 2, before any model is loaded or port bound."""
+    proc = subprocess.run(serve_command(run, "--max-upload-mb", "inf"), env=QUIET, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["imgrec serve: error: --max-upload-mb must be a number of MB in "
+                                                "[0.001, 1024], got inf"]
+
+
+def test_build_checks_the_limits_too(run: Path) -> None:
+    with pytest.raises(UsageError, match="--max-upload-mb"):
+        build(run, max_upload_mb=float("inf"), device="cpu")
+
+
 def test_missing_web_stack_names_the_extra(run: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
-    code, _, err = run_main(["serve", str(run)], capsys)
+    code, _, err = run_main(["serve", str(run), "--port", str(free_port())], capsys)
     assert code == 1 and "pip install 'imgrec[serve]'" in error_line(err)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_the_command_loads_the_model_and_starts_uvicorn(run: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     started: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
-    threads = torch.get_num_threads()
+
+    def fake_run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+        started.update(config=server.config, address=sockets[0].getsockname())
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    threads, port = torch.get_num_threads(), free_port()
     try:
-        code, _, err = run_main(["serve", str(run), "--port", "8123", "--workers-threads", "1", "--device", "cpu"], capsys)
+        code, _, err = run_main(["serve", str(run), "--port", str(port), "--workers-threads", "1", "--device", "cpu"],
+                                capsys)
         assert torch.get_num_threads() == torch_threads(1)
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
-    assert (started["host"], started["port"]) == ("127.0.0.1", 8123) and started["limit_concurrency"] >= 16
-    with TestClient(started["app"]) as started_client:
+    assert started["address"] == ("127.0.0.1", port) and started["config"].limit_concurrency >= 16
+    with TestClient(started["config"].app) as started_client:
         assert started_client.get("/api/model").json()["run"] == run.name
-    code, _, err = run_main(["serve", str(run.parent / "nothing-here")], capsys)
+    code, _, err = run_main(["serve", str(run.parent / "nothing-here"), "--port", str(port)], capsys)
     assert code == 1 and "nothing-here" in error_line(err)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_busy_port_is_one_line_before_anything_says_serving(run: Path, host: str) -> None:
+    """Another program listens on the port: `imgrec serve` says so in one line (exit 1) and prints no URL."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = subprocess.run(serve_command(run, "--host", host, "--port", str(port)), env=QUIET,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    if host != "127.0.0.1":
+        assert "no authentication" in lines.pop(0)  # the warning about binding beyond this machine comes first
+    assert lines == [f"imgrec serve: error: cannot serve on {host}:{port}: the port is already in use (another "
+                     f"server?): stop it or choose another --port"]
+
+
+def test_an_unknown_host_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["serve", str(run), "--host", "no-such-host.invalid", "--port", str(free_port())], capsys)
+    assert code == 1 and "cannot serve on no-such-host.invalid:" in error_line(err)

@@ -153,9 +153,11 @@ def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, 
     assert "none of the classes" in page.inner_text("#ood")
     page.screenshot(path=str(ARTIFACTS / "serve-unsure.png"), full_page=True)
 
+    sent = sum("/api/predict" in url for url in requests)
     upload(page, "big.png", b"\x89PNG" + bytes(2 * 2**20), "image/png")
     assert error_shown(page) == ("Too large", "big.png is 2.0 MB, larger than the 1 MB upload limit: send a smaller image.")
     assert page.is_hidden("#prediction")
+    assert sum("/api/predict" in url for url in requests) == sent  # refused by the page: never sent
     # the server refuses it too, whatever the page checks first
     status, detail = page.evaluate("""async () => {
         const form = new FormData(); form.append('file', new Blob([new Uint8Array(3 * 1048576)]), 'big.png');

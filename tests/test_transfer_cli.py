@@ -51,16 +51,6 @@ def assert_same_backbone(state: dict[str, torch.Tensor], reference: dict[str, to
     assert keys and all(torch.equal(backbone[k], reference[k]) for k in keys)
 
 
-@pytest.fixture(scope="module")
-def torchvision_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A torchvision resnet18 state dict, randomly initialised, saved as torchvision's own files are."""
-    torch.manual_seed(7)
-    state = torchvision.models.resnet18().state_dict()
-    path = tmp_path_factory.mktemp("tv") / "resnet18-random.pth"
-    torch.save(state, path)
-    return path, state
-
-
 @pytest.fixture
 def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty torch cache: TORCH_HOME in a temporary folder."""

@@ -19,3 +19,9 @@ class Interrupted(ImgrecError):
     """Training stopped by Ctrl-C or SIGTERM after saving its state; the message says how to resume. Exit code 130."""
 
     exit_code = 130
+
+
+def printable(text: str) -> str:
+    """Text fit for one line of a message or a table row: control characters (a newline or a tab in a file name)
+    escaped as Python writes them, everything else (accents included) as it is."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -25,7 +25,7 @@ from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
-from imgrec.data.verify import skipped_warning
+from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.budget import Deadline
 from imgrec.engine.checkpoint import (
@@ -466,7 +466,7 @@ def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
     if bundle.manifest:
         _write_manifest(bundle.manifest, run_dir / "split.csv")
     if bundle.skipped:
-        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{split}\t{why}\n" for p, split, why in bundle.skipped))
+        (run_dir / "skipped.txt").write_text(skipped_table(bundle.skipped))
         log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
 
 

@@ -6,6 +6,8 @@ import gc
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,7 +19,7 @@ import torchvision.datasets as tvd
 import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
-from conftest import make_image_folder, write_idx
+from conftest import REPO, error_line, make_image_folder, write_idx
 from imgrec.data import imageio
 from imgrec.data.datasets import DEFAULT_FOLDER_SIZE, NAMED_DATASETS, DataOptions, load_data, missing_files
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit
@@ -124,8 +126,57 @@ def test_partly_missing_files_name_the_missing_one(fake_fashion_mnist: Path, tmp
 
 def test_corrupt_named_files_are_an_imgrec_error(tmp_path: Path) -> None:
     write_cifar10(tmp_path / "data")  # present, but torchvision's checksums fail
-    with pytest.raises(ImgrecError, match="cannot load cifar10"):
+    with pytest.raises(ImgrecError) as info:
         load_data("cifar10", options(tmp_path, tmp_path / "data"))
+    assert str(info.value).startswith(f"{tmp_path / 'data' / 'cifar-10-batches-py' / 'data_batch_1'} is damaged")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("label-magic", "train-labels-idx1-ubyte is not a readable IDX label file (its header does not match"),
+    ("image-dims", "t10k-images-idx3-ubyte is not a readable IDX image file (its header does not match"),
+    ("image-short", "train-images-idx3-ubyte is not a readable IDX image file (RuntimeError: "),
+    ("label-count", "holds 20 images but"),
+])
+def test_damaged_idx_files_are_one_line_naming_the_file(fake_fashion_mnist: Path, tmp_path: Path, damage: str,
+                                                        fragment: str) -> None:
+    """torchvision checks IDX headers with bare asserts: the error names the file instead."""
+    raw = fake_fashion_mnist / "FashionMNIST" / "raw"
+    name = {"label-magic": "train-labels-idx1-ubyte", "image-dims": "t10k-images-idx3-ubyte",
+            "image-short": "train-images-idx3-ubyte", "label-count": "t10k-labels-idx1-ubyte"}[damage]
+    data = bytearray((raw / name).read_bytes())
+    if damage == "label-magic":
+        data[2:4] = b"\x00\x00"  # type 0: no such IDX element type
+    elif damage == "image-dims":
+        data[3] = 9  # nine dimensions
+    elif damage == "image-short":
+        data = data[: len(data) - 100]
+    else:
+        data = data[:8 + 19]
+        data[4:8] = (19).to_bytes(4, "big")
+    (raw / name).write_bytes(bytes(data))
+    with pytest.raises(ImgrecError) as info:
+        load_data("fashion-mnist", options(tmp_path, fake_fashion_mnist))
+    message = str(info.value)
+    assert fragment in message and "\n" not in message and str(raw) in message
+
+
+def test_real_fashion_mnist_with_a_damaged_label_header(shared_data: Path, tmp_path: Path) -> None:
+    """A copy of the real files (links to them, and one copied file with a broken header), through the command."""
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (shared_data / "FashionMNIST" / "raw").iterdir():
+        (raw / source.name).symlink_to(source)
+    label_file = raw / "train-labels-idx1-ubyte"
+    data = bytearray(label_file.read_bytes())
+    data[0:4] = b"\xff\xff\xff\xff"
+    label_file.unlink()
+    label_file.write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir",
+                           str(tmp_path / "data"), "--project", str(tmp_path / "runs")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{label_file} is not a readable IDX label file" in error_line(proc.stderr)
 
 
 def test_unknown_name_is_a_usage_error(tmp_path: Path) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ from PIL import Image
 
 from conftest import BAD_KINDS, REPO, make_photo_folder, photo_like, write_bad_file
 from imgrec.cli import main
+from imgrec.data import doctor
 from imgrec.data.doctor import DoctorOptions, diagnose, inspect_file, near_pairs
+from imgrec.errors import ImgrecError
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -192,6 +197,67 @@ def test_inspect_file_of_a_good_image(tmp_path: Path) -> None:
     facts = inspect_file(str(path))
     assert facts["problem"] is None and facts["format"] == "PNG" and facts["size"] == [32, 32]
     assert len(facts["thumb"]) == 16 * 16 and 0 <= facts["phash"] < 2**64
+
+
+def test_inspect_file_names_an_image_that_decodes_but_cannot_be_fingerprinted(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "odd.png"
+    Image.fromarray(photo_like(3)).save(path)
+
+    def broken(grey: Image.Image) -> tuple[int, bytes]:
+        raise ValueError("box offset can't be negative")
+
+    monkeypatch.setattr(doctor, "_fingerprints", broken)
+    facts = inspect_file(str(path))
+    assert facts["problem"] == "corrupt" and facts["reason"] == "cannot read image (ValueError: box offset can't be negative)"
+
+
+def test_a_worker_that_dies_names_the_file_it_was_inspecting(clean_folder: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = clean_folder / "val" / "dog" / "003.jpg"
+    real = doctor.inspect_file
+
+    def crash(path: str) -> dict[str, Any]:
+        if path == str(victim):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    monkeypatch.setattr(doctor, "inspect_file", crash)
+    with pytest.raises(ImgrecError) as info:
+        diagnose(str(clean_folder), options(workers=2))
+    message = str(info.value)
+    assert message.startswith("inspecting the images failed: DataLoader worker (pid")
+    assert message.endswith(f"while reading {victim}") and "\n" not in message
+    del info
+
+
+def strip_png(path: Path, width: int) -> Path:
+    """A valid 8-bit grey PNG of width x 1 pixels, a repeating ramp (80,000,000 of them fit in about 300 kB)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\0" + bytes(range(256)) * (width // 256) + bytes(width % 256)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 1, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(row, 9)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_80_million_pixel_strip_is_fingerprinted_in_bounded_memory(tmp_path: Path) -> None:
+    """Resampling filters size their weights by the scale: the strip must be reduced before it is hashed."""
+    root = make_photo_folder(tmp_path / "data", CLASSES, per_class=4)
+    strip_png(root / "train" / "cat" / "strip.png", 80_000_000)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "imgrec", "doctor", str(root), "--json", "--workers", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["unreadable"] == [] and report["sizes"]["80000000x1"] == 1
+    # the reduction keeps what the fingerprints see: a large picture and its small copy are still near duplicates
+    big = Image.fromarray(photo_like(5, size=64)).resize((1024, 768), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.png")
+    big.resize((64, 48), Image.Resampling.BICUBIC).save(tmp_path / "small.png")
+    a, b = inspect_file(str(tmp_path / "big.png")), inspect_file(str(tmp_path / "small.png"))
+    assert bin(a["phash"] ^ b["phash"]).count("1") <= 6
 
 
 def test_near_pairs_match_brute_force() -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -11,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from conftest import error_line, make_image_folder
 from imgrec.data import folders
 from imgrec.data.folders import extract_archive, find_root, is_archive, scan_folder, stratified_split
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, UsageError
 
 
 def rel(paths: list[str], root: Path) -> list[str]:
@@ -375,3 +379,122 @@ def test_malicious_archive_is_refused(tmp_path: Path, kind: str, reason: str) ->
     # A second try refuses again (a refused archive is never recorded as extracted).
     with pytest.raises(ImgrecError, match="refusing to extract"):
         extract_archive(archive, cache)
+
+
+# --- archives that fail part-way, and limits ----------------------------------------------------------------
+
+
+def one_line_error(archive: Path, cache: Path, *fragments: str) -> str:
+    """extract_archive refuses with one line naming the archive (and the fragments), and leaves nothing behind."""
+    with pytest.raises(ImgrecError) as info:
+        extract_archive(archive, cache)
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert list((cache / "extracted").iterdir()) == []
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz", ".tar.bz2", ".zip"])
+def test_truncated_archive_is_one_line(image_folder: Path, tmp_path: Path, suffix: str) -> None:
+    archive = tmp_path / f"photos{suffix}"
+    if suffix == ".zip":
+        make_archive(image_folder, archive)
+    else:
+        with tarfile.open(archive, f"w:{suffix.rsplit('.', 1)[1]}") as tf:
+            tf.add(image_folder, arcname="photos")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    one_line_error(archive, tmp_path / "cache", str(archive), "not a readable")
+
+
+def test_unreadable_tar_is_one_line(tmp_path: Path) -> None:
+    """tarfile lists every compression it tried, one per line: the message joins them."""
+    (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
+    one_line_error(tmp_path / "junk.tar", tmp_path / "cache", "junk.tar: not a readable tar archive")
+
+
+def tar_of(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_member_below_a_file_member_is_one_line(tmp_path: Path) -> None:
+    archive = tar_of(tmp_path / "clash.tar", {"ok/cat/a.png": b"x", "ok/cat/a.png/b.png": b"y"})
+    one_line_error(archive, tmp_path / "cache", "cannot extract ok/cat/a.png", "Not a directory")
+
+
+def test_member_name_too_long_is_one_line(tmp_path: Path) -> None:
+    archive = tar_of(tmp_path / "long.tar", {"ok/cat/" + "x" * 300 + ".png": b"x"})
+    one_line_error(archive, tmp_path / "cache", "long.tar", "File name too long")
+
+
+def test_full_disk_while_extracting_is_one_line(image_folder: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = make_archive(image_folder, tmp_path / "photos.tar")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tarfile, "copyfileobj", full)
+    size = sum(p.stat().st_size for p in image_folder.rglob("*.png"))
+    one_line_error(archive, tmp_path / "cache", "no space left", str(archive), f"it needs {size:,} bytes", "IMGREC_CACHE")
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+def test_archive_limits(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    archive = make_archive(image_folder, tmp_path / f"photos{suffix}")  # 36 images + 4 folders (tar) or 36 (zip)
+    size = sum(p.stat().st_size for p in image_folder.rglob("*.png"))
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_MEMBERS", "20")
+    one_line_error(archive, tmp_path / "cache", "more than 20 members", "IMGREC_MAX_ARCHIVE_MEMBERS")
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_MEMBERS", "1000")
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_BYTES", str(size - 1))
+    one_line_error(archive, tmp_path / "cache", f"expands to {size:,} bytes", f"{size - 1:,}",
+                   "IMGREC_MAX_ARCHIVE_BYTES")
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_BYTES", "1M")
+    assert extract_archive(archive, tmp_path / "cache").is_dir()
+
+
+def test_archive_limit_defaults_and_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMGREC_MAX_ARCHIVE_BYTES", raising=False)
+    monkeypatch.delenv("IMGREC_MAX_ARCHIVE_MEMBERS", raising=False)
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: type("usage", (), {"free": 10 * 1024**4})())
+    assert folders.archive_limits(tmp_path / "x") == (4 * 1024**3, 1_000_000)
+    monkeypatch.setattr(folders.shutil, "disk_usage", lambda path: type("usage", (), {"free": 1000})())
+    assert folders.archive_limits(tmp_path / "x") == (900, 1_000_000)  # never more than 90% of the free space
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_MEMBERS", "lots")
+    with pytest.raises(UsageError, match="IMGREC_MAX_ARCHIVE_MEMBERS='lots'"):
+        folders.archive_limits(tmp_path / "x")
+
+
+def test_abandoned_extraction_folders_are_removed(image_folder: Path, tmp_path: Path) -> None:
+    """A process killed while extracting leaves its temporary folder; the next extraction removes it, but not the
+    folder of a process that still runs."""
+    archive = make_archive(image_folder, tmp_path / "photos.tar")
+    extracted = tmp_path / "cache" / "extracted"
+    extracted.mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = extracted / f".photos-0123456789ab.extracting.{host}.{int(finished.stdout)}"
+    alive = extracted / f".photos-0123456789ab.extracting.{host}.1"
+    for folder in (dead, alive):
+        (folder / "photos" / "cat").mkdir(parents=True)
+        (folder / "photos" / "cat" / "half.png").write_bytes(b"x")
+    target = extract_archive(archive, tmp_path / "cache")
+    assert sorted(p.name for p in extracted.iterdir()) == sorted([target.name, alive.name])
+
+
+def test_truncated_archive_through_the_command_is_one_line(image_folder: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(image_folder, arcname="photos")
+    archive.write_bytes(archive.read_bytes()[:-200])
+    env = {**os.environ, "PYTHONPATH": str(Path(folders.__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    for command in (["doctor", str(archive)], ["train", "--data", str(archive), "--project", str(tmp_path / "runs")]):
+        proc = subprocess.run([sys.executable, "-m", "imgrec", *command], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1
+        assert error_line(proc.stderr).endswith(f"{archive}: not a readable tar archive (truncated: its data ends early)")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from imgrec.data.imageio import (
+    EmptyFileError,
     ImageDecodeError,
     ImageTooLargeError,
     NotAnImageError,
@@ -193,7 +194,8 @@ def assert_decode_error(path: Path, *words: str) -> ImageDecodeError:
 
 def test_zero_byte_file(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
-    assert_decode_error(tmp_path / "empty.png", "not an image")
+    error = assert_decode_error(tmp_path / "empty.png", "empty file (0 bytes)")
+    assert isinstance(error, EmptyFileError) and error.reason == "empty file (0 bytes)"
 
 
 def test_text_file_named_png(tmp_path: Path) -> None:

@@ -1,22 +1,31 @@
 """Fuzzing the one image loader: random bytes, and valid images of every format with bytes flipped, cut,
 inserted or repeated. Whatever the bytes, the loader returns an image of the asked-for mode and size or
-raises its own ImageDecodeError, nothing else (and the process survives). Plus the resize that could have
-turned a tiny file of extreme aspect ratio into a huge image."""
+raises its own ImageDecodeError, nothing else (and the process survives). Plus the resize: its crop box stays
+inside the image for every source and target size, and a tiny file of extreme aspect ratio never becomes a huge
+image."""
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgrec.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_image, read_image, resize_center
+from imgrec.data.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    cover_box,
+    load_image,
+    read_image,
+    resize_center,
+)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -136,3 +145,49 @@ def test_resize_center_matches_resize_then_crop_on_an_exact_fit() -> None:
     img = Image.fromarray(array)
     covered = img.resize((24, 8), Image.Resampling.BILINEAR).crop((8, 0, 16, 8))
     assert np.array_equal(np.asarray(resize_center(img, (8, 8))), np.asarray(covered))
+
+
+SOURCE_SIDES = st.integers(1, 5000)
+TARGET_SIDES = st.integers(8, 512)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(source_width=SOURCE_SIDES, source_height=SOURCE_SIDES, width=TARGET_SIDES, height=TARGET_SIDES)
+@example(444, 500, 224, 224)  # a camera photo whose box came out at left = -2.8e-14 (Pillow refuses it)
+@example(1, 4000, 512, 8)
+@example(4000, 1, 8, 512)
+def test_the_cover_box_lies_inside_the_image_and_keeps_its_centre(source_width: int, source_height: int,
+                                                                  width: int, height: int) -> None:
+    left, top, right, bottom = cover_box(source_width, source_height, width, height)
+    assert 0.0 <= left < right <= source_width and 0.0 <= top < bottom <= source_height
+    assert abs((left + right) / 2 - source_width / 2) <= 0.5 and abs((top + bottom) / 2 - source_height / 2) <= 0.5
+    box_w, box_h = right - left, bottom - top
+    assert box_w == source_width or box_h == source_height  # it covers: one side whole
+    assert math.isclose(box_w * height, box_h * width, rel_tol=1e-9)  # and the target's aspect ratio on the other
+
+
+@settings(max_examples=40, deadline=None)
+@given(source_width=SOURCE_SIDES, source_height=SOURCE_SIDES, width=TARGET_SIDES, height=TARGET_SIDES)
+@example(444, 500, 224, 224)
+@example(444, 500, 96, 96)
+@example(1, 4000, 96, 96)
+@example(4000, 1, 224, 224)
+def test_resize_center_gives_the_target_size_for_any_shape(source_width: int, source_height: int,
+                                                           width: int, height: int) -> None:
+    out = resize_center(Image.new("L", (source_width, source_height), 77), (height, width))
+    assert out.size == (width, height) and out.getextrema() == (77, 77)
+
+
+@settings(max_examples=40, deadline=None)
+@given(source_width=st.integers(1, 600), source_height=st.integers(1, 600), width=TARGET_SIDES,
+       height=TARGET_SIDES, seed=st.integers(0, 2**16))
+@example(444, 500, 224, 224, 0)
+def test_resize_center_keeps_a_symmetric_image_symmetric(source_width: int, source_height: int, width: int,
+                                                         height: int, seed: int) -> None:
+    """A box off the centre (even by half a pixel) would turn a mirror-symmetric image lopsided."""
+    array = np.random.default_rng(seed).integers(0, 256, size=(source_height, source_width), dtype=np.uint8)
+    array = np.maximum(array, array[:, ::-1])
+    array = np.maximum(array, array[::-1, :])
+    out = np.asarray(resize_center(Image.fromarray(array), (height, width))).astype(np.int16)
+    assert out.shape == (height, width)
+    assert np.abs(out - out[:, ::-1]).max() <= 1 and np.abs(out - out[::-1, :]).max() <= 1  # Pillow's rounding

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_image_folder
+from imgrec.data import imageio, loaders
 from imgrec.data.imageio import read_image
 from imgrec.data.info import ArraySplit, FileSplit
-from imgrec.data.loaders import StreamLoader, TensorLoader, epoch_generator, make_loader, worker_error_message
+from imgrec.data.loaders import (
+    ReadingNotes,
+    StreamLoader,
+    TensorLoader,
+    epoch_generator,
+    make_loader,
+    worker_error_message,
+)
 from imgrec.data.transforms import BatchTransform
+from imgrec.data.verify import decode_checked
 from imgrec.errors import ImgrecError
 
 SIZE = (16, 16)
@@ -223,6 +235,80 @@ def test_workers_stop_after_a_decode_error(folder_with_bad_file: tuple[FileSplit
         assert alive(workers) == set()
     finally:
         gc.enable()
+
+
+@pytest.fixture
+def folder_with_odd_file(tmp_path: Path) -> tuple[FileSplit, Path]:
+    """Twelve 16x16 images and one 500x444 photo among them."""
+    root = make_image_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=6)
+    odd = root / "dog" / "photo.png"
+    Image.new("RGB", (444, 500), (90, 120, 30)).save(odd)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    return FileSplit(paths, torch.zeros(len(paths), dtype=torch.int64), 3, SIZE), odd
+
+
+def fail_on(size: tuple[int, int], real: Callable[..., Image.Image]) -> Callable[..., Image.Image]:
+    def resize(img: Image.Image, *args: object) -> Image.Image:
+        if img.size == size:
+            raise ValueError("box offset can't be negative")
+        return real(img, *args)
+    return resize
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_any_error_reading_one_file_is_that_bad_file(folder_with_odd_file: tuple[FileSplit, Path], workers: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only decoder errors: whatever fails for one file (here its resize) is that file's one-line error in
+    a training epoch, and a skipped file in the decodability check."""
+    split, odd = folder_with_odd_file
+    monkeypatch.setattr(imageio, "resize_center", fail_on((444, 500), imageio.resize_center))
+    images, failures = decode_checked(split, workers, keep_images=True)
+    assert failures == {str(odd): "cannot resize image (ValueError: box offset can't be negative)"}
+    assert images is not None and len(images) == len(split) - 1
+    loader = StreamLoader(split, 4, PLAIN, workers=workers)
+    with pytest.raises(ImgrecError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message == f"{odd}: cannot resize image (ValueError: box offset can't be negative)"
+    del info, loader
+
+
+def test_a_worker_that_dies_names_the_file_it_was_reading(folder_with_odd_file: tuple[FileSplit, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed in the middle of a file (by the system, or a crash inside a decoder) takes no traceback
+    with it: the run's one-line error says which file it was reading."""
+    split, odd = folder_with_odd_file
+    real = loaders.read_image
+
+    def crash(path: str, *args: object) -> torch.Tensor:
+        if path == str(odd):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *args)
+
+    monkeypatch.setattr(loaders, "read_image", crash)
+    with pytest.raises(ImgrecError) as info:
+        decode_checked(split, 2, keep_images=False)
+    message = str(info.value)
+    assert message.startswith("decoding the images failed: DataLoader worker (pid")
+    assert message.endswith(f"while reading {odd}") and "\n" not in message
+    del info
+    loader = StreamLoader(split, 4, PLAIN, workers=2)
+    with pytest.raises(ImgrecError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith("DataLoader worker") and message.endswith(f"while reading {odd}")
+    del info, loader
+
+
+def test_reading_notes_name_what_the_workers_the_error_names_were_reading() -> None:
+    notes = ReadingNotes(3)
+    notes.slots[:] = torch.tensor([[101, 7], [102, -1], [103, 9]])  # worker 102 is between files
+    assert notes.being_read("DataLoader worker (pid 101) is killed by signal: Killed.") == [7]
+    assert notes.being_read("DataLoader worker (pid(s) 102, 103) exited unexpectedly") == [9]
+    assert notes.being_read("DataLoader timed out after 5 seconds") == []
+    with notes.reading(4):  # in the main process (no workers): slot 0
+        assert notes.slots[0].tolist() == [os.getpid(), 4]
+    assert notes.slots[0].tolist() == [os.getpid(), -1]
 
 
 def test_worker_error_message() -> None:

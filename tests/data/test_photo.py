@@ -125,6 +125,17 @@ def test_prepare_photo_always_gives_the_model_size(height: int, width: int, leve
     assert out.size == (28, 28) and out.mode == "L"
 
 
+@pytest.mark.parametrize("shape", [(500, 444), (375, 500), (333, 500), (4000, 1), (1, 4000)])
+@pytest.mark.parametrize("centre", [True, False])
+def test_prepare_photo_takes_photos_of_ordinary_and_extreme_shapes(shape: tuple[int, int], centre: bool) -> None:
+    """(H, W) camera shapes whose float crop box once fell a hair outside the image at 224 px."""
+    image = np.full(shape, 220, np.uint8)
+    image[shape[0] // 4 : shape[0] // 2 + 1, shape[1] // 4 : shape[1] // 2 + 1] = 20
+    for size in ((224, 224), (96, 96)):
+        out = prepare_photo(Image.fromarray(image), size, 0.8, centre=centre)
+        assert out.size == size and out.mode == "L"
+
+
 def test_tile_images_keeps_every_pixel() -> None:
     images = np.arange(3 * 2 * 4 * 5, dtype=np.uint8).reshape(3, 2, 4, 5)[:, :1]  # 3 grey 4x5 images
     sheet = tile_images(images, columns=2, min_tile=10, gap=2)

@@ -16,11 +16,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
+from imgrec.data.imageio import open_regular
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
 from imgrec.data.verify import decode_checked, strict_error, without
@@ -69,19 +71,67 @@ def _idx_files(folder: str) -> tuple[str, ...]:
 def _load_torchvision_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
     def load(opts: DataOptions) -> tuple:
         import torchvision.datasets as tvd
+        from torchvision.datasets.mnist import read_image_file, read_label_file
 
         cls = getattr(tvd, cls_name)
-        parts = [cls(root=opts.data_dir, train=train, download=opts.download) for train in (True, False)]
-        splits = [ArraySplit(p.data.unsqueeze(1).contiguous(), p.targets.to(torch.int64)) for p in parts]
-        return list(parts[0].classes), splits[0], None, splits[1]
+        if opts.download and missing_files(cls_name, opts.data_dir, _idx_files(cls_name)):
+            _named_call(lambda: cls(root=opts.data_dir, train=True, download=True), cls_name, opts.data_dir)
+        raw = Path(opts.data_dir) / cls_name / "raw"  # where torchvision keeps them: <root>/<class name>/raw
+        splits = []
+        for prefix in ("train", "t10k"):  # torchvision's own readers, one file at a time so that errors name it
+            images = _read_named_file(read_image_file, raw / f"{prefix}-images-idx3-ubyte", "IDX image")
+            labels = _read_named_file(read_label_file, raw / f"{prefix}-labels-idx1-ubyte", "IDX label")
+            if len(images) != len(labels):
+                raise ImgrecError(f"{raw / f'{prefix}-images-idx3-ubyte'} holds {len(images):,} images but "
+                                  f"{raw / f'{prefix}-labels-idx1-ubyte'} {len(labels):,} labels; download them again")
+            splits.append(ArraySplit(images.unsqueeze(1).contiguous(), labels.to(torch.int64)))
+        return list(cls.classes), splits[0], None, splits[1]
 
     return load
 
 
+REPLACE_ADVICE = "copy it again, or delete it and let `imgrec train --download` fetch it"
+
+
+def _read_named_file(read: Callable[[str], torch.Tensor], path: Path, kind: str) -> torch.Tensor:
+    """torchvision's reader on one file; whatever it raises (a bare AssertionError on a bad header) is one line."""
+    try:
+        return read(str(path))
+    except Exception as exc:
+        raise ImgrecError(f"{path} is not a readable {kind} file ({_reason(exc)}): {REPLACE_ADVICE}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, AssertionError):  # torchvision checks headers with bare asserts
+        return f"its header does not match its contents{f': {text}' if text else ''}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _named_call(make: Callable[[], Any], name: str, data_dir: str) -> Any:
+    """A torchvision data set class called to download or load: any error is one line."""
+    try:
+        return make()
+    except Exception as exc:  # "Dataset not found or corrupted", failed downloads, damaged files
+        raise ImgrecError(f"cannot load {name} from {data_dir}: {_reason(exc)}") from None
+
+
 def _load_cifar10(opts: DataOptions) -> tuple:
     import torchvision.datasets as tvd
+    from torchvision.datasets.utils import check_integrity
 
-    parts = [tvd.CIFAR10(root=opts.data_dir, train=train, download=opts.download) for train in (True, False)]
+    parts = []
+    for train in (True, False):
+        try:
+            parts.append(tvd.CIFAR10(root=opts.data_dir, train=train, download=opts.download))
+        except Exception as exc:  # name the file: torchvision checks each file's MD5 but does not say which failed
+            folder = Path(opts.data_dir) / tvd.CIFAR10.base_folder
+            files = [*tvd.CIFAR10.train_list, *tvd.CIFAR10.test_list, [tvd.CIFAR10.meta["filename"], tvd.CIFAR10.meta["md5"]]]
+            bad = next((folder / f for f, md5 in files
+                        if (folder / f).is_file() and not check_integrity(str(folder / f), md5)), None)
+            if bad is None:
+                raise ImgrecError(f"cannot load cifar10 from {opts.data_dir}: {_reason(exc)}") from None
+            raise ImgrecError(f"{bad} is damaged (its MD5 checksum is not the published one): {REPLACE_ADVICE}") from None
     splits = [
         ArraySplit(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets, dtype=torch.int64))
         for p in parts
@@ -119,9 +169,9 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
 }
 
 
-def missing_files(name: str, data_dir: str) -> list[str]:
-    """The files of a named data set that are not under data_dir."""
-    return [f for f in NAMED_DATASETS[name].files if not (Path(data_dir) / f).is_file()]
+def missing_files(name: str, data_dir: str, files: tuple[str, ...] | None = None) -> list[str]:
+    """The files of a named data set (or the files given) that are not under data_dir."""
+    return [f for f in (NAMED_DATASETS[name].files if files is None else files) if not (Path(data_dir) / f).is_file()]
 
 
 def archives_of(name: str, data_dir: str) -> list[Path]:
@@ -190,10 +240,7 @@ def _load_named(name: str, opts: DataOptions) -> DataBundle:
             f"{'run with --download (needs internet), or ' if opts.offer_download else ''}point --data-dir "
             f"(or $IMGREC_DATA) at a folder that holds them"
         )
-    try:
-        classes, train, val, test = entry.load(opts)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted", failed downloads
-        raise ImgrecError(f"cannot load {name} from {opts.data_dir}: {exc}") from None
+    classes, train, val, test = entry.load(opts)  # errors are one line naming the file
     notes: list[str] = []
     if val is None and opts.val_fraction > 0:
         val_idx, train_idx = stratified_split(train.labels.numpy(), [opts.val_fraction], opts.split_seed)
@@ -284,7 +331,7 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
     sizes: Counter[tuple[int, int]] = Counter()
     for p in train_paths[::step]:
         try:
-            with Image.open(p) as img:
+            with open_regular(p) as f, Image.open(f) as img:  # regular files only: never a pipe or a device
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
         except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass
@@ -306,8 +353,12 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
 def _fingerprint(split: FileSplit, extra: str = "") -> str:
     digest = hashlib.sha1(f"{split.channels}|{split.image_size}|{extra}".encode())
     for path, label in zip(split.paths, split.labels.tolist()):
-        st = os.stat(path)
-        digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            seen = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError as exc:  # a dangling or looping link: the decoding pass lists it as not a regular file
+            seen = f"{exc.errno}"
+        digest.update(f"{path}|{label}|{seen}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """`imgrec doctor`: a preflight report on a data set, before any training, with a suggested fix for each problem.
 
 For an image folder (or an archive of one): counts per class and split, image sizes, modes and formats,
-files that do not decode (zero-byte, not an image, truncated, beyond the decompression-bomb limit, damaged),
+files that do not decode (zero-byte, not a regular file, not an image, truncated, beyond the decompression-bomb limit, damaged),
 exact duplicates (same bytes) and near duplicates (perceptual hash, confirmed on a small thumbnail) within
 and across splits (leakage) and across classes (conflicting labels), class imbalance, and EXIF-rotated
 files. Named data sets get the counts, duplicate and balance checks on their pixels. Files are read through
@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import imagehash
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.utils.data import Dataset
@@ -39,12 +41,23 @@ from imgrec.data.datasets import (
 )
 from imgrec.data.doctor_report import find_problems, format_report
 from imgrec.data.folders import scan_folder
-from imgrec.data.imageio import ImageDecodeError, is_image_file, load_image
-from imgrec.data.loaders import file_loader
+from imgrec.data.imageio import (
+    EmptyFileError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    NotAnImageError,
+    NotRegularFileError,
+    is_image_file,
+    load_image,
+    read_file,
+)
+from imgrec.data.loaders import ReadingNotes, default_workers, file_loader, worker_error_message
+from imgrec.errors import ImgrecError
 
 __all__ = ["DoctorOptions", "diagnose", "format_report", "inspect_file", "near_pairs"]
 
 THUMB_SIZE = 16  # near duplicates are confirmed on grey thumbnails of this size
+FINGERPRINT_SIDE = 256  # larger images are box-averaged to about this size before they are fingerprinted
 SPLITS = ("train", "val", "test")
 EXIF_ORIENTATION = 0x0112
 
@@ -128,11 +141,13 @@ def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str
     if splits.get("test") is splits.get("val"):  # no test split: validation doubles as test; list its files once
         del splits["test"]
     paths = [p for name in SPLITS if name in splits for p in splits[name][0]]
+    workers = default_workers() if options.workers is None else options.workers
+    inspection = _FileInspection(paths, workers)
     images = _Images(
         names=[os.path.relpath(p, scanned.root) for p in paths],
         splits=[name for name in SPLITS if name in splits for _ in splits[name][0]],
         labels=[label for name in SPLITS if name in splits for label in splits[name][1]],
-        facts=_inspect_all(_FileInspection(paths), options.workers),
+        facts=_inspect_all(inspection, workers, inspection.files_being_read),
     )
     report = {"data": spec, "kind": "folder", "root": str(scanned.root), "classes": scanned.classes, "notes": notes,
               "ignored": _ignored_files(scanned.root, set(paths))}
@@ -171,20 +186,32 @@ def _named_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str,
     return _Images(names, splits, labels, facts), report
 
 
-def _inspect_all(dataset: Dataset, workers: int | None) -> list[dict[str, Any]]:
+def _inspect_all(dataset: Dataset, workers: int | None,
+                 files_being_read: Callable[[str], list[str]] | None = None) -> list[dict[str, Any]]:
     loader = file_loader(dataset, workers, batch_size=64, collate_fn=list)
-    return [facts for batch in loader for facts in batch]
+    try:
+        return [facts for batch in loader for facts in batch]
+    except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
+        if "DataLoader worker" not in str(exc):
+            raise
+        traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
+        raise ImgrecError(f"inspecting the images failed: {worker_error_message(exc, files_being_read)}") from None
 
 
 class _FileInspection(Dataset):
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], workers: int = 0) -> None:
         self.paths = paths
+        self.notes = ReadingNotes(workers)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return inspect_file(self.paths[index])
+        with self.notes.reading(index):
+            return inspect_file(self.paths[index])
+
+    def files_being_read(self, message: str) -> list[str]:
+        return [self.paths[index] for index in self.notes.being_read(message)]
 
 
 class _ArrayInspection(Dataset):
@@ -214,33 +241,32 @@ def _blank_facts() -> dict[str, Any]:
 def inspect_file(path: str) -> dict[str, Any]:
     """Header facts, content hash, decodability (through the one image loader) and fingerprints of one file.
 
-    A bad file is described, never raised: problem is zero-byte, not-an-image, too-large, truncated or corrupt.
+    A bad file is described, never raised: problem is zero-byte, not-regular, not-an-image, too-large, truncated
+    or corrupt, and the reason is worded as training's skipped.txt and predict word it.
     """
     facts = _blank_facts()
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        facts.update(problem="corrupt", reason=f"cannot read the file ({exc.strerror or exc})")
+        data = read_file(path)  # regular files only, read no further than their size
+    except ImageDecodeError as exc:
+        facts["problem"], facts["reason"] = _kind(exc), exc.reason
         return facts
     facts["bytes"] = len(data)
-    if not data:
-        facts.update(problem="zero-byte", reason="empty file (0 bytes)")
-        return facts
     facts["digest"] = hashlib.sha1(data).hexdigest()
-    problem = _read_header(data, facts)
-    if problem is None:
-        try:
-            upright = load_image(path, 1)  # what training decodes: upright per EXIF, grey for the fingerprints
-            facts["phash"], facts["thumb"] = _fingerprints(upright)
-        except ImageDecodeError as exc:
-            problem = _decode_problem(str(exc))
-    if problem is not None:
-        facts["problem"], facts["reason"] = problem
+    _read_header(data, facts)
+    try:
+        # what training decodes: upright per EXIF, grey for the fingerprints; its error words the reason, so a
+        # file is described in the same words here, in training's skipped.txt and by predict
+        upright = load_image(io.BytesIO(data), 1, name=path)
+        facts["phash"], facts["thumb"] = _fingerprints(upright)
+    except ImageDecodeError as exc:
+        facts["problem"], facts["reason"] = _kind(exc), exc.reason
+    except Exception as exc:  # an image that decodes but cannot be fingerprinted is still one bad file
+        facts["problem"], facts["reason"] = "corrupt", f"cannot read image ({type(exc).__name__}: {exc})"
     return facts
 
 
-def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
-    """Format, mode, size and EXIF orientation from the header; a problem when even that fails."""
+def _read_header(data: bytes, facts: dict[str, Any]) -> None:
+    """Format, mode, size and EXIF orientation from the header, where it can be read (the loader says why not)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -250,18 +276,17 @@ def _read_header(data: bytes, facts: dict[str, Any]) -> tuple[str, str] | None:
                     facts["orientation"] = int(img.getexif().get(EXIF_ORIENTATION, 1))
                 except Exception:  # a damaged EXIF block: the loader ignores it too
                     facts["orientation"] = 1
-    except UnidentifiedImageError:
-        return "not-an-image", "not an image file imgrec can read"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "too-large", f"image too large to decode safely ({exc})"
-    except Exception as exc:  # any other way a header can be broken
-        return _classify(f"cannot read the image header ({exc or type(exc).__name__})")
-    return None
+    except Exception:  # not an image, a bomb header, a broken header: load_image names it in its own words
+        pass
 
 
-def _decode_problem(message: str) -> tuple[str, str]:
-    """The kind of a loader error (its message names the file first)."""
-    return _classify(message.split(": ", 1)[-1])
+_KINDS = ((EmptyFileError, "zero-byte"), (NotRegularFileError, "not-regular"), (NotAnImageError, "not-an-image"),
+          (ImageTooLargeError, "too-large"))
+
+
+def _kind(exc: ImageDecodeError) -> str:
+    """The kind of a loader error: by its class, else by its reason."""
+    return next((kind for cls, kind in _KINDS if isinstance(exc, cls)), None) or _classify(exc.reason)[0]
 
 
 def _classify(reason: str) -> tuple[str, str]:
@@ -273,7 +298,14 @@ def _classify(reason: str) -> tuple[str, str]:
 
 
 def _fingerprints(grey: Image.Image) -> tuple[int, bytes]:
-    """The 64-bit perceptual hash and a THUMB_SIZE x THUMB_SIZE grey thumbnail of an image."""
+    """The 64-bit perceptual hash and a THUMB_SIZE x THUMB_SIZE grey thumbnail of an image.
+
+    A large image is first box-averaged to at most about FINGERPRINT_SIDE pixels a side: resampling filters size
+    their weights by the scale, and an 80,000,000 x 1 strip (a valid PNG of 77 kB) would need gigabytes of them.
+    """
+    factors = (max(1, grey.width // FINGERPRINT_SIDE), max(1, grey.height // FINGERPRINT_SIDE))
+    if factors != (1, 1):
+        grey = grey.reduce(factors)
     phash = int(str(imagehash.phash(grey)), 16)
     thumb = np.asarray(grey.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
     return phash, thumb.tobytes()

@@ -3,7 +3,7 @@
 find_problems() reads the findings of doctor.diagnose() (plain values) and lists the problems: files that do
 not decode (by kind), duplicates across splits (leakage), duplicates across classes (conflicting labels),
 redundant copies within a split, class imbalance, classes without training images, and EXIF-rotated files.
-format_report() prints the whole report for people. Imports: nothing beyond the standard library.
+format_report() prints the whole report for people. Imports: the standard library and imgrec.errors.
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from imgrec.errors import printable
+
 LISTED = 10  # files (or groups) the text report names per problem; --json lists them all
 
 UNREADABLE = {  # kind -> (what such a file is, suggested fix)
     "zero-byte": ("empty (0 bytes), usually from an interrupted copy or download",
                   "copy them again from the source, or delete them"),
+    "not-regular": ("not regular files (named pipes, devices, sockets, links to nothing or looping links)",
+                    "replace them with the image files they stand for, or remove them"),
     "not-an-image": ("not an image despite the extension (text, HTML, another format)",
                      "delete them, or move them out of the class folders"),
     "truncated": ("truncated: the file ends before the image does",
@@ -131,7 +135,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"note: {note}" for note in report["notes"]]
     if report["ignored"]:
         lines.append(f"note: {len(report['ignored'])} files are not images by their extension and are ignored "
-                     f"(e.g. {report['ignored'][0]})")
+                     f"(e.g. {printable(report['ignored'][0])})")
     lines.append("")
     if not report["problems"]:
         lines.append("no problems found")
@@ -139,7 +143,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{_n(len(report['problems']), 'problem')}:")
     for p in report["problems"]:
         lines += ["", f"{p['severity']}: {p['message']}", f"  fix: {p['fix']}"]
-        lines += [f"  {f}" for f in p["files"][:LISTED]]
+        lines += [f"  {printable(f)}" for f in p["files"][:LISTED]]  # a newline in a name must not split a row
         if len(p["files"]) > LISTED:
             lines.append(f"  ... and {len(p['files']) - LISTED} more (--json lists them all)")
     return "\n".join(lines)

@@ -3,25 +3,31 @@
 Layouts understood (class names are the sorted names of the class folders):
   root/train/<class>/...  plus root/val/<class>/... and/or root/test/<class>/...
   root/<class>/...        one folder of class folders, split by imgrec with a seed
-An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is extracted once into the cache.
+An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is extracted once into the cache, within
+limits on its total size and member count (IMGREC_MAX_ARCHIVE_BYTES, IMGREC_MAX_ARCHIVE_MEMBERS).
 Imports: numpy and the data package.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import lzma
 import os
 import shutil
+import socket
 import tarfile
-import tempfile
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from imgrec.data.imageio import IMAGE_EXTENSIONS, is_image_file
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, UsageError, printable
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 VAL_NAMES = ("val", "valid", "validation")
@@ -38,7 +44,10 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
 
     The key hashes the archive's absolute path, size and modification time, so a changed archive is
     extracted again. Extraction goes to a temporary folder renamed into place, so an interrupted
-    extraction is never mistaken for a finished one. No member may land outside the target.
+    extraction is never mistaken for a finished one; the temporary folder is named after the process, and a
+    later extraction removes those whose process is gone (killed mid-way). No member may land outside the
+    target, and the members' total size and count are limited (see archive_limits). Every failure is one
+    ImgrecError line.
     """
     archive = Path(archive).resolve()
     if not archive.is_file():
@@ -54,8 +63,11 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent))
+    _remove_abandoned(target.parent)
+    tmp = target.parent / f".{target.name}{TMP_MARK}{socket.gethostname()}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover (a failed earlier try)
     try:
+        tmp.mkdir()
         if archive.name.lower().endswith(".zip"):
             _extract_zip(archive, tmp)
         else:
@@ -66,52 +78,152 @@ def extract_archive(archive: str | Path, cache_dir: str | Path) -> Path:
             if not target.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process (a DDP rank) finished the same extraction first
+    except ImgrecError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _extraction_error(archive, tmp, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
+TMP_MARK = ".extracting."  # .<target>.extracting.<host>.<pid>: a folder being extracted, and by whom
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove temporary extraction folders left by processes of this machine that no longer run."""
+    host = socket.gethostname()
+    for entry in folder.glob(f".*{TMP_MARK}*"):
+        owner, _, pid = entry.name.rpartition(TMP_MARK)[2].rpartition(".")
+        if owner == host and pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
+
+
+def _extraction_error(archive: Path, tmp: Path, exc: BaseException) -> ImgrecError:
+    """One line for anything that went wrong while reading or writing an archive's members."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        needed = getattr(exc, "needed", None)
+        return ImgrecError(f"no space left on the device of {tmp.parent} while extracting {archive}"
+                           f"{f' (it needs {needed:,} bytes)' if needed else ''}: free some space, or point "
+                           f"IMGREC_CACHE at a larger disk")
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename:
+        member = os.path.relpath(exc.filename, tmp) if str(exc.filename).startswith(str(tmp)) else exc.filename
+        return ImgrecError(f"cannot extract {printable(member)} from {archive}: {exc.strerror}")
+    kind = "zip" if archive.name.lower().endswith(".zip") else "tar"
+    reason = "truncated: its data ends early" if isinstance(exc, EOFError) else _one_line(exc)
+    return ImgrecError(f"{archive}: not a readable {kind} archive ({reason})")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (tarfile's 'could not be opened' lists one line per method it tried)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def archive_limits(folder: Path) -> tuple[int, int]:
+    """(bytes, members) an archive may expand to: IMGREC_MAX_ARCHIVE_BYTES (default 4 GiB) and
+    IMGREC_MAX_ARCHIVE_MEMBERS (default 1,000,000); the bytes never more than 90% of the free space beside folder."""
+    max_bytes = _env_int("IMGREC_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES)
+    max_members = _env_int("IMGREC_MAX_ARCHIVE_MEMBERS", DEFAULT_MAX_ARCHIVE_MEMBERS)
+    return min(max_bytes, int(shutil.disk_usage(folder.parent).free * 0.9)), max_members
+
+
+DEFAULT_MAX_ARCHIVE_BYTES = 4 * 1024**3
+DEFAULT_MAX_ARCHIVE_MEMBERS = 1_000_000
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment, optionally with a K, M, G or T (binary) suffix."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in "KMGT" else (text, "")
+    if not number.isdigit() or int(number) <= 0:
+        raise UsageError(f"{name}={text!r} is not a positive whole number (e.g. 8G or 500000)")
+    return int(number) * _UNITS[unit]
+
+
+def _check_totals(archive: Path, target: Path, total_bytes: int, members: int) -> None:
+    max_bytes, max_members = archive_limits(target)
+    if members > max_members:
+        raise ImgrecError(f"{archive} holds more than {max_members:,} members, the limit: raise "
+                          f"IMGREC_MAX_ARCHIVE_MEMBERS if it is meant to, or extract it yourself")
+    if total_bytes > max_bytes:
+        raise ImgrecError(f"{archive} expands to {total_bytes:,} bytes, more than the {max_bytes:,} allowed "
+                          f"(IMGREC_MAX_ARCHIVE_BYTES, and at most 90% of the free space in {target.parent}): "
+                          f"raise the limit, free some space, or extract it yourself")
+
+
+@contextmanager
+def _needing(total: int) -> Iterator[None]:
+    """Extraction of `total` bytes: a full disk says how much the archive needs."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            exc.needed = total  # type: ignore[attr-defined]
+        raise
+
+
 def _inside(root: Path, name: str) -> Path:
     dest = (root / name).resolve()
     if dest != root and root not in dest.parents:
-        raise ImgrecError(f"refusing to extract {name!r}: it would land outside the target folder")
+        raise ImgrecError(f"refusing to extract '{printable(name)}': it would land outside the target folder")
     return dest
 
 
 def _extract_zip(archive: Path, target: Path) -> None:
     root = target.resolve()
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                if os.path.isabs(info.filename) or info.filename.startswith(("/", "\\")):
-                    raise ImgrecError(f"refusing to extract {info.filename!r}: absolute path in {archive.name}")
-                _inside(root, info.filename)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise ImgrecError(f"refusing to extract {info.filename!r}: symbolic link in {archive.name}")
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            if os.path.isabs(info.filename) or info.filename.startswith(("/", "\\")):
+                raise ImgrecError(f"refusing to extract '{printable(info.filename)}': absolute path in {archive.name}")
+            _inside(root, info.filename)
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ImgrecError(f"refusing to extract '{printable(info.filename)}': symbolic link in {archive.name}")
+        total = sum(info.file_size for info in infos)
+        _check_totals(archive, target, total, len(infos))
+        with _needing(total):
             zf.extractall(root)
-    except zipfile.BadZipFile as exc:
-        raise ImgrecError(f"{archive}: not a readable zip archive ({exc})") from None
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
     root = target.resolve()
-    try:
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for member in members:
-                if os.path.isabs(member.name):
-                    raise ImgrecError(f"refusing to extract {member.name!r}: absolute path in {archive.name}")
-                _inside(root, member.name)
-                if not (member.isfile() or member.isdir()):
-                    raise ImgrecError(f"refusing to extract {member.name!r}: links and devices are not allowed")
-            # The 'data' filter (Python >= 3.10.12) repeats these checks and drops unsafe modes.
+    max_members = archive_limits(target)[1]
+    with tarfile.open(archive) as tf:
+        members, total = [], 0
+        for member in tf:  # one at a time: a huge member count stops at the limit, not after reading them all
+            members.append(member)
+            if len(members) > max_members:
+                _check_totals(archive, target, 0, len(members))
+            if os.path.isabs(member.name):
+                raise ImgrecError(f"refusing to extract '{printable(member.name)}': absolute path in {archive.name}")
+            _inside(root, member.name)
+            if not (member.isfile() or member.isdir()):
+                raise ImgrecError(f"refusing to extract '{printable(member.name)}': links and devices are not allowed")
+            total += member.size if member.isfile() else 0
+        _check_totals(archive, target, total, len(members))
+        # The 'data' filter (Python >= 3.10.12) repeats these checks and drops unsafe modes.
+        with _needing(total):
             if hasattr(tarfile, "data_filter"):
                 tf.extractall(root, members=members, filter="data")
             else:  # pragma: no cover - older Pythons; every member was checked above
                 tf.extractall(root, members=members)
-    except tarfile.TarError as exc:
-        raise ImgrecError(f"{archive}: not a readable tar archive ({exc})") from None
 
 
 @dataclass

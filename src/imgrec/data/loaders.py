@@ -21,13 +21,15 @@ Imports: torch and the data package.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from imgrec.data.imageio import ImageDecodeError, read_image
 from imgrec.data.info import ArraySplit, FileSplit, Split
@@ -168,18 +170,53 @@ class TensorLoader(_EpochPosition):
             yield x, self.split.labels[idx]
 
 
-class FileDataset(Dataset):
-    """Decodes one file per item with the shared image loader: (uint8 (C, H, W), label)."""
+class ReadingNotes:
+    """Which item each DataLoader worker is reading, in shared memory: a worker killed in the middle of a file
+    (out of memory, a crash inside a decoder) dies without a word, and this says which file it was."""
 
-    def __init__(self, split: FileSplit) -> None:
+    def __init__(self, workers: int) -> None:
+        self.slots = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()  # (pid, index) each
+
+    @contextmanager
+    def reading(self, index: int) -> Iterator[None]:
+        """Note item `index` as being read by this process for the duration of the block."""
+        worker = get_worker_info()
+        slot = self.slots[worker.id % len(self.slots) if worker is not None else 0]
+        slot[0], slot[1] = os.getpid(), index
+        try:
+            yield
+        finally:  # not reached by a worker that dies reading it, which is the point
+            slot[1] = -1
+
+    def being_read(self, message: str) -> list[int]:
+        """The items that the workers a DataLoader error names ("worker (pid 12)", "(pid(s) 12, 13)") were reading."""
+        named = re.search(r"pid(?:\(s\))? ([\d, ]+)", message)
+        pids = {int(pid) for pid in named.group(1).replace(",", " ").split()} if named else set()
+        return [index for pid, index in self.slots.tolist() if pid in pids and index >= 0]
+
+
+class FileDataset(Dataset):
+    """Decodes one file per item with the shared image loader: (uint8 (C, H, W), label). Each of `workers`
+    worker processes notes the file it is reading (`files_being_read` names them after a worker died)."""
+
+    def __init__(self, split: FileSplit, workers: int = 0) -> None:
         self.split = split
+        self.notes = ReadingNotes(workers)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.split.paths[index]
-        return read_image(path, self.split.channels, self.split.image_size), int(self.split.labels[index])
+        return self.read(index), int(self.split.labels[index])
+
+    def read(self, index: int) -> torch.Tensor:
+        """Decode file `index` (read_image), noted as being read while it is."""
+        with self.notes.reading(index):
+            return read_image(self.split.paths[index], self.split.channels, self.split.image_size)
+
+    def files_being_read(self, message: str) -> list[str]:
+        """The files that the workers a DataLoader error names were reading."""
+        return [self.split.paths[index] for index in self.notes.being_read(message)]
 
 
 class _EpochBatches:
@@ -209,8 +246,9 @@ class StreamLoader(_EpochPosition):
                          split.labels if balanced else None)
         self.split, self.transform = split, transform
         self._batches = _EpochBatches()
-        self._loader = file_loader(FileDataset(split), workers, batch_sampler=self._batches,
-                                   persistent_workers=(default_workers() if workers is None else workers) > 0)
+        workers = default_workers() if workers is None else workers
+        self._dataset = FileDataset(split, workers)
+        self._loader = file_loader(self._dataset, workers, batch_sampler=self._batches, persistent_workers=workers > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.batches, generator = self._epoch_batches()
@@ -223,7 +261,7 @@ class StreamLoader(_EpochPosition):
             if "DataLoader worker" not in str(exc) and not isinstance(exc, ImageDecodeError):
                 raise
             traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
-            raise ImgrecError(worker_error_message(exc)) from None
+            raise ImgrecError(worker_error_message(exc, self._dataset.files_being_read)) from None
 
 
 def file_loader(dataset: Dataset, workers: int | None, **options: Any) -> DataLoader:
@@ -246,11 +284,14 @@ def _collate_uint8(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor,
     return images, labels
 
 
-def worker_error_message(exc: BaseException) -> str:
-    """The user-facing line of an error raised in a DataLoader worker (which arrives with a traceback)."""
+def worker_error_message(exc: BaseException, files_being_read: Callable[[str], list[str]] | None = None) -> str:
+    """The user-facing line of an error raised in a DataLoader worker (which arrives with a traceback); for a
+    worker that died, the file it was reading, from the dataset's `files_being_read` (see ReadingNotes)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(exc).__name__
-    return last.split("Error: ", 1)[-1] if "Traceback" in str(exc) else last
+    message = last.split("Error: ", 1)[-1] if "Traceback" in str(exc) else last
+    files = files_being_read(message) if files_being_read is not None and "Traceback" not in str(exc) else []
+    return f"{message.rstrip('. ')}, while reading {', '.join(files)}" if files else message
 
 
 def default_workers() -> int:

@@ -6,7 +6,7 @@ applies EXIF orientation), background detected from the border and inverted when
 the sensor noise, contrast stretched, the object cropped and centred with the margin the training images have,
 and resized (antialiased) to the model's size. `measure_foreground` measures that margin, and whether the
 background is dark at all, on the training images, so the weights file can record it.
-Pure image operations on Pillow images and numpy arrays: no model, no torch. Imports: numpy and Pillow.
+Pure image operations on Pillow images and numpy arrays: no model. Imports: numpy, Pillow and imageio's crop box.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from imgrec.data.imageio import cover_box
 
 BORDER_FRACTION = 0.05  # the border ring that shows the background: 5% of the shorter side, at least 1 px
 TRIM = 0.005  # mass trimmed from each side of the object's box, so that a speck of dirt does not widen it
@@ -147,10 +149,8 @@ def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float, cent
 def _resize_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Cover (H, W) keeping the aspect ratio, then crop the centre (as imageio.resize_center, but antialiased)."""
     height, width = size
-    scale = max(width / image.width, height / image.height)
-    w, h = width / scale, height / scale
-    left, top = (image.width - w) / 2, (image.height - h) / 2
-    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + w, top + h), reducing_gap=None)
+    box = cover_box(image.width, image.height, width, height)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=None)
 
 
 def _shrink(image: Image.Image, longest: int) -> Image.Image:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from imgrec.data.imageio import ImageDecodeError, read_image
+from imgrec.data.imageio import ImageDecodeError
 from imgrec.data.info import FileSplit
-from imgrec.data.loaders import FileDataset, file_loader, worker_error_message
-from imgrec.errors import ImgrecError
+from imgrec.data.loaders import FileDataset, default_workers, file_loader, worker_error_message
+from imgrec.errors import ImgrecError, printable
 
 DECODE_BATCH = 64
 LISTED_IN_WARNING = 100  # the warning names this many files; skipped.txt in the run folder has them all
@@ -27,14 +27,9 @@ class CheckedFileDataset(FileDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:  # type: ignore[override]
         try:
-            return read_image(self.split.paths[index], self.split.channels, self.split.image_size), ""
+            return self.read(index), ""
         except ImageDecodeError as exc:
-            return torch.empty(0, dtype=torch.uint8), _reason(str(exc), self.split.paths[index])
-
-
-def _reason(message: str, path: str) -> str:
-    """The loader's message without the leading path (it is listed beside the reason)."""
-    return message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
+            return torch.empty(0, dtype=torch.uint8), exc.reason  # without the path: it is listed beside it
 
 
 def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | None, list[str]]:
@@ -47,7 +42,9 @@ def _collate_checked(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tenso
 def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> tuple[torch.Tensor | None, dict[str, str]]:
     """Decode every file once; returns (uint8 (N_good, C, H, W) of the files that decode, or None when not kept,
     {path: reason} of those that do not)."""
-    loader = file_loader(CheckedFileDataset(split), workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
+    workers = default_workers() if workers is None else workers
+    dataset = CheckedFileDataset(split, workers)
+    loader = file_loader(dataset, workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
     kept = torch.empty((len(split) if keep_images else 0, split.channels, *split.image_size), dtype=torch.uint8)
     failures: dict[str, str] = {}
     position, count = 0, 0
@@ -62,7 +59,7 @@ def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> 
                 count += len(images)
     except RuntimeError as exc:  # a worker killed by the system (out of memory, a crash inside a decoder)
         traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
-        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc)}") from None
+        raise ImgrecError(f"decoding the images failed: {worker_error_message(exc, dataset.files_being_read)}") from None
     return (kept[:count] if keep_images else None), failures
 
 
@@ -72,11 +69,17 @@ def without(split: FileSplit, failures: dict[str, str]) -> FileSplit:
     return split.subset(torch.tensor(keep, dtype=torch.int64))
 
 
+def skipped_table(skipped: list[tuple[str, str, str]]) -> str:
+    """skipped.txt: one line per file left out, "path<TAB>split<TAB>reason" (control characters in a name escaped,
+    so that a newline in it cannot split a row)."""
+    return "".join(f"{printable(path)}\t{split}\t{printable(reason)}\n" for path, split, reason in skipped)
+
+
 def skipped_warning(skipped: list[tuple[str, str, str]], where: str | Path | None = None) -> str:
     """One warning naming every file left out (up to LISTED_IN_WARNING of them) and why."""
     lines = [f"warning: skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that do not decode "
              f"(run `imgrec doctor` on the data for a full report){f'; all listed in {where}' if where else ''}:"]
-    lines += [f"  {path} ({split}): {reason}" for path, split, reason in skipped[:LISTED_IN_WARNING]]
+    lines += [f"  {printable(path)} ({split}): {reason}" for path, split, reason in skipped[:LISTED_IN_WARNING]]
     if len(skipped) > LISTED_IN_WARNING:
         lines.append(f"  ... and {len(skipped) - LISTED_IN_WARNING} more")
     return "\n".join(lines)
@@ -84,7 +87,7 @@ def skipped_warning(skipped: list[tuple[str, str, str]], where: str | Path | Non
 
 def strict_error(skipped: list[tuple[str, str, str]]) -> ImgrecError:
     """--strict: one line naming the files that do not decode."""
-    names = "; ".join(f"{path}: {reason}" for path, _, reason in skipped[:20])
+    names = "; ".join(f"{printable(path)}: {reason}" for path, _, reason in skipped[:20])
     more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
     return ImgrecError(f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} do not decode (--strict): {names}{more}; "
                        f"remove or replace them, or train without --strict to skip them")

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from imgrec.data.photo import tile_images
+from imgrec.errors import printable
 from imgrec.inference.results import Prediction
 
 FORMATS = ("table", "json", "csv")
@@ -30,7 +31,7 @@ class TableWriter:
 
     def __init__(self, out: TextIO, sources: Sequence[str], classes: Sequence[str], topk: int) -> None:
         self.out = out
-        self.path_width = min(max([len("image"), *map(len, sources)]), 60)
+        self.path_width = min(max([len("image"), *(len(printable(s)) for s in sources)]), 60)
         self.label_width = max(len("prediction"), len(UNSURE), *map(len, classes))
         self.topk = topk
         self.started = False
@@ -42,7 +43,7 @@ class TableWriter:
                   file=self.out)
         label = UNSURE if p.in_distribution is False else p.label
         top = ", ".join(f"{name} {prob:.1%}" for name, prob in p.topk)
-        print(f"{_fit(p.source, self.path_width):<{self.path_width}}  {label:<{self.label_width}}  "
+        print(f"{_fit(printable(p.source), self.path_width):<{self.path_width}}  {label:<{self.label_width}}  "
               f"{p.probability:>6.1%}  {top}", file=self.out, flush=True)
 
 

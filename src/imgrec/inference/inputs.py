@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from imgrec.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_file
+from imgrec.errors import printable
 from imgrec.inference.results import Failure
 
 GLOB_CHARACTERS = "*?["
@@ -33,17 +34,17 @@ def expand_paths(specs: Sequence[str | Path]) -> tuple[list[str], list[Failure]]
     seen: set[str] = set()
     for spec in specs:
         text = str(spec)
-        path = Path(text)
+        path, shown = Path(text), printable(text)
         if path.is_dir():
             found = folder_images(path)
-            why = f"{text}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
-        elif path.exists():
+            why = f"{shown}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+        elif path.exists() or path.is_symlink():  # a broken link is named as the decoder words it
             found, why = [text], ""
         elif any(c in text for c in GLOB_CHARACTERS):
             found = _glob_images(text)
-            why = f"{text}: no image files match this pattern"
+            why = f"{shown}: no image files match this pattern"
         else:
-            found, why = [], f"{text}: file not found"
+            found, why = [], f"{shown}: file not found"
         if not found:
             failures.append(Failure(text, why))
         for name in found:
@@ -70,16 +71,6 @@ def _glob_images(pattern: str) -> list[str]:
         elif is_image_file(match):
             found.append(match)
     return found
-
-
-def check_not_empty(path: str | Path) -> None:
-    """A zero-byte file gets its own message (Pillow would only say it cannot identify it)."""
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError:
-        return  # missing or unreadable: the decoder names it
-    if empty:
-        raise ImageDecodeError(f"{path}: empty file (0 bytes); it holds no image")
 
 
 def to_pil(image: object) -> Image.Image:

@@ -27,7 +27,7 @@ from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolv
 from imgrec.engine.system import select_device
 from imgrec.errors import ImgrecError
 from imgrec.evaluation.ood import OOD_SCORES
-from imgrec.inference.inputs import check_not_empty, to_pil
+from imgrec.inference.inputs import to_pil
 from imgrec.inference.results import BatchPrediction, Failure, Prediction
 from imgrec.models.registry import build_model
 
@@ -116,7 +116,6 @@ class Predictor:
     def prepare(self, image: object) -> torch.Tensor:
         """One image (a path, PIL image, numpy array or uint8 tensor) -> the model's input, uint8 (C, H, W)."""
         if isinstance(image, (str, Path)):
-            check_not_empty(image)
             decoded = load_image(image, self.preprocessing.channels)
         else:
             decoded = to_pil(image)

@@ -7,7 +7,7 @@
   GET  /docs         FastAPI's OpenAPI page (its Swagger assets come from a CDN; the app itself needs none)
 
 Errors are JSON {"detail": one readable line}: 413 upload over the limit (limits.py), 415 not an image (or not a
-multipart form), 422 an empty, damaged or decompression-bomb image or a bad parameter. Uploads are decoded by the
+multipart form), 422 an empty, damaged or decompression-bomb image, a malformed multipart body or a bad parameter. Uploads are decoded by the
 training decoder (data.imageio.load_image) and prepared by Predictor.prepare, so the server sees an image exactly
 as `imgrec predict` does. Decoding and inference run in worker threads, at most `max_concurrent` at a time, so the
 event loop keeps answering while the model works.
@@ -28,6 +28,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
@@ -42,7 +43,7 @@ FORM_OVERHEAD = 16 * 1024  # multipart boundary and part headers around the file
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "the upload is larger than --max-upload-mb"},
     415: {"description": "not an image (or not a multipart form)"},
-    422: {"description": "an empty, damaged or decompression-bomb image, or a bad parameter"},
+    422: {"description": "an empty, damaged or decompression-bomb image, a malformed multipart body, or a bad parameter"},
 }
 
 
@@ -70,17 +71,19 @@ def create_app(predictor: Predictor, card: dict[str, Any], settings: ServeSettin
                        detail=f"the file is larger than the {megabytes} upload limit: send a smaller image "
                               f"(the server's --max-upload-mb sets the limit)")
     app.add_exception_handler(RequestValidationError, _validation_error)
-    _add_routes(app, predictor, {**card, "max_upload_mb": float(f"{settings.max_upload_bytes / 2**20:.3g}")})
+    app.add_exception_handler(HTTPException, _http_error)
+    _add_routes(app, predictor, {**card, "max_upload_mb": float(f"{settings.max_upload_bytes / 2**20:.3g}")},
+                settings.max_upload_bytes)
     return app
 
 
-def _add_routes(app: FastAPI, predictor: Predictor, card: dict[str, Any]) -> None:
+def _add_routes(app: FastAPI, predictor: Predictor, card: dict[str, Any], max_upload_bytes: int) -> None:
     """The page, the health check, the model card and the prediction endpoint."""
-    page = resources.files("imgrec.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = page_html(max_upload_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -115,9 +118,20 @@ def _add_routes(app: FastAPI, predictor: Predictor, card: dict[str, Any]) -> Non
             raise HTTPException(422, f"{name} is damaged or truncated: {_reason(str(exc), name)}") from None
 
 
-# The page needs nothing from elsewhere: its own inline style and script, and images from data: and blob: URLs.
+# The page needs nothing from elsewhere: its own inline style and script, and images from data: and blob: URLs;
+# no other site may show it in a frame (clickjacking), and browsers take it as the HTML it says it is (nosniff).
 CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-                           "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+                           "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"}
+LIMIT_PLACEHOLDER = '<meta name="imgrec-max-upload-bytes" content="">'
+
+
+def page_html(max_upload_bytes: int) -> str:
+    """The page, with the upload limit written in, so that it refuses a larger file before sending it."""
+    page = resources.files("imgrec.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    assert page.count(LIMIT_PLACEHOLDER) == 1, "static/index.html lost its upload limit placeholder"
+    return page.replace(LIMIT_PLACEHOLDER, LIMIT_PLACEHOLDER.replace('content=""', f'content="{max_upload_bytes}"'))
 
 
 def classify(predictor: Predictor, data: bytes, name: str, topk: int) -> dict[str, Any]:
@@ -160,6 +174,17 @@ def _reason(message: str, name: str) -> str:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+async def _http_error(request: Request, exc: Exception) -> Any:
+    """HTTP errors as FastAPI answers them, except the form parser's 400 for a body that says it is a multipart
+    form and is not one: 422 with one line, like every other unusable upload."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code != 400:
+        return await http_exception_handler(request, exc)
+    reason = " ".join(str(exc.detail).split()).rstrip(".") or "unreadable"
+    return JSONResponse({"detail": f"the upload is not a well-formed multipart/form-data body ({reason}): send the "
+                                   f"image as a file in the field 'file'"}, status_code=422)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

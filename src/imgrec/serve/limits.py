@@ -1,9 +1,16 @@
 """The upload limit as ASGI middleware: a too-large request body is refused with 413 before it is read whole.
 
 Two checks, because a client need not announce a length: a Content-Length over the limit is answered at once
-(the app never runs and no body byte is read), and the bytes actually received are counted as they stream in
-(chunked transfer encoding has no length; the count does not trust the header either), so reading stops at the
-first chunk past the limit. The whole body is never held: the form parser spools what it gets, and it never gets more than the limit.
+(the app never runs and no body byte is parsed), and the bytes actually received are counted as they stream in
+(chunked transfer encoding has no length; the count does not trust the header either), so parsing stops at the
+first chunk past the limit. The whole body is never held: the form parser spools what it gets, and it never gets
+more than the limit.
+
+After a 413 the connection closes the way nginx's lingering close does: the answer goes out first, then what the
+client is still sending is read and dropped (for at most LINGER_SECONDS, and until it pauses for
+LINGER_IDLE_SECONDS), and only then is the connection closed. Closing with unread data makes the kernel answer
+with a reset, and a client that sends its whole body before reading (Python's urllib, some browsers) would then
+see "connection reset" instead of the 413.
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LINGER_SECONDS = 30.0  # at most this long reading and dropping a refused body (nginx's lingering_time)
+LINGER_IDLE_SECONDS = 5.0  # and no longer than this waiting for its next bytes (nginx's lingering_timeout)
+CLOSE = (b"connection", b"close")
 
 
 class UploadTooLarge(HTTPException):
@@ -36,31 +48,42 @@ class BodyLimit:
             return
         length = _content_length(scope)
         if length is not None and length > self.max_bytes:
-            await _send_json(send, 413, self.detail)
+            # a client that asked to be told before it sends (Expect: 100-continue) sends nothing: nothing to drop
+            await _refuse(send, self.detail, None if _expects_continue(scope) else receive)
             return
         received = 0
-        started = False
+        more_body = True  # the client may still be sending
+        refused = started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, more_body, refused
             message = await receive()
+            more_body = message["type"] == "http.request" and message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    refused = True
                     raise UploadTooLarge(self.detail)
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def lingering_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if refused:
+                    message = {**message, "headers": [*message.get("headers", []), CLOSE]}
+            elif refused and more_body and not message.get("more_body", False):  # the answer's last part
+                await send({**message, "more_body": True})
+                await _drop_body(receive)
+                message = {"type": "http.response.body", "body": b""}
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, lingering_send)
         except UploadTooLarge:  # only when no exception handler turned it into the response already
             if started:
                 raise
-            await _send_json(send, 413, self.detail)
+            await _refuse(send, self.detail, receive if more_body else None)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -74,9 +97,27 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_json(send: Send, status: int, detail: str) -> None:
+def _expects_continue(scope: Scope) -> bool:
+    return any(key == b"expect" and value.lower() == b"100-continue" for key, value in scope.get("headers", []))
+
+
+async def _refuse(send: Send, detail: str, unread: Receive | None) -> None:
+    """Answer 413 (connection: close), then drop what the client still sends through `unread`, then close."""
     body = json.dumps({"detail": detail}).encode()
     headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                          (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+                          CLOSE]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": unread is not None})
+    if unread is not None:
+        await _drop_body(unread)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _drop_body(receive: Receive) -> None:
+    """Read and drop the rest of a request body, for a bounded time (see the module's docstring)."""
+    deadline = anyio.current_time() + LINGER_SECONDS
+    while (left := deadline - anyio.current_time()) > 0:
+        with anyio.move_on_after(min(left, LINGER_IDLE_SECONDS)) as waiting:
+            message = await receive()
+        if waiting.cancelled_caught or message["type"] != "http.request" or not message.get("more_body", False):
+            return

@@ -185,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "--epochs, --patience, --workers, --threads, --save-every-minutes and --dist-timeout may change)")
     _add_config_flags(p)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggests --lr for a data set and model",
+                       description="Train a copy of the model for a few hundred steps while the learning rate grows "
+                                   "exponentially (from 1e-7 to 10), stop when the loss diverges, and suggest a rate: a "
+                                   "third of the one at which the smoothed loss is lowest. Takes train's settings "
+                                   "(optimiser, batch size, augmentation, --balance ...); writes a figure of the loss "
+                                   "against the rate. `imgrec train --lr find` runs it first and trains with the "
+                                   "suggestion.", usage="%(prog)s [--config YAML] [--out PNG] [--steps N] [options]")
+    p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
+    p.add_argument("--out", metavar="PNG", default="lr_find.png", help="the figure to write (default: lr_find.png)")
+    p.add_argument("--steps", type=int, default=200, metavar="N",
+                   help="steps of the test, at most (it stops when the loss diverges; default: 200)")
+    _add_config_flags(p)
+
     p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
                        description="Check a data set (a name, an image folder or an archive) before any training: "
                                    "counts per class and split, image sizes and modes, files that do not decode, "
@@ -294,6 +307,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if s.get("test_imbalanced"):
         print(f"balanced accuracy: {s['test_balanced_accuracy']:.2%}, macro-F1 {s['test_macro_f1']:.3f} (the test split "
               f"is imbalanced: accuracy is mostly its large classes')")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    if args.steps < 10:
+        raise UsageError("--steps must be at least 10")
+    from imgrec.workflows import lr_find
+
+    given = _given_settings(args)
+    outcome = lr_find(_config_from_args(args), out=args.out, steps=args.steps, given=set(given))
+    found = outcome.result
+    print(f"suggested --lr {found.suggestion:.3g} (the smoothed loss is lowest at {found.minimum:.3g}; "
+          f"{outcome.config.optimizer}, batch {outcome.config.batch_size}); figure: {outcome.plot}")
     return 0
 
 
@@ -461,7 +487,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "compare": cmd_compare, "serve": cmd_serve, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
             "datasets": cmd_datasets, "export": cmd_export}
 
@@ -490,7 +516,7 @@ def _check_target(args: argparse.Namespace) -> None:
                          f"(imgrec {args.command} RUN_OR_WEIGHTS ...)")
 
 
-COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
+COMPUTING = {"train", "lr-find", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from imgrec.engine.checkpoint import (
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
+from imgrec.engine.lr_finder import RangeTest, range_test
 from imgrec.engine.runs import create_run_dir, default_run_name, find_run, read_results, write_json
 from imgrec.engine.state import (
     Progress,
@@ -181,15 +182,14 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
         cfg = apply_recipe(cfg, info, explicit)
     for note in bundle.notes:
         log.info(note)
-    # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
-    seed_everything(cfg.seed, cfg.deterministic)
-    spec = input_spec(info, source)
-    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
-    if source and not resumed:  # a resumed run's weights come from its training state
-        load_source(model, cfg.model, source)
-    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
-    if not source and not resumed and hasattr(model, "init_from_images"):
-        init_from_data(model, bundle, plain, cfg.seed)
+    model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
+    found = None
+    if cfg.lr == "find":  # a resumed run has the number in its config
+        if here.distributed:
+            raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
+                             "with --lr set to its suggestion")
+        found = find_lr(cfg, bundle, model, spec)
+        cfg = dataclasses.replace(cfg, lr=found.suggestion)
     plan = None
     if cfg.time_budget and not resumed:
         if here.distributed:
@@ -197,6 +197,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
                                      time.perf_counter() - started)
     run_dir = _run_folder(cfg, bundle, resumed)
+    if found is not None:
+        _plot_lr_find(found, run_dir / "lr_find.png")
     if plan and distributed.is_main():
         write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
@@ -236,6 +238,80 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     if source or cfg.time_budget:
         write_json(run_dir / "summary.json", summary)
     return TrainOutcome(run_dir, summary)
+
+
+def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
+                 ) -> tuple[torch.nn.Module, InputSpec, BatchTransform]:
+    """The model to train, its input spec and its plain (evaluation) transform: built for the data's classes and
+    started from --pretrained / --weights or fitted to the data where the model wants it (not when resumed: the
+    training state has the weights)."""
+    # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
+    seed_everything(cfg.seed, cfg.deterministic)
+    info = bundle.info
+    spec = input_spec(info, source)
+    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
+    if source and not resumed:  # a resumed run's weights come from its training state
+        load_source(model, cfg.model, source)
+    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
+    if not source and not resumed and hasattr(model, "init_from_images"):
+        init_from_data(model, bundle, plain, cfg.seed)
+    return model, spec, plain
+
+
+LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss diverges)
+
+
+def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
+            steps: int = LR_FIND_STEPS) -> RangeTest:
+    """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
+    the run's), with its optimiser, loss and precision; logs the suggestion."""
+    numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
+    loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
+                         seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
+    weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
+    started = time.perf_counter()
+    found = range_test(model, loader, numeric, steps=steps, class_weights=weights)
+    stop = "the loss diverged" if found.diverged else "all steps ran"
+    log.info(f"lr-find: {len(found.lrs)} steps from {found.lrs[0]:.0e} to {found.lrs[-1]:.2g} ({stop}, "
+             f"{time.perf_counter() - started:.1f}s); the loss is lowest at {found.minimum:.3g}: suggested --lr "
+             f"{found.suggestion:.3g}")
+    return found
+
+
+@dataclass
+class LRFindOutcome:
+    result: RangeTest
+    plot: Path
+    config: RunConfig  # the settings the test ran with (after --recipe)
+
+
+def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_STEPS,
+            given: Collection[str] | None = None) -> LRFindOutcome:
+    """The learning-rate range test for cfg's data, model and optimiser (`imgrec lr-find`): the suggestion, and
+    a figure of the loss against the rate at out (default: lr_find.png)."""
+    if distributed.context().distributed:
+        raise UsageError("imgrec lr-find runs in one process: run it without torchrun")
+    cfg = with_data_dir_recorded(cfg)
+    set_threads(cfg.threads)
+    select_device(cfg.device)
+    explicit = explicit_settings(cfg, given)
+    cfg = recipe_data_settings(cfg, explicit)
+    source = resolve_source(cfg)
+    bundle = load_data(cfg.data, data_options(cfg))
+    cfg = apply_recipe(cfg, bundle.info, explicit)
+    for note in bundle.notes:
+        log.info(note)
+    model, spec, _ = _start_model(cfg, bundle, source, resumed=False)
+    found = find_lr(cfg, bundle, model, spec, steps)
+    path = Path(out) if out else Path("lr_find.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return LRFindOutcome(found, _plot_lr_find(found, path), cfg)
+
+
+def _plot_lr_find(found: RangeTest, path: Path) -> Path:
+    from imgrec.evaluation.plots import plot_lr_find
+
+    return plot_lr_find(found.lrs, found.losses, found.smoothed, found.suggestion, path)
 
 
 INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to

@@ -9,7 +9,9 @@
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
   imgrec.serve: only the CLI imports it; it never imports the workflows, the command modules or finetune, and
   its model card is built by the standard library alone
-  imgrec.export: only the CLI imports it; inside it only the runner (a command module) imports the workflows
+  imgrec.export: only the CLI (and the Python API) imports it; inside it only the runner (a command module) imports
+  the workflows
+  imgrec.api (imgrec.train, imgrec.load): a front door like the CLI; nothing below it imports it
   onnx, onnxscript, onnxruntime, safetensors (the `export` extra): never an import statement, only
   imgrec.export.common.requires, so a missing package is one line naming the extra
   imgrec.recipes (and imgrec.finetune): joins like the workflows; only imgrec.workflows imports it, and it never
@@ -162,7 +164,7 @@ def test_the_model_card_is_pure() -> None:
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_only_the_cli_imports_export(module: str) -> None:
-    if module == "imgrec.cli" or module.startswith("imgrec.export"):
+    if module in ("imgrec.cli", "imgrec.api") or module.startswith("imgrec.export"):
         return
     assert not _names(imports_of(MODULES[module]), "imgrec.export"), f"{module} imports imgrec.export"
 
@@ -176,6 +178,14 @@ def test_export_formats_sit_below_the_commands(module: str) -> None:
                                                               "imgrec.export.runner", "imgrec.inference",
                                                               "imgrec.cli"))))
     assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_nothing_below_the_front_doors_imports_the_api(module: str) -> None:
+    """imgrec.api sits beside the CLI: only the package's lazy names (and the CLI) reach it."""
+    if module in ("imgrec", "imgrec.api", "imgrec.cli"):
+        return
+    assert not _names(imports_of(MODULES[module]), "imgrec.api"), f"{module} imports imgrec.api"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

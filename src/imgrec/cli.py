@@ -282,18 +282,19 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig.from_dict(_given_settings(args), source=args.config or "the command line")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # --time-budget counts from here: importing torch is part of the run
-    from imgrec.workflows import resume, train
+    from imgrec.api import train_run  # imgrec.train's code path: the flags are its settings
+    from imgrec.workflows import resume
 
     if args.resume:
         outcome = resume(args.resume, _given_settings(args))
     else:
-        outcome = train(_config_from_args(args), given=set(_given_settings(args)), started=started)
+        settings = _given_settings(args)
+        given = set(settings)
+        data, model = settings.pop("data", RunConfig.data), settings.pop("model", None)
+        _, outcome = train_run(data, model, settings, given=given, started=started,
+                               source_name=args.config or "the command line")
     if not outcome.main_process:  # another process of a torchrun group: the main one reports
         return 0
     s = outcome.summary
@@ -315,8 +316,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         raise UsageError("--steps must be at least 10")
     from imgrec.workflows import lr_find
 
-    given = _given_settings(args)
-    outcome = lr_find(_config_from_args(args), out=args.out, steps=args.steps, given=set(given))
+    settings = _given_settings(args)
+    outcome = lr_find(RunConfig.from_dict(settings, source=args.config or "the command line"), out=args.out,
+                      steps=args.steps, given=set(settings))
     found = outcome.result
     print(f"suggested --lr {found.suggestion:.3g} (the smoothed loss is lowest at {found.minimum:.3g}; "
           f"{outcome.config.optimizer}, batch {outcome.config.batch_size}); figure: {outcome.plot}")

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError, UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import record_prediction_stats
-from imgrec.models.registry import build_model, count_parameters
+from imgrec.models.registry import build_model, count_parameters, is_user_model
 from imgrec.models.transfer import TransferModel
 from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
@@ -68,6 +68,8 @@ from imgrec.reporting import calibrate_weights, dataset_summary, report_split, w
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 500
+
+DataSource = Callable[[DataOptions], DataBundle]  # data options -> the run's data, for data that has no name
 
 
 @dataclass
@@ -108,8 +110,9 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
 
 
 @distributed.group_errors()
-def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
-    """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is."""
+def resume(run: str | Path, given: dict[str, Any], data: DataSource | None = None) -> TrainOutcome:
+    """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is.
+    data: where its images come from when not from its data setting (a run trained on data passed from Python)."""
     distributed.setup(given.get("dist_timeout", RunConfig.dist_timeout))
     # The main process reads the run folder; the others get its state from it (their machines may not see it).
     path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given))
@@ -117,7 +120,7 @@ def resume(run: str | Path, given: dict[str, Any]) -> TrainOutcome:
         return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
     for note in notes:
         log.info(note)
-    return train(cfg, ResumePoint(path, state))
+    return train(cfg, ResumePoint(path, state), data=data)
 
 
 def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, RunConfig, list[str], dict | None]:
@@ -157,11 +160,12 @@ def _with_state(folder: Path | None) -> tuple[Path, bool] | None:
 
 @distributed.group_errors()
 def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[str] | None = None,
-          started: float | None = None) -> TrainOutcome:
+          started: float | None = None, data: DataSource | None = None) -> TrainOutcome:
     """Load the data, build the model, fit (or continue a saved run), test the best weights, write the run folder.
 
     given: the settings the user chose explicitly (they win over --recipe; default: those unlike the defaults);
-    started: the time.perf_counter() at which the command started (what --time-budget counts from)."""
+    started: the time.perf_counter() at which the command started (what --time-budget counts from);
+    data: the data loaded from the options when it does not come from cfg.data (data passed from Python)."""
     started = time.perf_counter() if started is None else started
     if resumed is None:
         cfg = with_data_dir_recorded(cfg)
@@ -176,7 +180,7 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     if not resumed:  # a resumed run keeps the settings and the plan its state holds
         cfg = recipe_data_settings(cfg, explicit)
     source = resolve_source(cfg)  # --pretrained / --weights: a missing or foreign file fails before the data loads
-    bundle = load_data(cfg.data, data_options(cfg))
+    bundle = data(data_options(cfg)) if data is not None else load_data(cfg.data, data_options(cfg))
     info = bundle.info
     if not resumed:
         cfg = apply_recipe(cfg, info, explicit)
@@ -284,11 +288,16 @@ class LRFindOutcome:
     plot: Path
     config: RunConfig  # the settings the test ran with (after --recipe)
 
+    @property
+    def suggestion(self) -> float:
+        """The suggested learning rate."""
+        return self.result.suggestion
+
 
 def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_STEPS,
-            given: Collection[str] | None = None) -> LRFindOutcome:
+            given: Collection[str] | None = None, data: DataSource | None = None) -> LRFindOutcome:
     """The learning-rate range test for cfg's data, model and optimiser (`imgrec lr-find`): the suggestion, and
-    a figure of the loss against the rate at out (default: lr_find.png)."""
+    a figure of the loss against the rate at out (default: lr_find.png). data: as train's."""
     if distributed.context().distributed:
         raise UsageError("imgrec lr-find runs in one process: run it without torchrun")
     cfg = with_data_dir_recorded(cfg)
@@ -297,7 +306,7 @@ def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_
     explicit = explicit_settings(cfg, given)
     cfg = recipe_data_settings(cfg, explicit)
     source = resolve_source(cfg)
-    bundle = load_data(cfg.data, data_options(cfg))
+    bundle = data(data_options(cfg)) if data is not None else load_data(cfg.data, data_options(cfg))
     cfg = apply_recipe(cfg, bundle.info, explicit)
     for note in bundle.notes:
         log.info(note)
@@ -421,12 +430,19 @@ def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec
     return {
         "kind": "imgrec-weights",
         "model": {"name": cfg.model, "num_classes": info.num_classes, "in_channels": spec.channels,
-                  "image_size": list(spec.size)},
+                  "image_size": list(spec.size), **_python_source(cfg.model, model)},
         "classes": list(info.classes), "channels": info.channels, "image_size": list(info.image_size),
         "input_channels": spec.channels, "input_size": list(spec.size),
         "mean": list(spec.mean), "std": list(spec.std), "data": cfg.data, "config": cfg.to_dict(),
         "params": count_parameters(model), "versions": versions(), "git_commit": git_commit(),
     }
+
+
+def _python_source(name: str, model: torch.nn.Module) -> dict[str, str]:
+    """For a model written in Python: the module and class it was defined as (recorded, never imported)."""
+    if not is_user_model(name):
+        return {}
+    return {"module": type(model).__module__, "class": type(model).__qualname__}
 
 
 def load_run(run_or_weights: str | Path, data_dir: str | None = None,
@@ -437,7 +453,10 @@ def load_run(run_or_weights: str | Path, data_dir: str | None = None,
     the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
     path = resolve_weights(run_or_weights)
     ckpt = load_weights_file(path)
-    cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    try:
+        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
+        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
     if data_dir:
         cfg.data_dir = data_dir
     elif cfg.data_dir and not Path(cfg.data_dir).is_dir():
@@ -450,15 +469,15 @@ def load_run(run_or_weights: str | Path, data_dir: str | None = None,
 
 def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
                  out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
-                 ) -> dict[str, Any]:
+                 source: DataSource | None = None) -> dict[str, Any]:
     """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
-    the figures and report.html into out (default: the run folder)."""
+    the figures and report.html into out (default: the run folder). source: the data when it has no name."""
     path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
     if data:
         cfg.data = data
     if device:
         cfg.device = device
-    bundle = load_run_data(cfg, ckpt, path)
+    bundle = load_run_data(cfg, ckpt, path, source)
     try:
         chosen = bundle.split(split)
     except KeyError:
@@ -473,14 +492,15 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
     return metrics
 
 
-def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path) -> DataBundle:
+def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path, data: DataSource | None = None) -> DataBundle:
     """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
     # The data's own statistics are not used (the weights file's are); passing them skips computing them,
     # unless the model takes other channels than the images have (grey images fed to a colour backbone).
     stats = len(ckpt["mean"]) == ckpt["channels"]
-    bundle = load_data(cfg.data, data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                                              mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None,
-                                              train_samples=None, offer_download=False))
+    opts = data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
+                        mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None, train_samples=None,
+                        offer_download=False)
+    bundle = data(opts) if data is not None else load_data(cfg.data, opts)
     if bundle.skipped:
         log.warning(skipped_warning(bundle.skipped))
     check_classes(bundle, ckpt["classes"], source)

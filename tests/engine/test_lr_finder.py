@@ -130,3 +130,19 @@ def test_lr_find_command_and_train_with_lr_find(tmp_path: Path) -> None:
     assert 1e-5 < suggestion < 1 and 1e-5 < recorded < 1
     bad = _imgrec(["lr-find", *common, "--lr", "fast"], tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_python_lr_find(tmp_path: Path) -> None:
+    import numpy as np
+
+    import imgrec
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = (rng.random((120, 8, 8)) * 60 + y[:, None, None] * 60).astype(np.uint8)  # brightness tells the class
+    outcome = imgrec.lr_find((x, y), "mlp", steps=40, out=tmp_path / "lr.png", threads=1, device="cpu",
+                             verbose=False)
+    assert 1e-7 < outcome.suggestion < 10 and outcome.plot.stat().st_size > 1000
+    assert len(outcome.result.lrs) <= 40 and outcome.suggestion == outcome.result.suggestion
+    with pytest.raises(TypeError, match="lrr"):
+        imgrec.lr_find((x, y), "mlp", lrr=0.1)

@@ -190,8 +190,16 @@ def load_data(spec: str, opts: DataOptions) -> DataBundle:
         bundle = _load_named(spec, opts)
     elif os.path.exists(spec):
         bundle = _load_folder(spec, opts)
+    elif spec.startswith("python:"):
+        raise ImgrecError(f"this run was trained on data passed from Python ({spec[len('python:'):]}): pass the data "
+                         f"again, e.g. imgrec.load(run, data=...)")
     else:
         raise data_not_found(spec)
+    return finish_bundle(bundle, opts)
+
+
+def finish_bundle(bundle: DataBundle, opts: DataOptions) -> DataBundle:
+    """The training subset (--train-samples), then the split checks (labels in range, no empty split)."""
     if opts.train_samples is not None and opts.train_samples < len(bundle.train):
         keep = stratified_split(bundle.train.labels.numpy(), [opts.train_samples / len(bundle.train)], opts.split_seed)[0]
         bundle.train = bundle.train.subset(torch.from_numpy(keep))

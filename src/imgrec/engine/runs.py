@@ -64,8 +64,9 @@ def default_run_name(data: str, model: str) -> str:
 
 
 def data_stem(data: str) -> str:
-    """A data set name or path as a short, file-safe name: /x/cifar10-jpeg.tar.gz -> cifar10-jpeg."""
-    stem = Path(data.rstrip("/")).name
+    """A data set name or path as a short, file-safe name: /x/cifar10-jpeg.tar.gz -> cifar10-jpeg; data passed from
+    Python (python:FashionMNIST) -> FashionMNIST."""
+    stem = Path(data.removeprefix("python:").rstrip("/")).name
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from imgrec.config import RunConfig
 from imgrec.engine import distributed
@@ -38,6 +38,10 @@ from imgrec.engine.system import autocast, autocast_dtype, precision_name, selec
 from imgrec.errors import ImgrecError, Interrupted
 
 log = logging.getLogger(__name__)
+
+# Per-step progress bars: None shows them on a terminal; True (a notebook: tqdm.auto's widgets) or False (quiet)
+# shows them always or never. imgrec.train sets it for its call.
+progress_bars: bool | None = None
 
 
 class Loader(Protocol):
@@ -368,8 +372,9 @@ def train_one_epoch(step_fn: Callable, loader: Loader, progress: Progress, epoch
     total_loss = torch.tensor(progress.loss_sum, dtype=torch.float64)
     correct = torch.tensor(progress.correct, dtype=torch.int64)
     start, seconds_before = time.perf_counter(), progress.seconds
+    hidden = (None if progress_bars is None else not progress_bars) if distributed.is_main() else True
     bar = tqdm(loader, total=limit, initial=progress.step, desc=f"epoch {progress.epoch}/{epochs}", unit="batch",
-               leave=False, disable=None if distributed.is_main() else True, file=sys.stderr, dynamic_ncols=True)
+               leave=False, disable=hidden, file=sys.stderr, dynamic_ncols=True)
     for x, y in bar:
         loss, hits = step_fn(x, y)
         if not torch.isfinite(loss):

@@ -26,7 +26,7 @@ from imgrec.errors import ImgrecError, UsageError
 from imgrec.export.common import requires, shipped_fields, write_atomic
 from imgrec.export.onnx_file import onnx_bytes, onnx_session, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors, save_safetensors, sidecar_path
-from imgrec.workflows import load_run, load_run_data
+from imgrec.workflows import DataSource, load_run, load_run_data
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors"}
 PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors.torch",)}  # the extra
@@ -66,9 +66,10 @@ class ExportOutcome:
 
 def export_run(run: str | Path, fmt: str | None = None, out: str | Path | None = None, weights: str | None = None,
                check_images: int = DEFAULT_CHECK_IMAGES, split: str | None = None, data_dir: str | None = None,
-               ) -> ExportOutcome:
+               source: DataSource | None = None) -> ExportOutcome:
     """Export a run's (or a weights file's) model to ONNX or safetensors, check it on check_images of the run's data,
-    and write it (atomically) to out (default: beside the weights file)."""
+    and write it (atomically) to out (default: beside the weights file). source: the run's data when it has no
+    name (data passed from Python)."""
     fmt = choose_format(fmt, out)
     if check_images < 0:
         raise UsageError("--check-images must be 0 (no check) or more")
@@ -79,7 +80,7 @@ def export_run(run: str | Path, fmt: str | None = None, out: str | Path | None =
     _probe_writable(target)  # before the minutes an export and its check may take
     _, ckpt, cfg, model = load_run(weights_path, data_dir)
     model.eval()
-    images, used_split = check_images_of(cfg, ckpt, weights_path, check_images, split) if check_images else (None, "")
+    images, used_split = check_images_of(cfg, ckpt, weights_path, check_images, split, source) if check_images else (None, "")
     fields = shipped_fields(ckpt)
     about = f"{fields['model']['name']}, {len(fields['classes'])} classes"
     if fmt == "onnx":
@@ -184,11 +185,11 @@ def _probe_writable(target: Path) -> None:
 
 
 def check_images_of(cfg: RunConfig, ckpt: dict[str, Any], weights_path: Path, count: int, split: str | None = None,
-                    ) -> tuple[torch.Tensor, str]:
+                    source: DataSource | None = None) -> tuple[torch.Tensor, str]:
     """The first `count` images, uint8 (N, C, H, W) as decoded for the weights, of the run's validation split (the
     test split when it has none, or the split given), rebuilt as `imgrec evaluate` rebuilds its data."""
     try:
-        bundle = load_run_data(cfg, ckpt, weights_path)
+        bundle = load_run_data(cfg, ckpt, weights_path, source)
     except ImgrecError as exc:  # the run's data moved or is gone (not a mistake on this command line): exit 1
         raise ImgrecError(f"{exc} (the export is checked on the run's own images: make them available, or pass "
                           f"--check-images 0 to export unchecked)") from None

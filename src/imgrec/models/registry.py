@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from imgrec.errors import UsageError
+from imgrec.errors import ImgrecError, UsageError
 from imgrec.models.backbones import BACKBONES, build_backbone
 from imgrec.models.lenet import build_lenet
 from imgrec.models.mlp import MLP
@@ -40,8 +41,38 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# Models written in Python by the user, by "<module>.<class>" name, while a run of theirs trains or loads
+# (user_model). A weights file records only that name: imgrec never imports code named in a file.
+USER_MODELS: dict[str, Callable[[int, int, Sequence[int]], nn.Module]] = {}
+
+
+@contextmanager
+def user_model(name: str, builder: Callable[[int, int, Sequence[int]], nn.Module]) -> Iterator[None]:
+    """Make build_model(name, ...) call builder while the block runs."""
+    before = USER_MODELS.get(name)
+    USER_MODELS[name] = builder
+    try:
+        yield
+    finally:
+        if before is None:
+            USER_MODELS.pop(name, None)
+        else:
+            USER_MODELS[name] = before
+
+
+def is_user_model(name: str) -> bool:
+    """A model written in Python ("<module>.<class>"), not a registry name."""
+    return name not in MODELS and "." in name
+
+
 def build_model(name: str, num_classes: int, in_channels: int, image_size: Sequence[int]) -> nn.Module:
-    """Build a registered model for the data's class count, channels and (H, W)."""
+    """Build a registered model (or a user's model, see user_model) for the data's class count, channels and (H, W)."""
+    if name in USER_MODELS:
+        return USER_MODELS[name](num_classes, in_channels, tuple(image_size))
+    if is_user_model(name):
+        module, _, cls = name.rpartition(".")
+        raise ImgrecError(f"the weights hold a model defined in Python ({cls} from {module}); imgrec never imports "
+                          f"it from a file: pass it, e.g. imgrec.load(run, model={cls})")
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}: use one of {', '.join(MODELS)} (`imgrec models` lists them)")
     if num_classes < 2:

@@ -31,7 +31,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("val", "last")
 BALANCE_MODES = ("none", "weights", "sampler")
-AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop")
+LOGS = ("none", "tensorboard")
+AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop", "randaugment", "trivialaugment")
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch's generators take seed * 1,000,003 + epoch within 64 bits
 INT_MAX = 2**63 - 1  # every integer setting fits a 64-bit tensor
 CONFIG_MAX_BYTES = 2**20  # a settings file is a few hundred bytes
@@ -87,8 +88,14 @@ class RunConfig:
     workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
                                resume=True, min=0, max=256)
     strict: bool = _opt(False, "fail on image files that do not decode instead of skipping them (with one warning)")
-    augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop; none; or auto (colour data: "
-                             "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop, randaugment, "
+                                "trivialaugment (torchvision's policies, per image); none; or auto (colour data: "
+                                "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    mixup: float = _opt(0.0, "MixUp: blend each training image with another, and their labels, by a weight drawn "
+                             "from Beta(ALPHA, ALPHA) (e.g. 0.2; 0: off)", min=0, max=100)
+    cutmix: float = _opt(0.0, "CutMix: paste a box of another training image into each, labels mixed by the area "
+                              "kept; box size from Beta(ALPHA, ALPHA) (e.g. 1.0; 0: off; with --mixup, one of the "
+                              "two per batch)", min=0, max=100)
     mean: list[float] | None = _opt(None, "per-channel mean for normalisation (default: the data set's)",
                                     lengths=(1, 3))
     std: list[float] | None = _opt(None, "per-channel std for normalisation (default: the data set's)", lengths=(1, 3))
@@ -159,6 +166,10 @@ class RunConfig:
     project: str = _opt("runs", "folder that holds run folders")
     name: str | None = _opt(None, "run folder name (default: <data>-<model>, numbered when taken)")
     exist_ok: bool = _opt(False, "reuse the run folder if it exists instead of numbering a new one")
+    log: str = _opt("none", "also log to runs/<run>/tensorboard/ for TensorBoard (per-step loss and learning rate, "
+                            "epoch metrics, confusion matrix, sample predictions, settings with final metrics); needs "
+                            "the tensorboard extra. results.csv and report.html are always written", choices=LOGS,
+                    resume=True)
     save_every_minutes: float = _opt(5.0, "also save the training state (train_state.pt) this often within an epoch "
                                      "(0: at epoch ends only)", resume=True, min=0)
     save_every_steps: int = _opt(0, "also save the training state every this many steps (0: never)", resume=True,
@@ -202,6 +213,8 @@ class RunConfig:
                "--cache-features needs --freeze: features can be computed once only while the backbone never changes")
         _check(not self.cache_features or self.augment.strip().lower() in ("auto", "none", ""),
                "--cache-features trains on features computed once, so images cannot be augmented: drop --augment")
+        _check(not self.cache_features or not (self.mixup or self.cutmix),
+               "--cache-features trains on features computed once, so images cannot be mixed: drop --mixup/--cutmix")
 
     @property
     def data_root(self) -> str:
@@ -230,7 +243,11 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (what `--config` reads back)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (what config.yaml holds)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def parse_duration(text: str) -> float:

@@ -14,11 +14,14 @@ Everything inference needs is in it; nothing in it can run code when loaded. The
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import math
 import os
 import pickle
 import pickletools
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from imgrec.errors import ImgrecError
+from imgrec.errors import ImgrecError, write_error
 
 FORMAT_VERSION = 1
 WEIGHTS_NAMES = ("best.pt", "last.pt")
@@ -42,11 +45,14 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | None = None) ->
 
     With keep_previous (a file name), the file being replaced is first kept under that name (hard-linked, or
     copied where links are not possible), so the target always exists and the one before it survives too.
+    A write that fails (a full disk, no permission, a read-only file system) is one line naming the file and the
+    cause; the file it would have replaced (and the previous one) stay as they were.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -54,10 +60,50 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | None = None) ->
         if keep_previous and path.is_file():
             _keep_copy(path, path.parent / keep_previous)
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_error(path, exc, needed=_tensor_bytes(obj)) from None
+    except RuntimeError as exc:  # torch's writer: "[enforce fail at inline_container.cc:...] ... file write failed"
+        _discard(tmp)
+        if not _is_write_failure(exc):
+            raise
+        raise write_error(path, _write_failure_cause(path.parent), needed=_tensor_bytes(obj)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _discard(tmp: str | None) -> None:
+    """Remove a temporary file a failed write left (what cannot be removed now, a resume clears away)."""
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "PytorchStreamWriter" in text or "inline_container" in text or "file write failed" in text
+
+
+def _write_failure_cause(folder: Path) -> OSError:
+    """What failed when torch's writer gives no errno: a full disk where the folder's free space says so."""
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, "no space left on device") if full else OSError(errno.EIO, "the write failed")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: about what writing it needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def remove_partial_writes(folder: Path) -> list[Path]:
@@ -70,13 +116,22 @@ def remove_partial_writes(folder: Path) -> list[Path]:
 
 def _keep_copy(source: Path, target: Path) -> None:
     """Atomically make target a copy of source (a hard link when the file system allows it)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temporary_name(target)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temporary_name(target: Path) -> Path:
+    """A name of its own for a temporary file beside target (.<name>.<pid>.<random>.tmp): no two writers share one,
+    and remove_partial_writes finds what a kill left behind."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -213,8 +213,8 @@ def test_verbose_after_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         main(["-v", "train", "--model", "nosuch", "--threads", "1"])
 
 
-COMMANDS = ["train", "doctor", "evaluate", "show", "explain", "compare", "predict", "serve", "export", "models",
-            "datasets"]
+COMMANDS = ["train", "lr-find", "doctor", "evaluate", "show", "explain", "compare", "predict", "serve", "export",
+            "models", "datasets"]
 
 
 def _options(command: str) -> dict[str, str]:

@@ -43,6 +43,13 @@ class CompareOutcome:
     written: list[Path]
     skipped: list[Path]  # compare's own output folders among the paths (`imgrec compare runs/*`)
 
+    def __str__(self) -> str:
+        return self.table
+
+    def _repr_markdown_(self) -> str:
+        """In a notebook: the table."""
+        return self.table
+
 
 def load_record(path: str | Path) -> RunRecord:
     """A finished run folder's summary, test metrics and validation curve; a clear error for anything else."""

@@ -343,7 +343,7 @@ def _registered(name: str, builder: Builder | None) -> Iterator[None]:
 @contextmanager
 def _speaking(verbose: bool) -> Iterator[None]:
     """Progress without any logging set-up: one line per epoch (and the run's notes) on stdout, tqdm.auto bars in a
-    notebook; verbose=False: warnings only, no bars."""
+    notebook with ipywidgets; verbose=False: warnings only, no bars."""
     handler = None
     level, bars = log.level, trainer.progress_bars
     if not verbose:
@@ -353,7 +353,7 @@ def _speaking(verbose: bool) -> Iterator[None]:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    trainer.progress_bars = (True if "ipykernel" in sys.modules else None) if verbose else False
+    trainer.progress_bars = (_widgets() if "ipykernel" in sys.modules else None) if verbose else False
     try:
         yield
     finally:
@@ -361,6 +361,13 @@ def _speaking(verbose: bool) -> Iterator[None]:
         trainer.progress_bars = bars
         if handler is not None:
             log.removeHandler(handler)
+
+
+def _widgets() -> bool:
+    """Whether a notebook can show tqdm's widget bars (ipywidgets); without it the line per epoch is the progress."""
+    from importlib.util import find_spec
+
+    return find_spec("ipywidgets") is not None
 
 
 def _interruptible(call: Callable[[], Any]) -> Any:

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 NOTEBOOK = REPO / "docs" / "tutorial.ipynb"
-TIMEOUT = 600  # seconds for the whole notebook (it takes about 3 minutes on 2 busy cores)
+CELL_TIMEOUT = 300  # seconds for one cell; the whole notebook takes about 3 minutes on 2 free cores
 
 
 def test_the_saved_tutorial_notebook_shows_its_outputs_and_stays_small() -> None:
@@ -28,7 +28,7 @@ def test_the_saved_tutorial_notebook_shows_its_outputs_and_stays_small() -> None
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(TIMEOUT + 120)
+@pytest.mark.timeout(900)
 def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
@@ -40,7 +40,7 @@ def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: P
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     before = sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*"))
-    client = nbclient.NotebookClient(notebook, timeout=TIMEOUT, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # a failing cell raises CellExecutionError naming the cell and its traceback
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
@@ -50,7 +50,7 @@ def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: P
     runs = tmp_path / "runs"
     assert {p.name for p in runs.iterdir()} >= {"classifier", "lenet", "fast", "compare"}
     summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("classifier", "lenet", "fast")}
-    assert all(s["train_images"] < 13000 for s in summaries.values())  # the subset the text announces
-    assert summaries["lenet"]["test_accuracy"] > 0.8 and summaries["classifier"]["test_accuracy"] > 0.75
+    assert all(s["train_images"] == 6000 for s in summaries.values())  # the subset the text announces
+    assert all(s["test_images"] == 10000 and s["test_accuracy"] > 0.7 for s in summaries.values())  # chance: 0.1
     assert (tmp_path / "lenet.onnx").is_file()
     assert sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*")) == before  # nothing written beside it

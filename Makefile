@@ -19,16 +19,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# the test install includes the serve and export extras, whose tests run in `make test` too
+# the test install includes the serve, export and tensorboard extras, whose tests run in `make test` too
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,serve,export]'
+	$(BIN)/pip install -q -e '.[test,serve,export,tensorboard]'
 	touch $@
 
 ## demo: set up .venv, train a CNN on the embedded digits data set, print the run folder and test accuracy
 demo: $(VENV)/.installed
 	$(BIN)/imgrec train $(DEMO) --name demo
 
-## test: set up .venv with the test, serve and export extras and run the whole test suite (real data in ../shared/data)
+## test: set up .venv with the test, serve, export and tensorboard extras and run the whole test suite (real data in ../shared/data)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 

@@ -212,7 +212,7 @@ def test_flags_override_the_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("batch-sise: 5\n", 2, "did you mean 'batch_size'?"),
         ("epochs: [1, 2\n", 2, "is not valid YAML"),
         ("- epochs\n- 3\n", 2, "must hold a mapping"),
-        ("epochs: ten\n", 2, "bad value in {path}"),
+        ("epochs: ten\n", 2, "--epochs must be an integer; got 'ten'"),
         ("epochs: 0\n", 2, "--epochs must be at least 1"),
     ],
 )
@@ -294,6 +294,7 @@ def test_evaluate_a_checkpoint_of_another_class_count(run_copy: Path, capsys: py
     weights = run_copy / "weights" / "best.pt"
     ckpt = load_weights_file(weights)
     ckpt["model"]["num_classes"] = 5  # tensors of a 10-class head under a 5-class description
+    ckpt["classes"] = ckpt["classes"][:5]  # (a description that agrees with itself: the tensors are what differ)
     save_atomic(ckpt, weights)
     code, _, err = run_main(["evaluate", str(run_copy)], capsys)
     assert code == 1

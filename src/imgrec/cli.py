@@ -23,7 +23,7 @@ from typing import Any
 
 from imgrec import __version__
 from imgrec.config import RunConfig, default_cache_dir, default_data_dir, load_yaml
-from imgrec.errors import ImgrecError, Interrupted, UsageError
+from imgrec.errors import ImgrecError, Interrupted, UsageError, os_error_cause
 from imgrec.openmp import patient_threads
 
 
@@ -515,6 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"imgrec {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except OSError as exc:  # the system refused a file (no space left, no permission, read-only): one line
+        if args.verbose and _group() is None:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"imgrec {args.command}: error: {where}{os_error_cause(exc)}", file=sys.stderr)
+        code = 1
     except Exception:
         if _group() is None:
             raise

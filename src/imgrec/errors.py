@@ -25,3 +25,36 @@ def printable(text: str) -> str:
     """Text fit for one line of a message or a table row: control characters (a newline or a tab in a file name)
     escaped as Python writes them, everything else (accents included) as it is."""
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# What an OSError's errno means for the user, in the words of the one line they read.
+_CAUSES = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EACCES": "permission denied",
+           "EPERM": "permission denied", "EROFS": "read-only file system", "ENAMETOOLONG": "file name too long",
+           "EFBIG": "file too large", "ENOTDIR": "a part of the path is not a folder",
+           "EISDIR": "it is a folder", "ENOENT": "no such file or folder"}
+
+
+def os_error_cause(exc: OSError) -> str:
+    """An OSError's cause in plain words ("no space left on device"), without errno numbers or paths."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return _CAUSES.get(name) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
+def write_error(path: object, exc: OSError, needed: int | None = None) -> ImgrecError:
+    """The one-line error for a write that failed: the path and the cause (with the bytes it needed, when known)."""
+    cause = os_error_cause(exc)
+    if needed and cause in ("no space left on device", "disk quota exceeded"):
+        cause += f" (it needs about {_size(needed)})"
+    return ImgrecError(f"cannot write {path}: {cause}")
+
+
+def _size(count: float) -> str:
+    if count < 1000:
+        return f"{count:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
+        count /= 1000
+        if count < 1000 or unit == "GB":
+            break
+    return f"{count:.1f} {unit}"

@@ -24,7 +24,7 @@ from imgrec.errors import UsageError
 from imgrec.evaluation.explain import Explanation, explain
 from imgrec.evaluation.metrics import worst_mistakes
 from imgrec.reporting import EVAL_BATCH_SIZE, model_inputs, predict
-from imgrec.workflows import DataSource, load_run, load_run_data
+from imgrec.workflows import DataSource, load_run, load_run_data, own_run_folder
 
 
 @dataclass
@@ -61,17 +61,18 @@ def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes
     # Decode every file before any work, so a bad file fails at once and names itself.
     pixels = [read_image(image, ckpt["channels"], tuple(ckpt["image_size"])) for image in images]
     out_dir = Path(out) if out else run_dir_of(path) / "explanations"
-    out_dir.mkdir(parents=True, exist_ok=True)
     outcome = ExplainOutcome(out_dir)
     target = select_device(cfg.device)
     model.to(target)
-    if pixels:
-        x = weights_transform(ckpt)(torch.stack(pixels))
-        names = _unique_names([Path(image).stem for image in images])
-        for image, name, xi in zip(images, names, x):
-            _explain_one(model, xi, ckpt, method, str(image), None, out_dir / f"{name}.png", outcome)
-    if mistakes:
-        _explain_mistakes(model, ckpt, cfg, path, mistakes, method, out_dir, outcome, source)
+    with own_run_folder(path, out_dir):  # one command at a time writes into a run folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if pixels:
+            x = weights_transform(ckpt)(torch.stack(pixels))
+            names = _unique_names([Path(image).stem for image in images])
+            for image, name, xi in zip(images, names, x):
+                _explain_one(model, xi, ckpt, method, str(image), None, out_dir / f"{name}.png", outcome)
+        if mistakes:
+            _explain_mistakes(model, ckpt, cfg, path, mistakes, method, out_dir, outcome, source)
     return outcome
 
 

@@ -22,7 +22,7 @@ from imgrec.data.info import DataBundle, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import denormalize, weights_transform
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, save_atomic
-from imgrec.engine.runs import read_results
+from imgrec.engine.runs import read_results, write_text
 from imgrec.engine.system import autocast_dtype, select_device
 from imgrec.engine.trainer import Loader, evaluate
 from imgrec.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
@@ -164,9 +164,7 @@ def write_html_report(out_dir: Path, run_dir: Path, metrics: dict[str, Any],
     page = render_report({"title": run_dir.name, "metrics": metrics, "summary": summary, "config": config,
                           "results": results}, images)
     path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, page)
     return path
 
 

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir, parse_duration, resume_safe_settings
+from imgrec.config import RunConfig, default_cache_dir, load_yaml, parse_duration, resume_safe_settings
 from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchTransform, denormalize, parse_augment
+from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
 from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
+from imgrec.engine.board import TensorBoardLog, summary_writer_class
 from imgrec.engine.budget import Deadline
 from imgrec.engine.checkpoint import (
     load_model_state,
@@ -36,8 +40,19 @@ from imgrec.engine.checkpoint import (
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
-from imgrec.engine.runs import create_run_dir, default_run_name, find_run, read_results, write_json
+from imgrec.engine.runs import (
+    RunLock,
+    check_run_name,
+    create_run_dir,
+    default_run_name,
+    find_run,
+    read_results,
+    write_json,
+    write_text,
+)
 from imgrec.engine.state import (
+    PREVIOUS_STATE_FILE,
+    STATE_FILE,
     Progress,
     check_same_data,
     check_world_size,
@@ -45,6 +60,7 @@ from imgrec.engine.state import (
     make_current,
     resolve_state,
     resume_config,
+    resumed_settings,
 )
 from imgrec.engine.system import (
     autocast_dtype,
@@ -111,19 +127,28 @@ def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
 @distributed.group_errors()
 def resume(run: str | Path, given: dict[str, Any], data: DataSource | None = None) -> TrainOutcome:
     """Continue a run from its training state with the given (resume-safe) settings; a finished run is left as is.
+    A run stopped during its start-up, before it saved any state, starts again from the beginning in its folder.
     data: where its images come from when not from its data setting (a run trained on data passed from Python)."""
     distributed.setup(given.get("dist_timeout", RunConfig.dist_timeout))
-    # The main process reads the run folder; the others get its state from it (their machines may not see it).
-    path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given))
-    if summary is not None:
-        return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
-    for note in notes:
-        log.info(note)
-    return train(cfg, ResumePoint(path, state), data=data)
+    with ExitStack() as owned:  # the main process owns the run folder from here to the end of training
+        # The main process reads the run folder; the others get its state from it (their machines may not see it).
+        path, state, cfg, notes, summary = distributed.from_main(lambda: _resume_point(run, given, owned))
+        if summary is not None:
+            return TrainOutcome(path.parent, summary, already_finished=True, main_process=distributed.is_main())
+        for note in notes:
+            log.info(note)
+        return train(cfg, ResumePoint(path, state) if state is not None else None, data=data)
 
 
-def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, RunConfig, list[str], dict | None]:
-    """The state to resume and its config; the run's summary instead when it has nothing left to do."""
+def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
+                  ) -> tuple[Path, dict | None, RunConfig, list[str], dict | None]:
+    """The state to resume and its config; the run's summary instead when it has nothing left to do; no state
+    (None) and the config to start again with when the run never got to save one."""
+    target = Path(run)
+    if target.exists():  # before anything is read: another process may be writing it
+        owned.enter_context(RunLock(target if target.is_dir() else target.parent))
+    if _stopped_in_start_up(target):
+        return target, None, *_restart_config(target, given), None
     path = resolve_state(run)
     state = load_state(path)
     cfg, notes = resume_config(state, given, path)
@@ -135,6 +160,22 @@ def _resume_point(run: str | Path, given: dict[str, Any]) -> tuple[Path, dict, R
     if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
         return path, state, cfg, notes, json.loads(summary.read_text())
     return make_current(path), state, cfg, notes, None
+
+
+def _stopped_in_start_up(folder: Path) -> bool:
+    """A run folder whose training was stopped (killed) during its start-up: config.yaml, but no training state."""
+    return (folder.is_dir() and (folder / "config.yaml").is_file()
+            and not any((folder / name).exists() for name in (STATE_FILE, PREVIOUS_STATE_FILE, "summary.json")))
+
+
+def _restart_config(folder: Path, given: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The config a run that never saved a state starts again with: its config.yaml (and the resume-safe settings
+    given), in its own folder."""
+    source = folder / "config.yaml"
+    _, cfg = resumed_settings(load_yaml(source), given, source)
+    cfg = dataclasses.replace(cfg, project=str(folder.parent), name=folder.name, exist_ok=True)
+    return cfg, [f"{folder} stopped before it saved a training state: starting it again from the beginning with its "
+                 f"config.yaml"]
 
 
 def _restarted(cfg: RunConfig) -> TrainOutcome | None:
@@ -164,8 +205,18 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
 
     given: the settings the user chose explicitly (they win over --recipe; default: those unlike the defaults);
     started: the time.perf_counter() at which the command started (what --time-budget counts from);
-    data: the data loaded from the options when it does not come from cfg.data (data passed from Python)."""
+    data: the data loaded from the options when it does not come from cfg.data (data passed from Python).
+    The main process owns the run folder (RunLock) until the end; a new folder that fails before training saved
+    anything is removed again."""
+    with ExitStack() as owned:
+        return _train(cfg, resumed, given, started, data, owned)
+
+
+def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] | None, started: float | None,
+           data: DataSource | None, owned: ExitStack) -> TrainOutcome:
     started = time.perf_counter() if started is None else started
+    if cfg.name is not None and not resumed:
+        check_run_name(cfg.name)  # before any data is loaded
     if resumed is None:
         cfg = with_data_dir_recorded(cfg)
     here = distributed.setup(cfg.dist_timeout)
@@ -173,8 +224,13 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
         outcome = _restarted(cfg)
         if outcome is not None:
             return outcome
+    if cfg.exist_ok and not resumed:  # a folder another command is writing: refused before any data is loaded
+        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
+        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
     set_threads(cfg.threads)
     select_device(cfg.device)  # a bad --device fails before any data is loaded
+    if cfg.log == "tensorboard":
+        summary_writer_class()  # so does a missing tensorboard package
     explicit = explicit_settings(cfg, given)
     if not resumed:  # a resumed run keeps the settings and the plan its state holds
         cfg = recipe_data_settings(cfg, explicit)
@@ -200,7 +256,7 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
             raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
                                      time.perf_counter() - started)
-    run_dir = _run_folder(cfg, bundle, resumed)
+    run_dir = _run_folder(cfg, bundle, resumed, owned)
     if plan and distributed.is_main():
         write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
@@ -222,7 +278,23 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     if plan and cfg.schedule != "onecycle":  # a new budgeted run keeps to its budget at the speed it really has
         deadline = Deadline(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds,
                             plan.steps_per_epoch)
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline)
+    board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
+    try:
+        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline, plan,
+                             source, started, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+                  val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
+                  deadline: Deadline | None, plan: Any, source: Any, started: float,
+                  board: TensorBoardLog | None) -> TrainOutcome:
+    """Train, then (in the main process) calibrate, test and report; the end of train()."""
+    here = distributed.context()
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
+                                   board)
     if deadline and deadline.revisions and here.is_main:
         write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
@@ -233,6 +305,8 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
     calibrate_weights(model, val_loader, run_dir, cfg)
     record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    if board is not None:
+        log_final(board, cfg, summary, run_dir)
     if source:
         summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
     if cfg.time_budget:  # the plan (also on resume: it is in plan.json) and how well the run kept to it
@@ -309,7 +383,7 @@ def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfi
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
          val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
-         deadline: Deadline | None = None) -> tuple[FitResult, float | None]:
+         deadline: Deadline | None = None, board: TensorBoardLog | None = None) -> tuple[FitResult, float | None]:
     """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
     features computed once."""
     if cfg.cache_features:
@@ -319,13 +393,27 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                              "without torchrun")
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
     here = distributed.context()
+    mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard)
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=mix)
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
-               deadline=deadline), None
+               deadline=deadline, board=board), None
+
+
+FINAL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1", "best_val_accuracy")
+
+
+def log_final(board: TensorBoardLog, cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
+    """The end of a run for TensorBoard: the test's confusion matrix and sample predictions (the report's figures),
+    and the settings with the final metrics."""
+    board.log_images({"test/confusion_matrix": run_dir / "confusion_matrix.png",
+                      "test/sample_predictions": run_dir / "samples.png",
+                      "test/most_confident_mistakes": run_dir / "mistakes.png"})
+    metrics = {f"final/{k}": float(summary[k]) for k in FINAL_METRICS if summary.get(k) is not None}
+    board.log_hparams(cfg.to_dict(), metrics)
 
 
 def weights_meta(cfg: RunConfig, info: DatasetInfo, model: torch.nn.Module, spec: InputSpec | None = None,
@@ -362,7 +450,10 @@ def load_run(run_or_weights: str | Path, data_dir: str | None = None,
     the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
     path = resolve_weights(run_or_weights)
     ckpt = load_weights_file(path)
-    cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    try:
+        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
+    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
+        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
     if data_dir:
         cfg.data_dir = data_dir
     elif cfg.data_dir and not Path(cfg.data_dir).is_dir():
@@ -389,13 +480,22 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
     except KeyError:
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
     out_dir = Path(out) if out else run_dir_of(path)
-    metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
-    metrics.update(data=cfg.data, weights=str(path))
-    write_json(out_dir / "metrics.json", metrics)
-    report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
+    with own_run_folder(path, out_dir):
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics.update(data=cfg.data, weights=str(path))
+        write_json(out_dir / "metrics.json", metrics)
+        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)
     return metrics
+
+
+def own_run_folder(weights: Path, out_dir: Path) -> AbstractContextManager[Any]:
+    """The run folder's lock while a command writes into it (out_dir is the run folder of weights/x.pt, or in it);
+    nothing to lock for other folders."""
+    run_dir = run_dir_of(weights)
+    inside = out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents
+    return RunLock(run_dir) if weights.parent.name == "weights" and inside else nullcontext()
 
 
 def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path, data: DataSource | None = None) -> DataBundle:
@@ -447,33 +547,54 @@ def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "tra
     return plot_image_grid(images, titles, out)
 
 
-def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None) -> Path:
+def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None, owned: ExitStack) -> Path:
     """The run folder: the resumed run's, or a new one that the main process makes and names for all processes;
-    the main process writes config.yaml, split.csv and skipped.txt into it."""
+    the main process locks it (for as long as `owned` is open) and writes config.yaml, split.csv and skipped.txt
+    into it. A folder made here is removed again if the command fails before training saved anything."""
     if resumed:
         if cfg.cache_features:
             raise UsageError("a run trained with --cache-features cannot be resumed: its epochs take seconds, rerun it")
         run_dir = resumed.path.parent
+        distributed.from_main(lambda: _lock(run_dir, owned))  # resume() holds it already: counted, not locked again
     else:
         name = cfg.name or default_run_name(cfg.data, cfg.model)
-        run_dir = distributed.from_main(lambda: create_run_dir(cfg.project, name, cfg.exist_ok))
+        run_dir = distributed.from_main(lambda: _new_run_folder(cfg.project, name, cfg.exist_ok, owned))
     if distributed.is_main():
         _write_run_files(cfg, bundle, run_dir)
     return run_dir
 
 
+def _new_run_folder(project: str, name: str, exist_ok: bool, owned: ExitStack) -> Path:
+    run_dir, made = create_run_dir(project, name, exist_ok)
+    _lock(run_dir, owned)  # a folder another process holds is left to it
+
+    def remove_if_failed(kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None:
+            _remove_if_untrained(run_dir)
+
+    if made:
+        owned.push(remove_if_failed)  # runs before the lock is released
+    return run_dir
+
+
+def _lock(run_dir: Path, owned: ExitStack) -> None:
+    owned.enter_context(RunLock(run_dir))
+
+
+def _remove_if_untrained(run_dir: Path) -> None:
+    """A new run folder its command failed to train: nothing of training saved (no state, no weights), so it is
+    removed and its name is free again."""
+    if not (run_dir / STATE_FILE).exists() and not (run_dir / "weights").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _write_run_files(cfg: RunConfig, bundle: DataBundle, run_dir: Path) -> None:
-    """config.yaml, and split.csv and skipped.txt when the data has them."""
-    cfg.save(run_dir / "config.yaml")
+    """config.yaml, and split.csv and skipped.txt when the data has them (each written atomically)."""
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
     if bundle.manifest:
-        _write_manifest(bundle.manifest, run_dir / "split.csv")
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([("file", "class", "split", "skipped"), *bundle.manifest])
+        write_text(run_dir / "split.csv", buffer.getvalue())
     if bundle.skipped:
-        (run_dir / "skipped.txt").write_text(skipped_table(bundle.skipped))
+        write_text(run_dir / "skipped.txt", skipped_table(bundle.skipped))
         log.warning(skipped_warning(bundle.skipped, run_dir / "skipped.txt"))
-
-
-def _write_manifest(rows: list[tuple[str, str, str, str]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("file", "class", "split", "skipped"))
-        writer.writerows(rows)

@@ -26,7 +26,7 @@ from imgrec.data.loaders import (
     make_loader,
     worker_error_message,
 )
-from imgrec.data.transforms import BatchTransform
+from imgrec.data.transforms import BatchMix, BatchTransform
 from imgrec.data.verify import decode_checked
 from imgrec.errors import ImgrecError
 
@@ -34,6 +34,9 @@ SIZE = (16, 16)
 MEAN, STD = [0.4, 0.45, 0.5], [0.25, 0.25, 0.25]
 PLAIN = BatchTransform(MEAN, STD)
 AUGMENTED = BatchTransform(MEAN, STD, ["crop", "flip", "translate", "erase"])
+RANDAUGMENT = BatchTransform(MEAN, STD, ["randaugment", "flip"])
+TRIVIALAUGMENT = BatchTransform(MEAN, STD, ["trivialaugment"])
+MIX = BatchMix(21, mixup=0.4, cutmix=1.0)  # 21 classes: label i marks the i-th image
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +82,12 @@ def alive(pids: set[int]) -> set[int]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("transform", [PLAIN, AUGMENTED], ids=["plain", "augmented"])
+@pytest.mark.parametrize("transform", [PLAIN, AUGMENTED, RANDAUGMENT, TRIVIALAUGMENT],
+                         ids=["plain", "augmented", "randaugment", "trivialaugment"])
 def test_tensor_and_stream_loaders_give_identical_batches(splits: tuple[ArraySplit, FileSplit], workers: int,
                                                           transform: BatchTransform) -> None:
     arrays, files = splits
-    augment = transform is AUGMENTED
+    augment = transform is not PLAIN
     memory = TensorLoader(arrays, 4, transform, shuffle=True, augment=augment, seed=7)
     stream = StreamLoader(files, 4, transform, shuffle=True, augment=augment, seed=7, workers=workers)
     for epoch in (0, 1, 0):  # persistent workers serve several epochs; going back repeats epoch 0
@@ -95,6 +99,22 @@ def test_tensor_and_stream_loaders_give_identical_batches(splits: tuple[ArraySpl
     if augment:  # the augmentation really happened
         plain = TensorLoader(arrays, 4, PLAIN, shuffle=True, augment=False, seed=7)
         assert not torch.equal(run_epoch(plain, 0)[0][0], run_epoch(memory, 0)[0][0])
+        other_seed = TensorLoader(arrays, 4, transform, shuffle=True, augment=True, seed=8)
+        assert not torch.equal(run_epoch(other_seed, 0)[0][0], run_epoch(memory, 0)[0][0])
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+def test_mixed_training_batches_are_the_same_from_memory_and_files_and_evaluation_is_not_mixed(
+        splits: tuple[ArraySplit, FileSplit], kind: str) -> None:
+    arrays, files = splits
+    train = [make_loader(split, 4, AUGMENTED, train=True, seed=5, workers=0, mix=MIX) for split in (arrays, files)]
+    a, b = run_epoch(train[0], 1), run_epoch(train[1], 1)
+    assert_same_batches(a, b)
+    for x, targets in a:
+        assert targets.shape == (len(x), 21) and torch.allclose(targets.sum(1), torch.ones(len(x)))
+    assert any((targets.max(1).values < 1).any() for _, targets in a)  # labels really mixed
+    evaluation = make_loader(arrays if kind == "memory" else files, 4, AUGMENTED, train=False, mix=MIX, workers=0)
+    assert order(evaluation) == list(range(21))  # hard labels, in order
 
 
 def test_augmented_batches_are_the_plain_ones_transformed_with_the_epoch_generator(
@@ -330,8 +350,9 @@ def test_a_loaded_state_continues_with_the_very_next_batch(splits: tuple[ArraySp
     """Draw some batches, save the state, load it into a fresh loader: the rest of the epoch (order and
     augmentation) is what the first loader would have drawn."""
     split = splits[0] if kind == "memory" else splits[1]
-    make = (lambda: TensorLoader(split, 4, AUGMENTED, shuffle=True, augment=True, seed=3)) if kind == "memory" else (
-        lambda: StreamLoader(split, 4, AUGMENTED, shuffle=True, augment=True, seed=3, workers=0))
+    # every kind of randomness a training batch has: order, augmentation, RandAugment, MixUp/CutMix
+    transform = BatchTransform(MEAN, STD, ["randaugment", "crop", "flip", "erase"])
+    make = lambda: make_loader(split, 4, transform, train=True, seed=3, workers=0, mix=MIX)  # noqa: E731
     whole = run_epoch(make(), 2)
     first = make()
     first.set_epoch(2)

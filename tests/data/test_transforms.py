@@ -10,18 +10,22 @@ import torch
 
 from imgrec.data.transforms import (
     KNOWN_STATS,
+    BatchMix,
     BatchTransform,
     channel_stats,
     convert_channels,
+    cut_box,
     denormalize,
     normalize_stats,
     parse_augment,
+    rand_augment,
     random_crop,
     random_erase,
     random_flip,
     random_resized_crop,
     random_translate,
     resize,
+    trivial_augment,
 )
 from imgrec.errors import UsageError
 
@@ -78,7 +82,8 @@ def test_generator_without_ops_changes_nothing() -> None:
     assert torch.equal(BatchTransform(MEAN, STD)(images, gen(0)), BatchTransform(MEAN, STD)(images))
 
 
-@pytest.mark.parametrize("ops", [["flip"], ["crop"], ["translate"], ["erase"], ["crop", "flip", "translate", "erase"]])
+@pytest.mark.parametrize("ops", [["flip"], ["crop"], ["translate"], ["erase"], ["crop", "flip", "translate", "erase"],
+                                 ["randaugment"], ["trivialaugment", "flip"]])
 def test_augmentation_is_seeded(ops: list[str]) -> None:
     images = batch(n=32)
     transform = BatchTransform(MEAN, STD, ops)
@@ -95,7 +100,7 @@ def test_augmentation_is_seeded(ops: list[str]) -> None:
 # --- single augmentations ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", [random_flip, random_crop, random_translate])
+@pytest.mark.parametrize("op", [random_flip, random_crop, random_translate, rand_augment, trivial_augment])
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 8)])
 def test_uint8_augmentations_keep_shape_and_dtype(op: Augment, channels: int, size: int) -> None:
     images = batch(n=6, channels=channels, size=size)
@@ -284,3 +289,97 @@ def test_resized_crop_takes_a_part_of_the_image() -> None:
     assert out.min() >= 100 and out.max() <= 163
     spans = out.amax(dim=(1, 2, 3)) - out.amin(dim=(1, 2, 3))
     assert (spans < 63 * 0.6).all()  # a 4x4 box spans about half the range of the whole image
+
+
+# --- RandAugment and TrivialAugment ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", [rand_augment, trivial_augment])
+def test_policies_augment_each_image_on_its_own_and_leave_the_global_generator_alone(op: Augment) -> None:
+    images = batch(n=16, size=32).repeat(2, 1, 1, 1)  # every image twice
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    out = op(images, gen(4))
+    assert torch.equal(torch.rand(3), expected)  # dropout and initialisation draw what they would have drawn
+    assert any(not torch.equal(out[i], out[i + 16]) for i in range(16))  # the same image, other operations
+
+
+# --- MixUp and CutMix ------------------------------------------------------------------------------------------
+
+
+def mixed(mix: BatchMix, seed: int, n: int = 8, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    x = torch.randn(n, 3, 16, 16, generator=gen(100 + seed))
+    labels = torch.arange(n) % classes
+    out, targets = mix(x, labels, gen(seed))
+    return x, labels, out, targets
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixed_targets_are_probabilities_of_the_two_labels(mixup: float, cutmix: float) -> None:
+    mix = BatchMix(5, mixup, cutmix)
+    for seed in range(20):
+        _, labels, out, targets = mixed(mix, seed)
+        assert targets.shape == (8, 5) and targets.dtype == torch.float32
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        assert (targets >= 0).all()
+        lam = targets[0, labels[0]].item()  # image 0 (label 0) is mixed with image 7 (label 2)
+        assert abs(targets[0, labels[-1]].item() - (1 - lam)) < 1e-6
+        assert torch.equal(mixed(mix, seed)[2], out)  # the same generator, the same batch
+
+
+def test_mixup_blends_each_image_with_its_neighbour_by_the_targets_weight() -> None:
+    mix = BatchMix(8, mixup=0.4)
+    x, labels, out, targets = mixed(mix, 3, classes=8)
+    lam = targets[torch.arange(8), labels]
+    assert torch.allclose(lam, lam[0].expand(8))  # one weight for the batch
+    assert torch.allclose(out, x * lam[0] + x.roll(1, 0) * (1 - lam[0]), atol=1e-6)
+
+
+def test_cutmix_weight_is_the_area_kept() -> None:
+    mix = BatchMix(8, cutmix=1.0)
+    for seed in range(20):
+        x, labels, out, targets = mixed(mix, seed, classes=8)
+        kept = (out == x).all(dim=1).float().mean(dim=(1, 2))  # the pixels not pasted over (per image)
+        pasted = (out == x.roll(1, 0)).all(dim=1)
+        assert ((out == x).all(dim=1) | pasted).all()  # every pixel is from one of the two images
+        assert torch.allclose(targets[torch.arange(8), labels], kept, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0, 2.0])
+def test_mixup_weight_follows_beta_alpha_alpha(alpha: float) -> None:
+    """Over many batches the MixUp weights pass a Kolmogorov-Smirnov test against Beta(alpha, alpha), and fail
+    one against another Beta (the test can tell)."""
+    from scipy import stats
+
+    mix = BatchMix(2, mixup=alpha)
+    x, labels = torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
+    generator = gen(0)
+    weights = [mix(x, labels, generator)[1][0, 0].item() for _ in range(2000)]
+    assert stats.kstest(weights, stats.beta(alpha, alpha).cdf).pvalue > 0.01
+    assert stats.kstest(weights, stats.beta(alpha * 3, alpha * 3).cdf).pvalue < 0.01
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.75, 0.9])
+def test_cutmix_box_has_the_area_one_minus_lam_away_from_the_borders(lam: float) -> None:
+    """The box's sides are sqrt(1 - lam) of the image's: inside the image its area is 1 - lam (to a pixel);
+    at a border it is clipped, so the area kept is then more than lam (as in torchvision and timm)."""
+    areas = []
+    for seed in range(500):
+        y0, y1, x0, x1 = cut_box(100, 100, lam, gen(seed))
+        assert 0 <= y0 <= y1 <= 100 and 0 <= x0 <= x1 <= 100
+        area = (y1 - y0) * (x1 - x0) / 100**2
+        assert area <= 1 - lam + 0.02
+        if y0 > 0 and y1 < 100 and x0 > 0 and x1 < 100:
+            areas.append(area)
+    assert areas and all(abs(a - (1 - lam)) < 0.03 for a in areas)
+
+
+def test_both_on_choose_one_per_batch() -> None:
+    mix = BatchMix(8, mixup=0.4, cutmix=1.0)
+    kinds = set()
+    for seed in range(30):
+        x, _, out, _ = mixed(mix, seed, classes=8)
+        kinds.add("cutmix" if ((out == x) | (out == x.roll(1, 0))).all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}

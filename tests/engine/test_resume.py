@@ -23,6 +23,7 @@ from imgrec.cli import main
 from imgrec.config import RunConfig
 from imgrec.engine import state as state_module
 from imgrec.engine.checkpoint import load_weights_file
+from imgrec.engine.runs import LOCK_FILE
 from imgrec.engine.state import PREVIOUS_STATE_FILE, STATE_FILE, Progress, load_state
 from imgrec.errors import ImgrecError
 
@@ -99,12 +100,12 @@ def test_resuming_from_any_saved_state_ends_like_an_uninterrupted_run(image_fold
 def test_resuming_a_finished_run_does_nothing(image_folder: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     run = train_run(image_folder, tmp_path / "runs", "done", epochs=2)
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}  # the lock names its holder
     code = main(["train", "--resume", str(run), "--model", "lenet"])  # an unchanged setting may be repeated
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "has already finished (2 epochs" in out and "nothing to do" in out
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE} == before
     assert sorted(run.parent.iterdir()) == [run]  # no new run folder either
 
 
@@ -274,7 +275,7 @@ def test_only_settings_that_cannot_change_the_past_are_resume_safe() -> None:
     from imgrec.config import resume_safe_settings
 
     assert sorted(resume_safe_settings()) == sorted(
-        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps", "dist_timeout"])
+        ["epochs", "patience", "workers", "threads", "save_every_minutes", "save_every_steps", "dist_timeout", "log"])
 
 
 def test_resume_with_a_weight_average_and_a_cut_last_epoch_is_exact(image_folder: Path, tmp_path: Path,
@@ -312,3 +313,70 @@ def test_resume_with_lookahead_is_exact(image_folder: Path, tmp_path: Path, snap
         assert_same_run(run, reference)
     last = load_weights_file(reference / "weights" / "last.pt")["state_dict"]
     assert all(torch.equal(last[key], final["averaged"]["model"][key]) for key in last)
+
+
+def test_mixed_and_randaugmented_runs_resume_exactly(image_folder: Path, tmp_path: Path,
+                                                     snapshots: list[Path]) -> None:
+    """MixUp/CutMix and RandAugment draw from the loader's generator: a run stopped mid-epoch or at an epoch end
+    ends bit-exact like the uninterrupted one."""
+    mixed = dict(epochs=2, mixup=0.4, cutmix=1.0, augment="randaugment,crop,flip")
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **mixed)
+    saved = list(snapshots)
+    for k in (1, 4):  # (1, 2) and (2, 0)
+        run = run_stopped_at(reference, saved[k], tmp_path / f"resumed-{k}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)
+
+
+def events(run: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_events_read_back_and_a_resumed_run_continues_its_curves(image_folder: Path, tmp_path: Path,
+                                                                           snapshots: list[Path]) -> None:
+    """--log tensorboard: per-step loss and learning rate, epoch metrics at each epoch's last step, the test's
+    figures and the settings with the final metrics; a run stopped mid-epoch (its events already past the saved
+    step) and resumed has every step once, with the uninterrupted run's values."""
+    reference = train_run(image_folder, tmp_path / "runs", "reference", log="tensorboard")
+    ref = events(reference)
+    steps = list(range(1, 13))  # 4 steps an epoch, 3 epochs
+    assert [e.step for e in ref.Scalars("train/step_loss")] == steps
+    assert [e.step for e in ref.Scalars("train/lr")] == steps
+    with (reference / "results.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    val_acc = ref.Scalars("epoch/val_acc")
+    assert [e.step for e in val_acc] == [4, 8, 12]
+    assert [round(e.value, 5) for e in val_acc] == [round(float(r["val_acc"]), 5) for r in table]
+    # the epoch's train_loss is the mean of its steps' losses (all batches of 8 but the last of 3 images)
+    losses = [e.value for e in ref.Scalars("train/step_loss")][:4]
+    assert abs((sum(losses[:3]) * 8 + losses[3] * 3) / 27 - float(table[0]["train_loss"])) < 1e-4
+    tags = ref.Tags()
+    assert {"test/confusion_matrix", "test/sample_predictions"} <= set(tags["images"])
+    assert ref.Images("test/confusion_matrix")[0].width > 100
+    summary = json.loads((reference / "summary.json").read_text())
+    assert abs(ref.Scalars("final/test_accuracy")[-1].value - summary["test_accuracy"]) < 1e-6
+    assert "_hparams_/session_start_info" in ref.PluginTagToContent("hparams")
+
+    run = run_stopped_at(reference, snapshots[5], tmp_path / "resumed")  # saved at (2, 1); events go on to step 12
+    workflows.resume(run, {})
+    resumed = events(run)
+    assert [e.step for e in resumed.Scalars("train/step_loss")] == steps
+    assert [e.value for e in resumed.Scalars("train/step_loss")] == [e.value for e in ref.Scalars("train/step_loss")]
+    assert [e.step for e in resumed.Scalars("epoch/val_acc")] == [4, 8, 12]
+
+
+def test_tensorboard_without_its_package_is_one_line(image_folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what a missing package makes of the import
+    code = main(["train", "--data", str(image_folder), "--project", str(tmp_path / "runs"), "--log", "tensorboard",
+                 "--epochs", "1", "--workers", "0"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert err.strip().splitlines() == ["imgrec train: error: --log tensorboard needs the Python package 'tensorboard', which is not "
+                                        "installed: pip install 'imgrec[tensorboard]'"]
+    assert not (tmp_path / "runs").exists()  # it failed before any data was loaded or folder made

@@ -342,11 +342,11 @@ def test_a_state_save_within_an_epoch_refuses_non_finite_weights(tmp_path: Path)
 
 def test_run_dirs_auto_increment_and_exist_ok(tmp_path: Path) -> None:
     project = tmp_path / "runs"
-    assert create_run_dir(project, "exp") == project / "exp"
-    assert create_run_dir(project, "exp") == project / "exp2"
-    assert create_run_dir(project, "exp") == project / "exp3"
-    assert create_run_dir(project, "exp", exist_ok=True) == project / "exp"
-    assert create_run_dir(project, "other", exist_ok=True) == project / "other"
+    assert create_run_dir(project, "exp") == (project / "exp", True)
+    assert create_run_dir(project, "exp") == (project / "exp2", True)
+    assert create_run_dir(project, "exp") == (project / "exp3", True)
+    assert create_run_dir(project, "exp", exist_ok=True) == (project / "exp", False)
+    assert create_run_dir(project, "other", exist_ok=True) == (project / "other", True)
     assert sorted(p.name for p in project.iterdir()) == ["exp", "exp2", "exp3", "other"]
 
 

@@ -8,10 +8,13 @@ Imports: torch, torchvision, numpy and the data package; never a model or the en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +29,9 @@ from imgrec.data.imageio import open_regular
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
 from imgrec.data.verify import decode_checked, strict_error, without
-from imgrec.errors import ImgrecError, UsageError
+from imgrec.errors import ImgrecError, UsageError, os_error_cause
+
+log = logging.getLogger(__name__)
 
 MEMORY_LIMIT_BYTES = 2 * 1024**3  # folders whose decoded pixels fit in this are held in memory
 DEFAULT_FOLDER_SIZE = 128  # image size for folders whose images differ in size
@@ -383,10 +388,7 @@ def _decode_split(split: FileSplit, opts: DataOptions) -> tuple[ArraySplit, dict
     images, failures = decode_checked(split, opts.workers, keep_images=True)
     assert images is not None
     labels = without(split, failures).labels.clone()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "labels": labels, "failures": failures}, tmp)
-    os.replace(tmp, cache)
+    _store(cache, lambda tmp: torch.save({"images": images, "labels": labels, "failures": failures}, tmp))
     return ArraySplit(images, labels), failures
 
 
@@ -397,10 +399,7 @@ def _check_split(split: FileSplit, opts: DataOptions) -> tuple[FileSplit, dict[s
         failures = {str(k): str(v) for k, v in json.loads(cache.read_text())["failures"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         _, failures = decode_checked(split, opts.workers, keep_images=False)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"failures": failures}))
-        os.replace(tmp, cache)
+        _store(cache, lambda tmp: tmp.write_text(json.dumps({"failures": failures})))
     return without(split, failures), failures
 
 
@@ -417,8 +416,27 @@ def _train_stats(train: Split, opts: DataOptions) -> tuple[list[float], list[flo
     rng = np.random.default_rng(0)
     sample = rng.choice(len(train), size=min(len(train), 2000), replace=False)
     mean, std = channel_stats(_decode_split(train.subset(torch.from_numpy(np.sort(sample))), opts)[0].images)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"mean": mean, "std": std}))
-    os.replace(tmp, cache)
+    _store(cache, lambda tmp: tmp.write_text(json.dumps({"mean": mean, "std": std})))
     return mean, std
+
+
+def _store(cache: Path, write: Callable[[Path], object]) -> None:
+    """Write a cache entry: write(a temporary path of its own), then rename it into place. A cache that cannot be
+    written (no space, no permission, a read-only folder) is skipped with one warning: the entry is computed
+    again next time."""
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, cache)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch's writer on a full disk
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if cache.parent.parent not in _UNWRITABLE_CACHES:
+            _UNWRITABLE_CACHES.add(cache.parent.parent)
+            cause = os_error_cause(exc) if isinstance(exc, OSError) else "the write failed"
+            log.warning(f"cannot write the cache in {cache.parent.parent} ({cause}); going on without it "
+                        f"(IMGREC_CACHE chooses another folder)")
+
+
+_UNWRITABLE_CACHES: set[Path] = set()  # warned about once per process

@@ -10,7 +10,8 @@ then process `rank` takes every world_size-th index from position rank (strided,
 step k together are the batch k of one process with world_size times the batch size). A training order is
 first padded with its own first indices to a multiple of world_size, so that every process runs the same
 number of steps; an evaluation order is not padded, so no image is counted twice. Each process augments
-with a generator of its own rank.
+with a generator of its own rank. A training loader given a BatchMix (MixUp/CutMix) mixes each augmented batch
+with the same generator and yields probabilities (B, num_classes) as its targets instead of labels.
 Imports: torch and the data package.
 """
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from imgrec.data.imageio import ImageDecodeError, read_image
 from imgrec.data.info import ArraySplit, FileSplit, Split
-from imgrec.data.transforms import BatchTransform
+from imgrec.data.transforms import BatchMix, BatchTransform
 from imgrec.errors import ImgrecError
 
 
@@ -84,6 +85,16 @@ class _EpochPosition:
         self.batches_done = 0
         self._generator: torch.Generator | None = None
         self._resume: dict[str, Any] | None = None
+        self.transform: BatchTransform
+        self.mix: BatchMix | None = None
+
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as the model takes it: transformed (augmented when training), then mixed when asked to."""
+        x = self.transform(images, generator if self.augment else None)
+        if self.augment and self.mix is not None:
+            return self.mix(x, labels, generator)
+        return x, labels
 
     def set_epoch(self, epoch: int) -> None:
         """Start the given epoch from its first batch at the next iteration."""
@@ -136,10 +147,9 @@ class TensorLoader(_EpochPosition):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, generator = self._epoch_batches()
         for idx in batches:
-            images = self.split.images[idx]
-            x = self.transform(images, generator if self.augment else None)
+            x, y = self._batch(self.split.images[idx], self.split.labels[idx], generator)
             self.batches_done += 1
-            yield x, self.split.labels[idx]
+            yield x, y
 
 
 class ReadingNotes:
@@ -225,9 +235,9 @@ class StreamLoader(_EpochPosition):
         self._batches.batches, generator = self._epoch_batches()
         try:
             for images, labels in self._loader:
-                x = self.transform(images, generator if self.augment else None)
+                x, y = self._batch(images, labels, generator)
                 self.batches_done += 1
-                yield x, labels
+                yield x, y
         except (ImageDecodeError, RuntimeError) as exc:
             if "DataLoader worker" not in str(exc) and not isinstance(exc, ImageDecodeError):
                 raise
@@ -271,14 +281,20 @@ def default_workers() -> int:
 
 
 def make_loader(split: Split, batch_size: int, transform: BatchTransform, *, train: bool, seed: int = 0,
-                workers: int | None = None, shard: tuple[int, int] = (0, 1)) -> TensorLoader | StreamLoader:
+                workers: int | None = None, shard: tuple[int, int] = (0, 1), mix: BatchMix | None = None,
+                ) -> TensorLoader | StreamLoader:
     """A loader for one split: shuffled and augmented for training, in order and plain otherwise; with shard
-    (rank, world_size), this process's part of every epoch (batch_size is per process)."""
+    (rank, world_size), this process's part of every epoch (batch_size is per process); with mix, training
+    batches are mixed (MixUp/CutMix) and their targets are probabilities."""
     # A last training batch of one image makes BatchNorm fail ("Expected more than 1 value per channel"): drop it.
     # The order is shuffled, so it is another image each epoch.
     n = shard_size(len(split), *shard, pad=train)
     lone = train and n > batch_size and n % batch_size == 1
     options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone, shard=shard)
+    loader: TensorLoader | StreamLoader
     if isinstance(split, ArraySplit):
-        return TensorLoader(split, batch_size, transform, **options)
-    return StreamLoader(split, batch_size, transform, workers=workers, **options)
+        loader = TensorLoader(split, batch_size, transform, **options)
+    else:
+        loader = StreamLoader(split, batch_size, transform, workers=workers, **options)
+    loader.mix = mix if train else None
+    return loader

@@ -4,12 +4,15 @@ Both data paths (in-memory tensors and streamed files) end here, so they share o
 normalisation and augmentation. Every random choice comes from the generator the loader passes in,
 which makes data order and augmentation reproducible from (seed, epoch). A model that expects another input
 (pretrained weights: 224 px, three channels) gets it here too: batches are resized and their channels
-converted on the fly, so images stay stored at their own size. Imports: torch only.
+converted on the fly, so images stay stored at their own size. MixUp and CutMix (BatchMix) mix a training
+batch after it is normalised, with the same generator. Imports: torch (and torchvision's RandAugment and
+TrivialAugment, when chosen).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -215,4 +218,80 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise UsageError(f"cannot feed {have}-channel images to a model that takes {channels} channels")
 
 
-_AUGMENTS = {"crop": random_crop, "translate": random_translate, "flip": random_flip}
+def _seed_from(generator: torch.Generator) -> int:
+    """A seed drawn from the loader's generator, for the code that draws from a generator of its own."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _policy(name: str, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandAugment or TrivialAugmentWide, each image its own operations, on uint8 (B, C, H, W).
+
+    torchvision draws from torch's global generator: it is forked and seeded from the loader's generator, so
+    the batches are the same for the same seed (and on resume), and nothing else's random numbers change."""
+    from torchvision.transforms import v2
+
+    augment = v2.RandAugment() if name == "randaugment" else v2.TrivialAugmentWide()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_from(generator))
+        return torch.stack([augment(image) for image in images])
+
+
+def rand_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandAugment (torchvision's defaults: two operations of magnitude 9 of 31 per image)."""
+    return _policy("randaugment", images, generator)
+
+
+def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """TrivialAugment (torchvision's TrivialAugmentWide: one operation of a random magnitude per image)."""
+    return _policy("trivialaugment", images, generator)
+
+
+def sample_beta(alpha: float, generator: torch.Generator) -> float:
+    """One draw from Beta(alpha, alpha), decided by the generator (torch's Beta takes none)."""
+    return random.Random(_seed_from(generator)).betavariate(alpha, alpha)
+
+
+def cut_box(height: int, width: int, lam: float, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """CutMix's box (y0, y1, x0, x1): sides sqrt(1 - lam) of the image's, centred anywhere in it, clipped to it."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy = int(torch.randint(0, height, (1,), generator=generator))
+    cx = int(torch.randint(0, width, (1,), generator=generator))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return y0, y1, x0, x1
+
+
+class BatchMix:
+    """MixUp and CutMix of a training batch (torchvision.transforms.v2's maths): (x, labels) -> (x, soft targets).
+
+    Each image is mixed with its neighbour in the batch (the batch rolled by one), with lam ~ Beta(alpha, alpha):
+    MixUp blends the pixels, lam * x + (1 - lam) * x_rolled; CutMix pastes the neighbour's pixels into one box
+    for the batch, and lam becomes the share of the area kept. The targets are mixed by the same lam, as
+    probabilities (B, num_classes). With both on, each batch gets one of them, at even odds.
+    """
+
+    def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> None:
+        if mixup < 0 or cutmix < 0 or not (mixup or cutmix):
+            raise ValueError("BatchMix needs a positive mixup or cutmix alpha")
+        self.num_classes, self.mixup, self.cutmix = num_classes, mixup, cutmix
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or bool(torch.rand(1, generator=generator) < 0.5))
+        lam = sample_beta(self.cutmix if use_cutmix else self.mixup, generator)
+        rolled = x.roll(1, 0)
+        if use_cutmix:
+            height, width = x.shape[-2:]
+            y0, y1, x0, x1 = cut_box(height, width, lam, generator)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = rolled[..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        else:
+            x = x * lam + rolled * (1.0 - lam)
+        targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        return x, targets * lam + targets.roll(1, 0) * (1.0 - lam)
+
+
+_AUGMENTS = {"crop": random_crop, "translate": random_translate, "flip": random_flip, "randaugment": rand_augment,
+             "trivialaugment": trivial_augment}

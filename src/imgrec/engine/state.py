@@ -26,8 +26,8 @@ import torch
 
 from imgrec.config import RunConfig, resume_safe_settings
 from imgrec.engine import distributed
-from imgrec.engine.checkpoint import load_checkpoint, save_atomic
-from imgrec.errors import ImgrecError, UsageError
+from imgrec.engine.checkpoint import load_checkpoint, save_atomic, temporary_name
+from imgrec.errors import ImgrecError, UsageError, write_error
 
 STATE_FILE = "train_state.pt"
 PREVIOUS_STATE_FILE = "train_state.prev.pt"
@@ -143,9 +143,13 @@ def make_current(path: Path) -> Path:
     run's train_state.pt, so that the next save keeps it, not the damaged file, as the previous state."""
     current = path.parent / STATE_FILE
     if path.resolve() != current.resolve():
-        tmp = current.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, current)
+        tmp = temporary_name(current)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, current)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(current, exc) from None
     return current
 
 
@@ -180,20 +184,7 @@ def resume_config(state: dict[str, Any], given: dict[str, Any], source: Path) ->
 
     Returns the config and notes for the log (an --epochs extension, for one).
     """
-    saved = RunConfig.from_dict(state["config"], source=str(source))
-    wanted = RunConfig.from_dict({**state["config"], **given}, source="the command line")
-    changed = [f.name for f in fields(RunConfig) if getattr(saved, f.name) != getattr(wanted, f.name)
-               and not (f.name == "data" and _same_path(saved.data, wanted.data))]
-    for name in ("data", "model"):
-        if name in changed:
-            raise UsageError(f"cannot resume {source.parent} with --{name} {getattr(wanted, name)}: it was trained with "
-                             f"--{name} {getattr(saved, name)}; start a new run for other {name}")
-    unsafe = [name for name in changed if name not in resume_safe_settings()]
-    if unsafe:
-        flags = ", ".join("--" + n.replace("_", "-") for n in unsafe)
-        allowed = ", ".join("--" + n.replace("_", "-") for n in resume_safe_settings())
-        raise UsageError(f"{flags} cannot change on resume (the run was trained with other values); only {allowed} "
-                         f"may: drop {flags}, or start a new run")
+    saved, wanted = resumed_settings(state["config"], given, source)
     progress = Progress.from_dict(state["progress"])
     least = progress.epoch if progress.step else len(progress.history)
     if wanted.epochs < least:
@@ -208,6 +199,26 @@ def resume_config(state: dict[str, Any], given: dict[str, Any], source: Path) ->
                      f"{wanted.epochs} epochs" + (f" (the {saved.schedule} schedule is stretched to the new length "
                                                    f"from the current step)" if saved.schedule != "constant" else ""))
     return wanted, notes
+
+
+def resumed_settings(values: dict[str, Any], given: dict[str, Any], source: Path) -> tuple[RunConfig, RunConfig]:
+    """The saved config (values, as source holds them) and the one with the settings given on the command line;
+    a change of data or model, or of a setting that is not resume-safe, is a usage error."""
+    saved = RunConfig.from_dict(values, source=str(source))
+    wanted = RunConfig.from_dict({**values, **given}, source="the command line")
+    changed = [f.name for f in fields(RunConfig) if getattr(saved, f.name) != getattr(wanted, f.name)
+               and not (f.name == "data" and _same_path(saved.data, wanted.data))]
+    for name in ("data", "model"):
+        if name in changed:
+            raise UsageError(f"cannot resume {source.parent} with --{name} {getattr(wanted, name)}: it was trained with "
+                             f"--{name} {getattr(saved, name)}; start a new run for other {name}")
+    unsafe = [name for name in changed if name not in resume_safe_settings()]
+    if unsafe:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unsafe)
+        allowed = ", ".join("--" + n.replace("_", "-") for n in resume_safe_settings())
+        raise UsageError(f"{flags} cannot change on resume (the run was trained with other values); only {allowed} "
+                         f"may: drop {flags}, or start a new run")
+    return saved, wanted
 
 
 def _same_path(a: str, b: str) -> bool:

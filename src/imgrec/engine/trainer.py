@@ -30,6 +30,7 @@ from torch import nn
 from imgrec.config import RunConfig
 from imgrec.engine import distributed
 from imgrec.engine.averaging import averaged_step, make_averager
+from imgrec.engine.board import TensorBoardLog
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
@@ -165,10 +166,11 @@ class Deadline(Protocol):  # budget.Deadline
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
-        ) -> FitResult:
+        board: TensorBoardLog | None = None) -> FitResult:
     """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
     results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
-    still to run are re-planned at each epoch end from the speed measured so far."""
+    still to run are re-planned at each epoch end from the speed measured so far. With a board, each step and
+    epoch is logged for TensorBoard too (a resumed run from its saved position on)."""
     device = select_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -187,9 +189,14 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
     epochs = run_epochs(cfg, len(train_loader))
+    if board is not None:
+        board.start(progress.epoch, progress.step, progress.loss_sum, progress.seen, len(train_loader))
     with StopSignals() as stop:
 
         def after_step() -> None:  # a safe point: stop here when asked to, save the state when due
+            if board is not None:
+                board.log_step(progress.epoch, progress.step, progress.loss_sum, progress.seen,
+                               optimizer.param_groups[0]["lr"])
             if _stop_if_any(stop, saver.due()):
                 saver.save(progress)
 
@@ -222,6 +229,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
                 # without validation, or with --select last, the last epoch is the best
                 improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
+                if board is not None:
+                    board.log_epoch(row)
                 if results is not None:
                     results.append(row)
                     weights = _weights(evaluated, weights_meta, epoch, row)
@@ -313,7 +322,8 @@ def _check_finite(model: nn.Module, progress: Progress) -> None:
 
 
 def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
-    """One optimisation step on a batch: returns (loss, correct predictions) as tensors."""
+    """One optimisation step on a batch: returns (loss, correct predictions) as tensors. The targets are labels,
+    or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both)."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
@@ -330,7 +340,9 @@ def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, 
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        # mixed batches (MixUp/CutMix) have probabilities as targets: accuracy against each image's main label
+        labels = y if y.ndim == 1 else y.argmax(1)
+        return loss.detach(), (logits.argmax(1) == labels).sum()
 
     return step
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from imgrec.engine.checkpoint import load_model_state
+from imgrec.engine.checkpoint import check_weights_meta, load_model_state
 from imgrec.errors import ImgrecError
 from imgrec.export.common import requires, shipped_fields, write_atomic
 from imgrec.models.registry import build_model
@@ -66,6 +66,7 @@ def load_safetensors(path: str | Path) -> dict[str, Any]:
         raise ImgrecError(f"{sidecar_file} is not an imgrec safetensors sidecar")
     if sidecar.get("format_version", 0) > SIDECAR_VERSION:
         raise ImgrecError(f"{sidecar_file} was written by a newer imgrec; upgrade imgrec")
+    check_weights_meta(sidecar, sidecar_file, with_tensors=False)  # before the tensors are read: a model it describes must be sound
     data = tensors_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
         raise ImgrecError(f"{tensors_path} does not match {sidecar_file} (SHA-256 differs): the pair was mixed up "

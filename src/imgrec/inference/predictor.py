@@ -23,7 +23,7 @@ from PIL import Image
 from imgrec.data.imageio import ImageDecodeError, image_to_tensor, load_image, resize_center, to_mode
 from imgrec.data.photo import prepare_photo
 from imgrec.data.transforms import convert_channels, resize
-from imgrec.engine.checkpoint import load_model_state, load_weights_file, resolve_weights
+from imgrec.engine.checkpoint import check_weights_meta, load_model_state, load_weights_file, resolve_weights
 from imgrec.engine.system import select_device
 from imgrec.errors import ImgrecError
 from imgrec.evaluation.ood import OOD_SCORES
@@ -96,6 +96,7 @@ class Predictor:
     def from_checkpoint(cls, ckpt: dict[str, Any], source: str = "the weights", device: str = "auto",
                         auto_preprocess: bool = True) -> Predictor:
         """From a loaded imgrec weights file (a dict, see engine.checkpoint)."""
+        check_weights_meta(ckpt, source)
         spec = ckpt["model"]
         model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
         load_model_state(model, ckpt["state_dict"], source)

@@ -50,7 +50,7 @@ def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: P
     runs = tmp_path / "runs"
     assert {p.name for p in runs.iterdir()} >= {"classifier", "lenet", "fast", "compare"}
     summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("classifier", "lenet", "fast")}
-    assert all(s["train_images"] == 6000 for s in summaries.values())  # the subset the text announces
+    assert all(s["train_images"] == 12000 for s in summaries.values())  # the subset the text announces
     assert all(s["test_images"] == 10000 and s["test_accuracy"] > 0.7 for s in summaries.values())  # chance: 0.1
     assert (tmp_path / "lenet.onnx").is_file()
     assert sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*")) == before  # nothing written beside it

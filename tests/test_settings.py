@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -96,6 +97,8 @@ def _has_declared_type(value: Any, kind: Any) -> bool:
         kind = next(a for a in args if a is not type(None))
     if typing.get_origin(kind) is list:
         return isinstance(value, list) and all(type(v) is float for v in value)
+    if typing.get_origin(kind) is types.UnionType:  # a number or one of its words (--lr find)
+        return type(value) in typing.get_args(kind)
     return type(value) is kind
 
 

@@ -65,6 +65,30 @@ def train_run(data: Any, model: Any, settings: dict[str, Any], *, given: set[str
               source_name: str = "imgrec.train") -> tuple[Run, workflows.TrainOutcome]:
     """imgrec.train with what `imgrec train` also needs: the settings given explicitly (default: those passed,
     data and model), the time the command started (--time-budget counts from it), the workflow's outcome."""
+    cfg, source, builder = _run_config(data, model, settings, classes, source_name)
+    chosen = set(settings) | {"data"} | ({"model"} if model is not None else set()) if given is None else given
+    with _speaking(verbose), _registered(cfg.model, builder):
+        outcome = workflows.train(cfg, given=chosen, started=started, data=source)
+    return Run(outcome.run_dir, source=source, model=(cfg.model, builder)), outcome
+
+
+def lr_find(data: Any, model: Any = None, *, classes: Sequence[str] | None = None, out: str | Path = "lr_find.png",
+            steps: int = workflows.LR_FIND_STEPS, verbose: bool = True, **settings: Any) -> workflows.LRFindOutcome:
+    """The learning-rate range test (what `imgrec lr-find` runs) for train's data, model and settings: a copy of
+    the model trains up to `steps` steps while the rate grows from 1e-7 to 10. Returns the outcome: .suggestion
+    (the rate to pass as lr=), .result (rates and losses of each step), .plot (the figure written to out)."""
+    _check_settings(settings)
+    if steps < 10:
+        raise UsageError("steps must be at least 10")
+    cfg, source, builder = _run_config(data, model, settings, classes, "imgrec.lr_find")
+    chosen = set(settings) | {"data"} | ({"model"} if model is not None else set())
+    with _speaking(verbose), _registered(cfg.model, builder):
+        return workflows.lr_find(cfg, out=out, steps=steps, given=chosen, data=source)
+
+
+def _run_config(data: Any, model: Any, settings: dict[str, Any], classes: Sequence[str] | None, source_name: str,
+                ) -> tuple[RunConfig, workflows.DataSource | None, Builder | None]:
+    """The RunConfig of data, model and settings, the data source of data passed from Python, the model's builder."""
     source = None
     if is_python_data(data):
         splits = to_splits(data, classes, settings.get("image_size"))
@@ -81,10 +105,7 @@ def train_run(data: Any, model: Any, settings: dict[str, Any], *, given: set[str
     cfg = RunConfig.from_dict(values, source=source_name)
     if builder is not None and source is not None and cfg.channels_last and "channels_last" not in settings:
         cfg.channels_last = _takes_channels_last(builder, source)
-    chosen = set(settings) | {"data"} | ({"model"} if model is not None else set()) if given is None else given
-    with _speaking(verbose), _registered(cfg.model, builder):
-        outcome = workflows.train(cfg, given=chosen, started=started, data=source)
-    return Run(outcome.run_dir, source=source, model=(cfg.model, builder)), outcome
+    return cfg, source, builder
 
 
 def load(run_or_weights: str | Path, model: Any = None, data: Any = None,

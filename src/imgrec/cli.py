@@ -100,6 +100,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
             group.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+        elif "words" in f.metadata:  # a number or a word: --lr 0.01, --lr find
+            group.add_argument(flag, type=str, metavar=f"{f.name.upper()}|{'|'.join(f.metadata['words'])}", **options)
         else:
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]  # argparse shows them as {a,b,c}
@@ -181,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its train_state.pt (only "
                    "--epochs, --patience, --workers, --threads, --save-every-minutes and --dist-timeout may change)")
+    _add_config_flags(p)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggests --lr for a data set and model",
+                       description="Train a copy of the model for a few hundred steps while the learning rate grows "
+                                   "exponentially (from 1e-7 to 10), stop when the loss diverges, and suggest a rate: a "
+                                   "third of the one at which the smoothed loss is lowest. Takes train's settings "
+                                   "(optimiser, batch size, augmentation, --balance ...); writes a figure of the loss "
+                                   "against the rate. `imgrec train --lr find` runs it first and trains with the "
+                                   "suggestion.", usage="%(prog)s [--config YAML] [--out PNG] [--steps N] [options]")
+    p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
+    p.add_argument("--out", metavar="PNG", default="lr_find.png", help="the figure to write (default: lr_find.png)")
+    p.add_argument("--steps", type=int, default=200, metavar="N",
+                   help="steps of the test, at most (it stops when the loss diverges; default: 200)")
     _add_config_flags(p)
 
     p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
@@ -290,6 +305,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"test accuracy: {s['test_accuracy']:.2%} (test loss {s['test_loss']:.4f}, best epoch {s['best_epoch']}/"
           f"{s['epochs']}, {s['train_seconds']:.1f}s training, {s['images_per_second']:,.0f} img/s)")
+    if s.get("test_imbalanced"):
+        print(f"balanced accuracy: {s['test_balanced_accuracy']:.2%}, macro-F1 {s['test_macro_f1']:.3f} (the test split "
+              f"is imbalanced: accuracy is mostly its large classes')")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    if args.steps < 10:
+        raise UsageError("--steps must be at least 10")
+    from imgrec.workflows import lr_find
+
+    settings = _given_settings(args)
+    outcome = lr_find(RunConfig.from_dict(settings, source=args.config or "the command line"), out=args.out,
+                      steps=args.steps, given=set(settings))
+    found = outcome.result
+    print(f"suggested --lr {found.suggestion:.3g} (the smoothed loss is lowest at {found.minimum:.3g}; "
+          f"{outcome.config.optimizer}, batch {outcome.config.batch_size}); figure: {outcome.plot}")
     return 0
 
 
@@ -301,6 +333,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     top5 = f", top-5 {m['top5_accuracy']:.2%}" if "top5_accuracy" in m else ""
     print(f"{m['split']} accuracy: {m['accuracy']:.2%} (loss {m['loss']:.4f}{top5}, macro-F1 {m['macro_f1']:.3f}, "
           f"{m['count']:,} images)")
+    if m.get("imbalanced"):
+        print(f"balanced accuracy: {m['balanced_accuracy']:.2%} (the {m['split']} split is imbalanced: accuracy is "
+              f"mostly its large classes')")
     print(f"ECE: {m['ece']:.2%}" + (f" ({m['calibration']['ece_after']:.2%} after temperature scaling, "
                                     f"T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else "")
           + ": expected calibration error, the mean gap between how sure the model is and how often it is right")
@@ -454,7 +489,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "evaluate": cmd_evaluate, "predict": cmd_predict, "explain": cmd_explain,
             "compare": cmd_compare, "serve": cmd_serve, "show": cmd_show, "doctor": cmd_doctor, "models": cmd_models,
             "datasets": cmd_datasets, "export": cmd_export}
 
@@ -483,7 +518,7 @@ def _check_target(args: argparse.Namespace) -> None:
                          f"(imgrec {args.command} RUN_OR_WEIGHTS ...)")
 
 
-COMPUTING = {"train", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
+COMPUTING = {"train", "lr-find", "evaluate", "predict", "explain", "serve", "show", "doctor", "export"}  # run torch's threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("val", "last")
+BALANCE_MODES = ("none", "weights", "sampler")
 LOGS = ("none", "tensorboard")
 AUGMENT_OPS = ("crop", "flip", "translate", "erase", "resized-crop", "randaugment", "trivialaugment")
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch's generators take seed * 1,000,003 + epoch within 64 bits
@@ -80,6 +81,9 @@ class RunConfig:
     split_seed: int = _opt(0, "seed of the train/val/test splits imgrec makes (fixed, so runs share a test set)",
                            min=0, max=SEED_MAX)
     train_samples: int | None = _opt(None, "train on a seeded, stratified subset of this many training images", min=1)
+    balance: str = _opt("none", "imbalanced classes: weights (each class's loss weighted by the inverse of its share of "
+                                "the training images) or sampler (each epoch draws every class equally often)",
+                        choices=BALANCE_MODES)
     loader: str = _opt("auto", "data path: memory (one uint8 tensor), stream (DataLoader workers) or auto", choices=LOADERS)
     workers: int | None = _opt(None, "DataLoader worker processes for decoding (default: CPU count, at most 4)",
                                resume=True, min=0, max=256)
@@ -112,7 +116,8 @@ class RunConfig:
                                        "validation images once and train the head on them (no augmentation)")
     # optimisation
     optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
-    lr: float = _opt(1e-3, "learning rate (the peak rate for onecycle)", above=0)
+    lr: float | str = _opt(1e-3, "learning rate (the peak rate for onecycle), or find: run the learning-rate range "
+                                 "test first (imgrec lr-find) and train with its suggestion", above=0, words=("find",))
     weight_decay: float = _opt(0.0, "weight decay", min=0)
     momentum: float = _opt(0.9, "momentum for sgd (Nesterov)", min=0, below=1)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", min=0, below=1)
@@ -121,6 +126,9 @@ class RunConfig:
     epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True, min=1)
     schedule: str = _opt("constant", "learning-rate schedule (linear: warm up over the first fifth of the steps, then "
                                      "decay linearly to zero)", choices=SCHEDULES)
+    warmup_epochs: float | None = _opt(None, "raise the learning rate linearly from near zero over this many epochs "
+                                             "(fractions allowed), then follow --schedule over the rest (default: "
+                                             "none; linear keeps its first fifth)", min=0)
     max_steps: int | None = _opt(None, "stop after this many training steps in all, cutting the last epoch short "
                                        "(--time-budget sets it)", min=1)
     time_budget: str | None = _opt(None, "finish the whole run (data, training, test, report) within this time, "
@@ -172,6 +180,8 @@ class RunConfig:
         _check(self.val_fraction + self.test_fraction < 1, "--val-fraction plus --test-fraction must be below 1")
         _check(not (self.patience and self.select == "last"), "give --patience or --select last, not both: early "
                                                               "stopping keeps the best validated epoch")
+        _check(self.warmup_epochs is None or self.warmup_epochs < self.epochs,
+               f"--warmup-epochs must be fewer than --epochs ({self.epochs}); got {self.warmup_epochs}")
         _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "
                                                   "validated and saved")
         if self.time_budget is not None:
@@ -312,6 +322,16 @@ def _checked_value(f: Field[Any], kind: Any, value: Any) -> Any:
     def refuse(allowed: str) -> typing.NoReturn:
         raise UsageError(f"{flag} must be {allowed}; got {_show(value)}")
 
+    if meta.get("words"):  # a number or one of a few words (--lr 0.01, --lr find); a number's text is the number
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in meta["words"]:
+            return word
+        number = _finite(_float_or_none(value) if isinstance(value, str) else value)
+        if number is None:
+            refuse(f"a finite number or {' or '.join(meta['words'])}")
+        _check_range(number, meta, flag)
+        return number
+
     if kind is bool:
         if not isinstance(value, bool):
             refuse("true or false")
@@ -347,6 +367,13 @@ def _checked_value(f: Field[Any], kind: Any, value: Any) -> Any:
             refuse(f"a list of {count} finite numbers")
         return converted
     raise TypeError(f"RunConfig.{f.name}: no check for {kind}")  # a new field of a new type: add its check above
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _finite(value: Any) -> float | None:

@@ -34,7 +34,7 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import load_checkpoint, resolve_weights
 from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.engine.trainer import FitResult, fit
+from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError
 from imgrec.models.backbones import BACKBONES, check_backbone_state, pretrained_weights
 from imgrec.models.transfer import TransferModel, load_backbone_state
@@ -233,8 +233,9 @@ def fit_on_features(model: TransferModel, train: Split, val: Split | None, trans
 
     # Same seed, same batches: make_loader draws them as it does for the images
     train_loader = make_loader(ArraySplit(features["train"], train.labels), cfg.batch_size, unchanged,  # type: ignore[arg-type]
-                               train=True, seed=cfg.seed)
+                               train=True, seed=cfg.seed, balanced=cfg.balance == "sampler")
     val_loader = (make_loader(ArraySplit(features["val"], val.labels), batch_size, unchanged, train=False)  # type: ignore[arg-type]
                   if val is not None else None)
     vectors = dataclasses.replace(cfg, channels_last=False)  # features are (B, D) vectors: no memory format
-    return fit(HeadOnFeatures(model), train_loader, val_loader, vectors, run_dir, meta), seconds
+    weights = inverse_frequency_weights(train.labels, len(meta["classes"])) if cfg.balance == "weights" else None
+    return fit(HeadOnFeatures(model), train_loader, val_loader, vectors, run_dir, meta, class_weights=weights), seconds

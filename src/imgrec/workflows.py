@@ -40,6 +40,7 @@ from imgrec.engine.checkpoint import (
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
+from imgrec.engine.lr_finder import RangeTest, range_test
 from imgrec.engine.runs import (
     RunLock,
     check_run_name,
@@ -71,7 +72,7 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import FitResult, fit
+from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError, UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import record_prediction_stats
@@ -241,15 +242,14 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         cfg = apply_recipe(cfg, info, explicit)
     for note in bundle.notes:
         log.info(note)
-    # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
-    seed_everything(cfg.seed, cfg.deterministic)
-    spec = input_spec(info, source)
-    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
-    if source and not resumed:  # a resumed run's weights come from its training state
-        load_source(model, cfg.model, source)
-    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
-    if not source and not resumed and hasattr(model, "init_from_images"):
-        init_from_data(model, bundle, plain, cfg.seed)
+    model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
+    found = None
+    if cfg.lr == "find":  # a resumed run has the number in its config
+        if here.distributed:
+            raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
+                             "with --lr set to its suggestion")
+        found = find_lr(cfg, bundle, model, spec)
+        cfg = dataclasses.replace(cfg, lr=found.suggestion)
     plan = None
     if cfg.time_budget and not resumed:
         if here.distributed:
@@ -257,6 +257,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
                                      time.perf_counter() - started)
     run_dir = _run_folder(cfg, bundle, resumed, owned)
+    if found is not None:
+        _plot_lr_find(found, run_dir / "lr_find.png")
     if plan and distributed.is_main():
         write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
@@ -316,6 +318,85 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
     return TrainOutcome(run_dir, summary)
 
 
+def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
+                 ) -> tuple[torch.nn.Module, InputSpec, BatchTransform]:
+    """The model to train, its input spec and its plain (evaluation) transform: built for the data's classes and
+    started from --pretrained / --weights or fitted to the data where the model wants it (not when resumed: the
+    training state has the weights)."""
+    # Seed after loading: decoding a folder the first time draws from torch's generator, a cached load does not.
+    seed_everything(cfg.seed, cfg.deterministic)
+    info = bundle.info
+    spec = input_spec(info, source)
+    model = build_model(cfg.model, info.num_classes, spec.channels, spec.size)  # a new head for the data's classes
+    if source and not resumed:  # a resumed run's weights come from its training state
+        load_source(model, cfg.model, source)
+    plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
+    if not source and not resumed and hasattr(model, "init_from_images"):
+        init_from_data(model, bundle, plain, cfg.seed)
+    return model, spec, plain
+
+
+LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss diverges)
+
+
+def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
+            steps: int = LR_FIND_STEPS) -> RangeTest:
+    """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
+    the run's), with its optimiser, loss and precision; logs the suggestion."""
+    numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
+    loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
+                         seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
+    weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
+    started = time.perf_counter()
+    found = range_test(model, loader, numeric, steps=steps, class_weights=weights)
+    stop = "the loss diverged" if found.diverged else "all steps ran"
+    log.info(f"lr-find: {len(found.lrs)} steps from {found.lrs[0]:.0e} to {found.lrs[-1]:.2g} ({stop}, "
+             f"{time.perf_counter() - started:.1f}s); the loss is lowest at {found.minimum:.3g}: suggested --lr "
+             f"{found.suggestion:.3g}")
+    return found
+
+
+@dataclass
+class LRFindOutcome:
+    result: RangeTest
+    plot: Path
+    config: RunConfig  # the settings the test ran with (after --recipe)
+
+    @property
+    def suggestion(self) -> float:
+        """The suggested learning rate."""
+        return self.result.suggestion
+
+
+def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_STEPS,
+            given: Collection[str] | None = None, data: DataSource | None = None) -> LRFindOutcome:
+    """The learning-rate range test for cfg's data, model and optimiser (`imgrec lr-find`): the suggestion, and
+    a figure of the loss against the rate at out (default: lr_find.png). data: as train's."""
+    if distributed.context().distributed:
+        raise UsageError("imgrec lr-find runs in one process: run it without torchrun")
+    cfg = with_data_dir_recorded(cfg)
+    set_threads(cfg.threads)
+    select_device(cfg.device)
+    explicit = explicit_settings(cfg, given)
+    cfg = recipe_data_settings(cfg, explicit)
+    source = resolve_source(cfg)
+    bundle = data(data_options(cfg)) if data is not None else load_data(cfg.data, data_options(cfg))
+    cfg = apply_recipe(cfg, bundle.info, explicit)
+    for note in bundle.notes:
+        log.info(note)
+    model, spec, _ = _start_model(cfg, bundle, source, resumed=False)
+    found = find_lr(cfg, bundle, model, spec, steps)
+    path = Path(out) if out else Path("lr_find.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return LRFindOutcome(found, _plot_lr_find(found, path), cfg)
+
+
+def _plot_lr_find(found: RangeTest, path: Path) -> Path:
+    from imgrec.evaluation.plots import plot_lr_find
+
+    return plot_lr_find(found.lrs, found.losses, found.smoothed, found.suggestion, path)
+
+
 INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to
 
 
@@ -355,6 +436,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     summary = {
         "data": cfg.data, "model": cfg.model, "epochs": result.epochs_run, "best_epoch": result.best_epoch,
         "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_macro_f1": metrics["macro_f1"],
+        "test_balanced_accuracy": metrics["balanced_accuracy"], "test_imbalanced": metrics["imbalanced"],
         "test_ece": metrics["ece"], "test_ece_calibrated": metrics["calibration"].get("ece_after"),
         "temperature": best.get("temperature"), "best_val_accuracy": result.best_val_accuracy,
         "params": count_parameters(model), "train_seconds": round(result.train_seconds, 3),
@@ -395,12 +477,23 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
     here = distributed.context()
     mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=mix)
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=mix,
+                               balanced=cfg.balance == "sampler")
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
-               deadline=deadline, board=board), None
+               deadline=deadline, board=board,
+               class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)), None
+
+
+def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The loss's class weights under --balance weights (logged), else None."""
+    if cfg.balance != "weights":
+        return None
+    weights = inverse_frequency_weights(labels, num_classes)
+    log.info(f"balance: class weights in the loss from {weights.min():.3g} to {weights.max():.3g} (inverse frequency)")
+    return weights
 
 
 FINAL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1", "best_val_accuracy")

@@ -97,6 +97,7 @@ def test_every_planted_problem_is_found_by_name(problem_folder: tuple[Path, dict
             assert name in text, (kind, name, text)
         assert found[kind]["fix"] and found[kind]["message"]
     assert found["unreadable-too-large"]["severity"] == "error" and found["exif-rotated"]["severity"] == "warning"
+    assert "--balance weights" in found["imbalance"]["fix"] and "--balance sampler" in found["imbalance"]["fix"]
     [exact] = [g for g in report["duplicates"] if g["kind"] == "exact"]
     assert sorted(exact["splits"]) == ["test", "train"] and exact["classes"] == ["dog", "dog"]
     [near] = [g for g in report["duplicates"] if g["kind"] == "near"]

@@ -32,9 +32,11 @@ def cfg_for(**overrides: Any) -> RunConfig:
     return RunConfig(**values)
 
 
-def meta() -> dict[str, Any]:
-    return {"kind": "imgrec-weights", "model": {"name": "test"}, "classes": [], "mean": [0.0], "std": [1.0],
-            "channels": 1, "image_size": [8, 8]}
+def meta(num_classes: int = 4, channels: int = 1, size: tuple[int, int] = (8, 8)) -> dict[str, Any]:
+    """What a weights file says about a model of this shape (checked whenever best.pt is read back)."""
+    return {"kind": "imgrec-weights", "classes": [str(k) for k in range(num_classes)], "mean": [0.0] * channels,
+            "std": [1.0] * channels, "channels": channels, "image_size": list(size),
+            "model": {"name": "test", "num_classes": num_classes, "in_channels": channels, "image_size": list(size)}}
 
 
 def train_run(data: Path, project: Path, **overrides: Any) -> workflows.TrainOutcome:
@@ -80,7 +82,7 @@ def test_lenet_overfits_a_tiny_colour_batch(tmp_path: Path) -> None:
     x = torch.randn(12, 3, 16, 16)
     y = torch.arange(12) % 3
     model = build_model("lenet", 3, 3, (16, 16))
-    fit(model, ListLoader([(x, y)] * 30), None, cfg_for(model="lenet", epochs=1, lr=2e-3), tmp_path, meta())
+    fit(model, ListLoader([(x, y)] * 30), None, cfg_for(model="lenet", epochs=1, lr=2e-3), tmp_path, meta(3, 3, (16, 16)))
     after = evaluate(model, ListLoader([(x, y)]), torch.device("cpu"))
     assert after.loss < 0.1 and after.accuracy == 1.0
 
@@ -307,7 +309,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
 
     model.fc.weight.register_hook(poison_grad)
     with pytest.raises(ImgrecError, match=r"epoch 2") as info:
-        fit(model, train, val, cfg_for(epochs=3, lr=1e-6, channels_last=False), tmp_path, meta())
+        fit(model, train, val, cfg_for(epochs=3, lr=1e-6, channels_last=False), tmp_path, meta(2, 1, (2, 2)))
     assert "diverged" in str(info.value)
     for name in ("best.pt", "last.pt"):
         ckpt = load_weights_file(tmp_path / "weights" / name)

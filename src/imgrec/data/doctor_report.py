@@ -113,8 +113,9 @@ def _balance_problems(counts: dict[str, dict[str, int]], ratio: float) -> list[d
         "imbalance", "warning",
         f"classes are imbalanced: {largest} has {train[largest]} training images, {smallest} only {train[smallest]} "
         f"({train[largest] / train[smallest]:.1f}x); accuracy then flatters the model on the large classes",
-        "collect more images of the small classes (or drop some of the large ones), and judge the model by the "
-        "per-class recall and balanced accuracy in metrics.json",
+        "collect more images of the small classes (or drop some of the large ones); or train with --balance weights "
+        "(class weights in the loss) or --balance sampler (each epoch draws the classes equally); judge the model by "
+        "the per-class recall and balanced accuracy in metrics.json",
         [f"{c}: {n}" for c, n in sorted(train.items(), key=lambda kv: kv[1])])]
 
 

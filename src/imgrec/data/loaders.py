@@ -12,6 +12,10 @@ first padded with its own first indices to a multiple of world_size, so that eve
 number of steps; an evaluation order is not padded, so no image is counted twice. Each process augments
 with a generator of its own rank. A training loader given a BatchMix (MixUp/CutMix) mixes each augmented batch
 with the same generator and yields probabilities (B, num_classes) as its targets instead of labels.
+
+A balanced training order (--balance sampler) has as many images as the split but every class equally often:
+each class's images are drawn without replacement, round after round (small classes repeat, large ones are
+cut), from the same epoch generator, so it is seeded, resumed and sharded like the plain order.
 Imports: torch and the data package.
 """
 
@@ -55,9 +59,29 @@ def shard_size(n: int, rank: int, world_size: int, pad: bool) -> int:
     return -(-n // world_size) if pad else len(range(rank, n, world_size))
 
 
+def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """len(labels) indices, shuffled, in which every class present appears equally often (the remainder goes to
+    classes drawn at random): each class's images in a random order, repeated as often as its share needs."""
+    classes = torch.unique(labels)
+    n, k = len(labels), len(classes)
+    quota = torch.full((k,), n // k, dtype=torch.int64)
+    quota[torch.randperm(k, generator=generator)[: n % k]] += 1
+    parts = []
+    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = torch.nonzero(labels == c).flatten()
+        rounds = -(-q // len(members))
+        picks = torch.cat([members[torch.randperm(len(members), generator=generator)] for _ in range(rounds)])
+        parts.append(picks[:q])
+    order = torch.cat(parts)
+    return order[torch.randperm(n, generator=generator)]
+
+
 def _batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool, generator: torch.Generator,
-                 shard: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+                 shard: tuple[int, int] = (0, 1), balanced_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+    if shuffle and balanced_labels is not None and n:
+        order = balanced_order(balanced_labels, generator)
+    else:
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = shard_indices(order, *shard, pad=shuffle)
     batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
@@ -73,7 +97,8 @@ class _EpochPosition:
     """
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, augment: bool, seed: int,
-                 drop_last: bool, shard: tuple[int, int] = (0, 1)) -> None:
+                 drop_last: bool, shard: tuple[int, int] = (0, 1), balanced_labels: torch.Tensor | None = None) -> None:
+        self.balanced_labels = balanced_labels  # the split's labels when each epoch draws the classes equally
         self.batch_size, self.shuffle, self.augment, self.seed, self.drop_last = batch_size, shuffle, augment, seed, drop_last
         rank, world_size = shard
         if not 0 <= rank < world_size:
@@ -123,7 +148,8 @@ class _EpochPosition:
     def _epoch_batches(self) -> tuple[list[torch.Tensor], torch.Generator]:
         """This epoch's batches still to draw, and the generator to augment them with."""
         generator = epoch_generator(self.seed, self.epoch)
-        batches = _batch_order(self.num_samples, self.batch_size, self.shuffle, self.drop_last, generator, self.shard)
+        batches = _batch_order(self.num_samples, self.batch_size, self.shuffle, self.drop_last, generator, self.shard,
+                               self.balanced_labels)
         rank, world_size = self.shard
         if world_size > 1:  # the same order everywhere, but each process its own augmentation
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + rank + 1)
@@ -140,8 +166,10 @@ class TensorLoader(_EpochPosition):
     """Batches of an in-memory split: index the uint8 tensor, transform the whole batch. No workers."""
 
     def __init__(self, split: ArraySplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
-                 augment: bool = False, seed: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
-        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard)
+                 augment: bool = False, seed: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1),
+                 balanced: bool = False) -> None:
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard,
+                         split.labels if balanced else None)
         self.split, self.transform = split, transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -223,8 +251,9 @@ class StreamLoader(_EpochPosition):
 
     def __init__(self, split: FileSplit, batch_size: int, transform: BatchTransform, *, shuffle: bool = False,
                  augment: bool = False, seed: int = 0, drop_last: bool = False, workers: int | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
-        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard)
+                 shard: tuple[int, int] = (0, 1), balanced: bool = False) -> None:
+        super().__init__(len(split), batch_size, shuffle, augment, seed, drop_last, shard,
+                         split.labels if balanced else None)
         self.split, self.transform = split, transform
         self._batches = _EpochBatches()
         workers = default_workers() if workers is None else workers
@@ -282,15 +311,16 @@ def default_workers() -> int:
 
 def make_loader(split: Split, batch_size: int, transform: BatchTransform, *, train: bool, seed: int = 0,
                 workers: int | None = None, shard: tuple[int, int] = (0, 1), mix: BatchMix | None = None,
-                ) -> TensorLoader | StreamLoader:
+                balanced: bool = False) -> TensorLoader | StreamLoader:
     """A loader for one split: shuffled and augmented for training, in order and plain otherwise; with shard
     (rank, world_size), this process's part of every epoch (batch_size is per process); with mix, training
-    batches are mixed (MixUp/CutMix) and their targets are probabilities."""
+    batches are mixed (MixUp/CutMix) and their targets are probabilities; balanced (training only): every class
+    drawn equally often in each epoch."""
     # A last training batch of one image makes BatchNorm fail ("Expected more than 1 value per channel"): drop it.
     # The order is shuffled, so it is another image each epoch.
     n = shard_size(len(split), *shard, pad=train)
     lone = train and n > batch_size and n % batch_size == 1
-    options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone, shard=shard)
+    options = dict(shuffle=train, augment=train, seed=seed, drop_last=lone, shard=shard, balanced=balanced and train)
     loader: TensorLoader | StreamLoader
     if isinstance(split, ArraySplit):
         loader = TensorLoader(split, batch_size, transform, **options)

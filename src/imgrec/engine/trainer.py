@@ -113,21 +113,39 @@ def parameter_groups(model: nn.Module, cfg: RunConfig) -> Any:
     return [{"params": rest}, {"params": list(fast), "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay / scale}]
 
 
-def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """A per-step learning-rate schedule, or None for a constant rate."""
-    if cfg.schedule in ("cosine", "linear"):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps))
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 0) -> Any:
+    """A per-step learning-rate schedule, or None for a constant rate (without --warmup-epochs)."""
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    if cfg.schedule in ("cosine", "linear") or (cfg.schedule == "constant" and warmup):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup))
     if cfg.schedule == "onecycle":
+        # its own warm-up is the first 30% of the steps; --warmup-epochs sets it: the peak at step `warmup` (torch's
+        # peak is at step pct_start x total - 1, and its warm-up must be at least a step long)
+        start = 0.3 if warmup is None else min(0.99, (max(warmup, 1) + 1) / max(total_steps, 1))
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=total_steps)
+                                                   total_steps=total_steps, pct_start=start)
     return None
 
 
-def schedule_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor by step of a cosine or linear schedule over total_steps."""
-    if schedule == "cosine":
-        return partial(cosine_schedule, total_steps=total_steps)
-    return partial(linear_schedule, total_steps=total_steps)
+def warmup_steps(cfg: RunConfig, steps_per_epoch: int) -> int | None:
+    """The steps of --warmup-epochs, or None when it is not given (each schedule's own warm-up, if any)."""
+    return None if cfg.warmup_epochs is None else round(cfg.warmup_epochs * max(1, steps_per_epoch))
+
+
+def schedule_factor(schedule: str, total_steps: int, warmup: int | None = None) -> Callable[[int], float]:
+    """The learning-rate factor by step of a constant, cosine or linear schedule over total_steps; with warmup
+    steps, a linear warm-up over them first and the schedule over the steps after."""
+    if schedule == "linear":
+        return partial(linear_schedule, total_steps=total_steps, warmup_steps=warmup)
+    after = {"cosine": cosine_schedule, "constant": lambda step, total_steps: 1.0}[schedule]
+    return partial(warmed_up, after=after, total_steps=total_steps, warmup=warmup or 0)
+
+
+def warmed_up(step: int, after: Callable[..., float], total_steps: int, warmup: int) -> float:
+    """A linear warm-up over the first `warmup` steps (from 1/(warmup+1) up), then `after` over the rest."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return after(step - warmup, total_steps=max(1, total_steps - warmup))
 
 
 def cosine_schedule(step: int, total_steps: int) -> float:
@@ -135,13 +153,23 @@ def cosine_schedule(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def linear_schedule(step: int, total_steps: int, warmup: float = 0.2) -> float:
-    """The learning-rate factor at a step: linear warm-up over the first `warmup` of the steps, then linear decay
-    to zero at total_steps (the triangle of the CIFAR-10 speed runs)."""
-    peak = max(1.0, warmup * total_steps)
+def linear_schedule(step: int, total_steps: int, warmup: float = 0.2, warmup_steps: int | None = None) -> float:
+    """The learning-rate factor at a step: linear warm-up over the first `warmup` of the steps (or over
+    warmup_steps), then linear decay to zero at total_steps (the triangle of the CIFAR-10 speed runs)."""
+    peak = max(1.0, warmup * total_steps) if warmup_steps is None else float(warmup_steps)
     if step < peak:
         return (step + 1) / (peak + 1)
     return max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each class's loss weight for --balance weights: images / (classes x its images), so that every class adds
+    the same to the loss of an epoch and an image of the average class weighs 1 (a class without images: 0)."""
+    counts = torch.bincount(labels.to(torch.int64), minlength=num_classes).to(torch.float32)
+    present = int((counts > 0).sum())
+    weights = torch.zeros(num_classes)
+    weights[counts > 0] = counts.sum() / (present * counts[counts > 0])
+    return weights
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -166,11 +194,12 @@ class Deadline(Protocol):  # budget.Deadline
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
-        board: TensorBoardLog | None = None) -> FitResult:
+        board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None) -> FitResult:
     """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
     results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
     still to run are re-planned at each epoch end from the speed measured so far. With a board, each step and
-    epoch is logged for TensorBoard too (a resumed run from its saved position on)."""
+    epoch is logged for TensorBoard too (a resumed run from its saved position on). class_weights: the weight of
+    each class in the training loss (--balance weights)."""
     device = select_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -178,9 +207,10 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
     log.info(f"compute: {device.type}, {precision_name(dtype)}{' autocast' if dtype else ''}, "
              f"{'channels_last' if cfg.channels_last else 'contiguous'}, {torch.get_num_threads()} threads")
-    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)))
+    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
+                                  label_smoothing=cfg.label_smoothing)
     averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
     evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
     parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
@@ -268,7 +298,8 @@ def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_ep
     epochs = max(1, math.ceil(new / steps_per_epoch))
     cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
     if scheduler is not None:
-        scheduler.lr_lambdas = [schedule_factor(cfg.schedule, max(new, 1))] * len(scheduler.lr_lambdas)
+        factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
+        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
     if hasattr(averager, "total_steps"):  # lookahead's decay follows the run's length
         averager.total_steps = max(new, 1)
     deadline.revisions.append({"after_steps": done, "step_seconds": round(step_seconds, 5),

@@ -130,9 +130,13 @@ def _cards(m: Mapping[str, Any], summary: Mapping[str, Any] | None) -> str:
     cards = [("accuracy", _pct(m["accuracy"]), f"{m['split']} split, top-1")]
     if "top5_accuracy" in m:
         cards.append(("top-5 accuracy", _pct(m["top5_accuracy"]), "target among the 5 highest scores"))
-    cards += [("macro F1", _num(m["macro_f1"], 3), f"weighted F1 {_num(m['weighted_f1'], 3)}"),
-              ("balanced accuracy", _pct(m["balanced_accuracy"]), "mean recall over classes"),
-              ("ECE", _pct(m["ece"]), f"after temperature scaling {_pct(cal['ece_after'])}"
+    balanced = [("macro F1", _num(m["macro_f1"], 3), f"weighted F1 {_num(m['weighted_f1'], 3)}"),
+                ("balanced accuracy", _pct(m["balanced_accuracy"]), "mean recall over classes")]
+    if m.get("imbalanced"):  # accuracy is mostly the large classes': balanced accuracy and macro F1 lead
+        cards = [(k, v, f"{h}; the {m['split']} split is imbalanced") for k, v, h in balanced[::-1]] + cards
+    else:
+        cards += balanced
+    cards += [("ECE", _pct(m["ece"]), f"after temperature scaling {_pct(cal['ece_after'])}"
                if cal.get("ece_after") is not None else "no temperature fitted"),
               ("loss", _num(m["loss"]), "mean cross-entropy")]
     if summary and summary.get("train_seconds") is not None:

@@ -138,6 +138,7 @@ def report_from_counts(counts: MetricCounts, classes: Sequence[str]) -> dict[str
         report[f"macro_{name}"] = float(per[name][present].mean()) if present.any() else 0.0
         report[f"weighted_{name}"] = float((per[name] * support).sum()) / total
     report["balanced_accuracy"] = report["macro_recall"]
+    report["imbalanced"] = is_imbalanced(support)
     bins = (counts.bin_count, counts.bin_confidence, counts.bin_correct)
     report["ece"] = expected_calibration_error(*bins)
     report["reliability"] = reliability_table(*bins)
@@ -148,6 +149,16 @@ def report_from_counts(counts: MetricCounts, classes: Sequence[str]) -> dict[str
     }
     report["confusion_matrix"] = matrix.tolist()
     return report
+
+
+IMBALANCE_RATIO = 1.5  # largest / smallest class of a split at which accuracy alone misleads
+
+
+def is_imbalanced(support: torch.Tensor) -> bool:
+    """Whether a split's classes (those with images) differ in size by IMBALANCE_RATIO or more: then accuracy is
+    mostly the large classes', and balanced accuracy and macro-F1 belong beside it."""
+    present = support[support > 0]
+    return bool(len(present) > 1 and present.max() >= IMBALANCE_RATIO * present.min())
 
 
 def classification_report(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:

@@ -148,3 +148,24 @@ def _show_image(ax, image: np.ndarray, dim: bool = False) -> None:
         ax.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
         ax.imshow(picture, interpolation="nearest")
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
+                 path: str | Path) -> Path:
+    """The learning-rate range test: each step's loss and its smoothed curve against the rate (log scale), with
+    the suggested rate marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    ax.plot(lrs, losses, color="#9e9e9e", linewidth=0.8, label="loss of each step")
+    ax.plot(lrs, smoothed, color="#1565c0", linewidth=2, label="smoothed")
+    ax.axvline(suggestion, color=RIGHT, linestyle="--", label=f"suggested --lr {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_ylim(min(smoothed) * 0.95, max(smoothed[0], min(smoothed)) * 1.3)
+    ax.set_title("learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -143,6 +143,54 @@ def test_a_model_class_gets_the_data_shape_a_missing_test_split_is_val_and_quiet
     assert f"{run.test_accuracy:.2%}" in page and "data:image/png;base64," in page
 
 
+class SmallCNN(nn.Module):
+    """A user's CNN whose last convolution sees the whole 8x8 map (1x1 output): Grad-CAM must use the one before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).flatten(1))
+
+
+def test_explain_finds_the_grad_cam_layer_of_a_users_cnn_by_running_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (x, y), (tx, ty) = arrays(60), arrays(12, seed=1)
+    data = {"train": (x, y), "test": (tx, (ty + 1) % 3)}  # test labels shifted: every test image has a mistake to show
+    run = imgrec.train(data, model=SmallCNN(), epochs=1, project=str(tmp_path / "runs"), verbose=False)
+    picture = tmp_path / "square.png"
+    Image.fromarray(tx[0]).save(picture)
+    explained = run.explain([picture], mistakes=2)
+    assert [e.method for e in explained.images] == ["Grad-CAM on body.0 (8x8)"] * 3
+    assert explained.images[0].source == str(picture) and explained.images[1].true is not None
+    assert all(e.png.is_file() and e.png.parent == run.dir / "explanations" for e in explained.images)
+    mlp = imgrec.train(data, model=Tiny, epochs=1, project=str(tmp_path / "runs"), verbose=False)
+    plain = imgrec.load(mlp.dir, model=Tiny).explain([picture], out=tmp_path / "maps")
+    assert plain.images[0].method == "input-gradient saliency" and "no convolution layer" in plain.notes[0]
+    with pytest.raises(ImgrecError) as failed:  # mistakes need the test split, which only the caller has
+        imgrec.load(mlp.dir, model=Tiny).explain(mistakes=1)
+    assert "pass the data" in one_line(failed)
+
+
+def test_compare_takes_runs_and_folders_and_writes_what_the_cli_writes(tmp_path: Path) -> None:
+    data = {"train": arrays(45), "test": arrays(12, seed=1)}
+    common = dict(epochs=1, project=str(tmp_path / "runs"), verbose=False)
+    cnn, mlp = imgrec.train(data, model=SmallCNN, **common), imgrec.train(data, model=Tiny, **common)
+    compared = imgrec.compare(cnn, str(mlp.dir))
+    assert [row["run"] for row in compared.rows] == [cnn.dir.name, mlp.dir.name]
+    assert compared.rows[0]["test_accuracy"] == pytest.approx(cnn.test_accuracy)
+    assert str(compared) == compared._repr_markdown_() == (tmp_path / "runs" / "compare" / "compare.md").read_text()
+    assert all(path.is_file() for path in compared.written)
+    other = imgrec.train({"train": arrays(45), "test": arrays(9, seed=1)}, model=Tiny, name="other", **common)
+    with pytest.raises(ImgrecError) as failed:
+        imgrec.compare(cnn, other)
+    assert "different data" in one_line(failed)
+
+
 def test_unknown_settings_are_type_errors_naming_the_nearest(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="did you mean 'epochs'"):
         imgrec.train(arrays(30), epoch=1, project=str(tmp_path))

@@ -1,7 +1,7 @@
 """imgrec: train, understand, compare and ship image classifiers with PyTorch and torchvision.
 
-From Python: `run = imgrec.train(data, model=..., epochs=...)`, `imgrec.load(run_folder)`, `imgrec.Predictor`,
-`imgrec.lr_find(data, model=...).suggestion`.
+From Python: `run = imgrec.train(data, model=..., epochs=...)`, `imgrec.load(run_folder)`, `imgrec.compare(*runs)`,
+`imgrec.Predictor`, `imgrec.lr_find(data, model=...).suggestion`.
 These (the names in `_LAZY`) load on first use, so `import imgrec` and `imgrec --help` stay free of torch.
 """
 
@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from imgrec.api import Run, load, lr_find, train
+    from imgrec.api import Run, compare, load, lr_find, train
     from imgrec.inference import Failure, Prediction, Predictor
 
 _LAZY = {"Predictor": "imgrec.inference", "Prediction": "imgrec.inference", "Failure": "imgrec.inference",
-         "train": "imgrec.api", "load": "imgrec.api", "Run": "imgrec.api", "lr_find": "imgrec.api"}
-__all__ = ["Failure", "Prediction", "Predictor", "Run", "__version__", "load", "lr_find", "train"]
+         "train": "imgrec.api", "load": "imgrec.api", "compare": "imgrec.api", "Run": "imgrec.api",
+         "lr_find": "imgrec.api"}
+__all__ = ["Failure", "Prediction", "Predictor", "Run", "__version__", "compare", "load", "lr_find", "train"]
 
 
 def __getattr__(name: str) -> Any:

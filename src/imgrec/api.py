@@ -1,4 +1,5 @@
-"""imgrec from Python: `imgrec.train(data, model=..., **settings) -> Run` and `imgrec.load(run) -> Run`.
+"""imgrec from Python: `imgrec.train(data, model=..., **settings) -> Run`, `imgrec.load(run) -> Run` and
+`imgrec.compare(*runs)`.
 
 train takes what `imgrec train` takes (a data set name, a folder, an archive; a registry model name) and also
 Python objects: a torch Dataset of (image, label), NumPy (x, y) pairs or a dict {"train", "val", "test"} of
@@ -28,12 +29,14 @@ import torch
 from torch import nn
 
 from imgrec import workflows
+from imgrec.comparison import CompareOutcome, compare_runs
 from imgrec.config import RunConfig
 from imgrec.data.memory import is_python_data, python_bundle, to_splits
 from imgrec.engine import trainer
 from imgrec.engine.checkpoint import load_weights_file, resolve_weights, run_dir_of
 from imgrec.engine.runs import data_stem, read_results
 from imgrec.errors import ImgrecError, Interrupted, UsageError
+from imgrec.explanations import ExplainOutcome, explain_run
 from imgrec.inference import Prediction, Predictor
 from imgrec.models.registry import is_user_model, user_model
 
@@ -129,6 +132,14 @@ def load(run_or_weights: str | Path, model: Any = None, data: Any = None,
     return Run(run_dir_of(path), source=source, model=(name, builder), weights=path)
 
 
+def compare(*runs: Run | str | Path, out: str | Path | None = None, force: bool = False) -> CompareOutcome:
+    """Finished runs side by side (as `imgrec compare`): test accuracy, macro-F1, calibration, training time and
+    speed. Writes compare.md, compare.csv and compare.png into out (default: compare/ beside the first run) and
+    returns the table (.rows, .table in Markdown; a notebook shows it as a table). Runs tested on different data
+    are refused unless force=True."""
+    return compare_runs([run.dir if isinstance(run, Run) else run for run in runs], out=out, force=force)
+
+
 class Run:
     """A training run: its folder, numbers and model, ready to predict, evaluate, export or train further."""
 
@@ -194,6 +205,16 @@ class Run:
 
         with self._context():
             return export_run(self.weights, fmt=format, out=path, source=self._source).path
+
+    def explain(self, images: Sequence[str | Path] = (), mistakes: int = 0, out: str | Path | None = None,
+                method: str = "auto") -> ExplainOutcome:
+        """Heat-maps of where the model looks (as `imgrec explain`): one PNG per image file and per worst test
+        mistake (the first `mistakes`), in out (default: <run>/explanations). Grad-CAM on the last convolution
+        with a spatial output, found by running the model (a model written in Python too); input-gradient
+        saliency for models without convolutions. method: "auto", "gradcam" or "saliency"."""
+        with self._context():
+            return explain_run(self.weights, [str(image) for image in images], mistakes=mistakes, out=out,
+                               method=method, source=self._source)
 
     def resume(self, epochs: int | None = None, verbose: bool = True, **settings: Any) -> Run:
         """Train the run further (to `epochs` in all), exactly as if it had not stopped; returns the Run."""
@@ -343,7 +364,7 @@ def _registered(name: str, builder: Builder | None) -> Iterator[None]:
 @contextmanager
 def _speaking(verbose: bool) -> Iterator[None]:
     """Progress without any logging set-up: one line per epoch (and the run's notes) on stdout, tqdm.auto bars in a
-    notebook; verbose=False: warnings only, no bars."""
+    notebook with ipywidgets; verbose=False: warnings only, no bars."""
     handler = None
     level, bars = log.level, trainer.progress_bars
     if not verbose:
@@ -353,7 +374,7 @@ def _speaking(verbose: bool) -> Iterator[None]:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    trainer.progress_bars = (True if "ipykernel" in sys.modules else None) if verbose else False
+    trainer.progress_bars = (_widgets() if "ipykernel" in sys.modules else None) if verbose else False
     try:
         yield
     finally:
@@ -361,6 +382,13 @@ def _speaking(verbose: bool) -> Iterator[None]:
         trainer.progress_bars = bars
         if handler is not None:
             log.removeHandler(handler)
+
+
+def _widgets() -> bool:
+    """Whether a notebook can show tqdm's widget bars (ipywidgets); without it the line per epoch is the progress."""
+    from importlib.util import find_spec
+
+    return find_spec("ipywidgets") is not None
 
 
 def _interruptible(call: Callable[[], Any]) -> Any:

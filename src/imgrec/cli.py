@@ -416,7 +416,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from imgrec.comparison import compare_runs
 
-    outcome = compare_runs(args.runs, out=args.out, force=args.force)
+    # compare/ in the current folder, beside the default runs/ and not in it: `imgrec compare runs/*` meets only runs
+    outcome = compare_runs(args.runs, out=args.out or "compare", force=args.force)
     for folder in outcome.skipped:
         _note(args, f"skipped {folder}: compare's own output, not a run")
     print(outcome.table, end="")

@@ -43,6 +43,13 @@ class CompareOutcome:
     written: list[Path]
     skipped: list[Path]  # compare's own output folders among the paths (`imgrec compare runs/*`)
 
+    def __str__(self) -> str:
+        return self.table
+
+    def _repr_markdown_(self) -> str:
+        """In a notebook: the table."""
+        return self.table
+
 
 def load_record(path: str | Path) -> RunRecord:
     """A finished run folder's summary, test metrics and validation curve; a clear error for anything else."""
@@ -74,8 +81,8 @@ def _test(record: RunRecord, summary_key: str, metrics_key: str) -> Any:
 
 
 def compare_runs(paths: list[str | Path], out: str | Path | None = None, force: bool = False) -> CompareOutcome:
-    """Compare finished runs; write compare.md, compare.csv and compare.png into out (default: compare/ in the
-    current folder, beside the default runs/ and not in it, so `imgrec compare runs/*` never meets its own output)."""
+    """Compare finished runs; write compare.md, compare.csv and compare.png into out (default: <runs>/compare; the
+    command passes compare/ in the current folder, so that `imgrec compare runs/*` never meets its own output)."""
     skipped = [Path(p) for p in paths if is_compare_output(p)]
     paths = [p for p in paths if not is_compare_output(p)]
     if len(paths) < 2:
@@ -86,7 +93,7 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None, force: 
     if not force:
         _check_same_data(records)
     rows = [_row(r) for r in records]
-    out_dir = Path(out) if out else Path("compare")
+    out_dir = Path(out) if out else Path(paths[0]).parent / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     (out_dir / "compare.md").write_text(table)

@@ -24,7 +24,7 @@ from imgrec.errors import UsageError
 from imgrec.evaluation.explain import Explanation, explain
 from imgrec.evaluation.metrics import worst_mistakes
 from imgrec.reporting import EVAL_BATCH_SIZE, model_inputs, predict
-from imgrec.workflows import load_run, load_run_data, own_run_folder
+from imgrec.workflows import DataSource, load_run, load_run_data, own_run_folder
 
 
 @dataclass
@@ -47,8 +47,10 @@ class ExplainOutcome:
 
 
 def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes: int = 0, out: str | Path | None = None,
-                method: str = "auto", device: str | None = None, data_dir: str | None = None) -> ExplainOutcome:
-    """Write one heat-map PNG per image file and per worst test mistake (the first `mistakes` of them)."""
+                method: str = "auto", device: str | None = None, data_dir: str | None = None,
+                source: DataSource | None = None) -> ExplainOutcome:
+    """Write one heat-map PNG per image file and per worst test mistake (the first `mistakes` of them).
+    source: the run's data when it was passed from Python (its test split holds the mistakes)."""
     if not images and not mistakes:
         raise UsageError("nothing to explain: give image files, or --mistakes N for the N worst test mistakes")
     if mistakes < 0:
@@ -70,13 +72,13 @@ def explain_run(run_or_weights: str | Path, images: Sequence[str] = (), mistakes
             for image, name, xi in zip(images, names, x):
                 _explain_one(model, xi, ckpt, method, str(image), None, out_dir / f"{name}.png", outcome)
         if mistakes:
-            _explain_mistakes(model, ckpt, cfg, path, mistakes, method, out_dir, outcome)
+            _explain_mistakes(model, ckpt, cfg, path, mistakes, method, out_dir, outcome, source)
     return outcome
 
 
 def _explain_mistakes(model: torch.nn.Module, ckpt: dict[str, Any], cfg: Any, path: Path, n: int, method: str,
-                      out_dir: Path, outcome: ExplainOutcome) -> None:
-    bundle = load_run_data(cfg, ckpt, path)
+                      out_dir: Path, outcome: ExplainOutcome, source: DataSource | None = None) -> None:
+    bundle = load_run_data(cfg, ckpt, path, source)
     loader = make_loader(bundle.test, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False,
                          workers=cfg.workers)
     p = predict(model, loader, cfg)

@@ -17,6 +17,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -25,7 +26,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from imgrec.config import RunConfig
 from imgrec.engine import distributed
@@ -38,10 +38,14 @@ from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state,
 from imgrec.engine.system import autocast, autocast_dtype, precision_name, select_device
 from imgrec.errors import ImgrecError, Interrupted
 
+with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm.auto warns and falls back to text bars, which
+    warnings.simplefilter("ignore")  # imgrec.train then does not show (see progress_bars)
+    from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
-# Per-step progress bars: None shows them on a terminal; True (a notebook: tqdm.auto's widgets) or False (quiet)
-# shows them always or never. imgrec.train sets it for its call.
+# Per-step progress bars: None shows them on a terminal; True (a notebook with ipywidgets: tqdm.auto's widgets) or
+# False (quiet, or a notebook without ipywidgets, where text bars would fill the saved outputs) always or never. imgrec.train sets it for its call.
 progress_bars: bool | None = None
 
 

@@ -1,0 +1,56 @@
+"""docs/tutorial.ipynb runs top to bottom in a real Jupyter kernel (nbclient + ipykernel) on the real data, in a
+temporary folder (its runs and exports land there, never in the checkout), and its saved copy keeps its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+NOTEBOOK = REPO / "docs" / "tutorial.ipynb"
+CELL_TIMEOUT = 300  # seconds for one cell; the whole notebook takes about 3 minutes on 2 free cores
+
+
+def test_the_saved_tutorial_notebook_shows_its_outputs_and_stays_small() -> None:
+    notebook = json.loads(NOTEBOOK.read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code and all(cell["execution_count"] for cell in code), "save the notebook executed, top to bottom"
+    assert [cell["execution_count"] for cell in code] == list(range(1, len(code) + 1))
+    outputs = [o for cell in code for o in cell["outputs"]]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    pictures = [o for o in outputs if "image/png" in o.get("data", {}) or "data:image/png" in str(o.get("data", ""))]
+    assert len(pictures) >= 4  # the data, the curves, the comparison, the explained mistake, the photo
+    assert NOTEBOOK.stat().st_size < 1_500_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # the kernel inherits the environment: this checkout's code, the test data, figures inline
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("IMGREC_DATA", str(shared_data))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    before = sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*"))
+    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # a failing cell raises CellExecutionError naming the cell and its traceback
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Traceback" not in text and not [o for o in outputs if o.output_type == "error"]
+    assert "| test accuracy |" in "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    runs = tmp_path / "runs"
+    assert {p.name for p in runs.iterdir()} >= {"classifier", "lenet", "fast", "compare"}
+    summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("classifier", "lenet", "fast")}
+    assert all(s["train_images"] == 12000 for s in summaries.values())  # the subset the text announces
+    assert all(s["test_images"] == 10000 and s["test_accuracy"] > 0.7 for s in summaries.values())  # chance: 0.1
+    assert (tmp_path / "lenet.onnx").is_file()
+    assert sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*")) == before  # nothing written beside it

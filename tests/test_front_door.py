@@ -355,8 +355,8 @@ def test_the_package_lists_only_its_public_names() -> None:
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["['Failure', 'Prediction', 'Predictor', 'Run', '__version__', 'load', 'lr_find', "
-                                        "'train']",
+    assert proc.stdout.splitlines() == ["['Failure', 'Prediction', 'Predictor', 'Run', '__version__', 'compare', 'load', "
+                                        "'lr_find', 'train']",
                                         "[]"]
 
 

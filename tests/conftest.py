@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
 import struct
+import subprocess
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,3 +221,34 @@ class ListLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = state["batches_done"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`imgrec serve` as a user starts it (a subprocess, output in log_path); its URL once /healthz answers (the
+    model loads in seconds on a busy machine), stopped on the way out. Fails the test if the server dies."""
+    import httpx2 as httpx  # the test extra's client; only the serve tests need it
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"imgrec serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import error_line, png_claiming_size, run_main
+from conftest import error_line, free_port, png_claiming_size, run_main, serving
 from imgrec.errors import UsageError
 from imgrec.inference import Predictor
 from imgrec.serve import app as app_module
@@ -463,23 +463,8 @@ def served(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     """`imgrec serve` as a user starts it (a subprocess) on a free port with a 1 MB upload limit; its URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("served") / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(serve_command(run, "--port", str(port), "--max-upload-mb", "1"), env=QUIET,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # the model loads in seconds on a busy machine
-            if proc.poll() is not None:
-                pytest.fail(f"imgrec serve exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serving(serve_command(run, "--port", str(port), "--max-upload-mb", "1"), port, log_path, env=QUIET) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _urllib_post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
@@ -570,12 +555,6 @@ def test_missing_web_stack_names_the_extra(run: Path, capsys: pytest.CaptureFixt
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
     code, _, err = run_main(["serve", str(run), "--port", str(free_port())], capsys)
     assert code == 1 and "pip install 'imgrec[serve]'" in error_line(err)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_command_loads_the_model_and_starts_uvicorn(run: Path, capsys: pytest.CaptureFixture[str],

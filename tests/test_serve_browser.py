@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import png_claiming_size
+from conftest import free_port, png_claiming_size, serving
 from imgrec.inference import Predictor
 from test_report_browser import ARTIFACTS, CHROMIUM, FLAGS
 
@@ -71,28 +68,11 @@ def fashion_run(shared_data: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def server(fashion_run: Path, tmp_path: Path) -> Iterator[str]:
     """`imgrec serve` in a subprocess on a free port, with a 1 MB upload limit; its URL once /healthz answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "imgrec", "serve", str(fashion_run), "--port", str(port),
-                             "--max-upload-mb", "1", "--threads", "1", "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # wait for the model to load (seconds on a busy machine), or for the server to die
-            if proc.poll() is not None:
-                pytest.fail(f"imgrec serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    port = free_port()
+    command = [sys.executable, "-m", "imgrec", "serve", str(fashion_run), "--port", str(port), "--max-upload-mb", "1",
+               "--threads", "1", "--device", "cpu"]
+    with serving(command, port, tmp_path / "serve.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def upload(page: Any, name: str, data: bytes, mime: str) -> None:
@@ -123,7 +103,7 @@ def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, 
     page.on("pageerror", lambda exc: problems.append(str(exc)))
     page.on("request", lambda req: requests.append(req.url))
     page.goto(server + "/", wait_until="load")
-    page.wait_for_function("document.querySelector('#card-list').children.length > 0")
+    page.wait_for_selector("#card-list > :first-child", state="attached")  # no eval: the page's CSP forbids it
     assert page.inner_text("#summary").startswith("lenet on fashion-mnist, test accuracy ")
     assert "Ankle boot" in page.inner_text("#card")
 

@@ -148,6 +148,7 @@ def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
     target = Path(run)
     if target.exists():  # before anything is read: another process may be writing it
         owned.enter_context(RunLock(target if target.is_dir() else target.parent))
+        _clear_partial_writes(target if target.is_dir() else target.parent)
     if _stopped_in_start_up(target):
         return target, None, *_restart_config(target, given), None
     path = resolve_state(run)
@@ -315,6 +316,7 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         summary.update(time_budget_seconds=parse_duration(cfg.time_budget), plan=_read_plan(run_dir))
     if source or cfg.time_budget:
         write_json(run_dir / "summary.json", summary)
+    _clear_partial_writes(run_dir)  # a finished run holds no temporary file, whatever an earlier kill cut short
     return TrainOutcome(run_dir, summary)
 
 
@@ -672,6 +674,15 @@ def _new_run_folder(project: str, name: str, exist_ok: bool, owned: ExitStack) -
 
 def _lock(run_dir: Path, owned: ExitStack) -> None:
     owned.enter_context(RunLock(run_dir))
+    _clear_partial_writes(run_dir)
+
+
+def _clear_partial_writes(run_dir: Path) -> None:
+    """Delete what writes cut short by a kill left in a run folder; only the lock's holder calls this, so no
+    other process is writing there."""
+    for folder in (run_dir, run_dir / "weights"):
+        if folder.is_dir():
+            remove_partial_writes(folder)
 
 
 def _remove_if_untrained(run_dir: Path) -> None:

@@ -67,7 +67,7 @@ class Items(torch.utils.data.Dataset):
 
 
 def test_the_tutorial_classifier_trains_predicts_exports_and_reloads(shared_data: Path, tmp_path: Path) -> None:
-    tv = pytest.importorskip("torchvision")
+    import torchvision as tv
     from PIL import Image
 
     transform = tv.transforms.Compose([tv.transforms.ToTensor(), tv.transforms.Normalize((0.5,), (0.5,))])
@@ -95,7 +95,7 @@ def test_the_tutorial_classifier_trains_predicts_exports_and_reloads(shared_data
 
 
 def test_a_normalised_dataset_comes_back_as_its_own_uint8_images(shared_data: Path) -> None:
-    tv = pytest.importorskip("torchvision")
+    import torchvision as tv
     transform = tv.transforms.Compose([tv.transforms.ToTensor(), tv.transforms.Normalize((0.2860,), (0.3530,))])
     train_set = tv.datasets.FashionMNIST(str(shared_data), train=True, transform=transform)
     splits = to_splits(torch.utils.data.Subset(train_set, range(64)))

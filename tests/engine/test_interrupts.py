@@ -1,6 +1,7 @@
-"""Real processes, really interrupted: SIGKILL at random moments (during steps, validation and state writes),
-Ctrl-C and SIGTERM. Each time the run is resumed, and in the end it equals an uninterrupted run bit for bit
-(CPU, deterministic): the same weights and the same results.csv (but for the `seconds` column)."""
+"""Real processes, really interrupted: SIGKILL at random moments (during steps and validation) and in the middle of
+each kind of write a run makes (training state, weights, the final JSON files), Ctrl-C and SIGTERM. Each time the
+run is resumed, and in the end it equals an uninterrupted run bit for bit (CPU, deterministic): the same weights
+and the same results.csv (but for the `seconds` column)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -29,9 +31,29 @@ RUN = ["--data", "digits", "--model", "lenet", "--epochs", "5", "--batch-size", 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "imgrec", *args], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+# Runs imgrec's CLI (argv[3:]) and dies (SIGKILL) in the middle of the argv[2]-th write of a file named argv[1]: its
+# temporary file is written, the rename that would put it in place is not done.
+KILLED_IN_A_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    name, nth, real_replace, seen = sys.argv[1], int(sys.argv[2]), os.replace, []
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            seen.append(dst)
+            if len(seen) == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+    from imgrec.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def start(args: list[str], cwd: Path, killed_in: tuple[str, int] | None = None) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", KILLED_IN_A_WRITE, killed_in[0], str(killed_in[1])] if killed_in else \
+        [sys.executable, "-m", "imgrec"]
+    return subprocess.Popen([*command, *args], cwd=cwd, env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def wait_for_line(proc: subprocess.Popen[str], prefix: str) -> list[str]:
@@ -107,12 +129,32 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(refer
     assert_same_run(tmp_path / "run", run_ref)
 
 
-@pytest.mark.slow
-def test_sigkill_at_twenty_random_moments(reference: tuple[Path, float], tmp_path: Path) -> None:
-    run_ref, seconds = reference
-    hits = kill_and_resume(tmp_path / "run", tmp_path, kills=20, seed=20, training_seconds=seconds)
-    assert hits >= 15
-    assert_same_run(tmp_path / "run", run_ref)
+# (file name, which of its writes in that process, the start of the last line logged before): each kill in another
+# kind of write, in the order a run makes them; each process resumes from what the one before left. 40 steps an
+# epoch, the state saved every 3 of them.
+KILLS_IN_WRITES = [
+    ("train_state.pt", 1, "compute:"),  # the first training state (step 3): none on disk yet, the resume starts again
+    ("train_state.prev.pt", 1, "compute:"),  # the second (step 6), keeping the first as the previous one
+    ("last.pt", 1, "compute:"),  # epoch 1's end: its row is in results.csv, its weights are being written
+    ("train_state.pt", 1, "compute:"),  # epoch 1's end again: its state (the previous one already kept)
+    ("last.pt", 6, "epoch   5/5"),  # epochs 1-5 end (5 writes), then the calibration after training
+    ("summary.json", 1, "prediction:"),  # the test results of the finished training
+]
+
+
+def test_sigkill_in_the_middle_of_each_kind_of_write(reference: tuple[Path, float], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for i, (name, nth, last_line) in enumerate(KILLS_IN_WRITES):
+        args = ["train", "--resume", str(run)] if i else ["train", *RUN, "--project", str(tmp_path), "--name", "run"]
+        proc = start(args, tmp_path, killed_in=(name, nth))
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, f"{name} {nth}: {proc.returncode} {err}"
+        assert err.strip().splitlines()[-1].startswith(last_line), f"{name} {nth}: {err}"
+        assert list(run.rglob(f".{name}.*.tmp")), f"{name} {nth}"  # killed in the middle of that write
+    final = start(["train", "--resume", str(run)], tmp_path)
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    assert_same_run(run, reference[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

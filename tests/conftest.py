@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -35,13 +36,32 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MPLBACKEND"] = "Agg"
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """The real data folder; a missing folder fails the test loudly (CI has it)."""
+def _shared_data() -> Path:
     if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir() or not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file():
         pytest.fail(f"real data not found at {SHARED_DATA}: expected FashionMNIST/raw/ and cifar10-jpeg.tar.gz "
                     f"(set IMGREC_TEST_DATA to the folder that holds them)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data folder; a missing folder fails the test loudly (CI has it)."""
+    return _shared_data()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short real run as a user makes it (`imgrec train` in a subprocess: a LeNet, one epoch on 6,000 Fashion-MNIST
+    training images), made once for the tests that only read it: its run folder."""
+    cwd = tmp_path_factory.mktemp("fashion-mnist-lenet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir", str(_shared_data()),
+         "--model", "lenet", "--epochs", "1", "--train-samples", "6000", "--project", "runs", "--threads", "1"],
+        cwd=cwd, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = cwd / "runs" / "fashion-mnist-lenet"
+    assert (run / "summary.json").is_file(), proc.stdout
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -569,13 +569,11 @@ def _summary_of(proc: subprocess.CompletedProcess[str], cwd: Path) -> dict[str, 
 
 
 @pytest.mark.slow
-def test_fashion_mnist_lenet(shared_data: Path, tmp_path: Path) -> None:
-    proc = run_cli("train", "--data", "fashion-mnist", "--data-dir", str(shared_data), "--model", "lenet",
-                   "--epochs", "1", "--train-samples", "6000", "--project", "runs", "--threads", "1", cwd=tmp_path)
-    summary = _summary_of(proc, tmp_path)
+def test_fashion_mnist_lenet(fashion_mnist_lenet: Path) -> None:
+    summary = json.loads((fashion_mnist_lenet / "summary.json").read_text())
     assert summary["train_images"] == 6000
     assert summary["test_accuracy"] > 0.6, summary
-    metrics = json.loads((tmp_path / "runs" / "fashion-mnist-lenet" / "metrics.json").read_text())
+    metrics = json.loads((fashion_mnist_lenet / "metrics.json").read_text())
     assert metrics["count"] == 10_000 and "T-shirt/top" in metrics["per_class"]
 
 

@@ -8,8 +8,6 @@ decode or section that is missing, and saves a full-page screenshot under test-a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,14 +82,9 @@ def test_digits_report_renders(page: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fashion_mnist_lenet_report_renders(page: Any, shared_data: Path, tmp_path: Path) -> None:
+def test_fashion_mnist_lenet_report_renders(page: Any, fashion_mnist_lenet: Path) -> None:
     """A short real run (6,000 training images, one epoch) as a user makes it, then its report in Chromium."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir", str(shared_data),
-         "--model", "lenet", "--epochs", "1", "--train-samples", "6000", "--project", "runs", "--threads", "1"],
-        cwd=tmp_path, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = tmp_path / "runs" / "fashion-mnist-lenet" / "report.html"
+    report = fashion_mnist_lenet / "report.html"
     state = check_in_browser(page, report, ARTIFACTS / "report-fashion-mnist-lenet.png")
     assert len(state["images"]) == 6
     html = report.read_text()

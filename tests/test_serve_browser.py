@@ -7,9 +7,7 @@ limit, a text file and a decompression bomb, and reads their errors. Screenshots
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,22 +53,11 @@ def page(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fashion_run(shared_data: Path, tmp_path: Path) -> Path:
-    """A short real run (6,000 training images, one epoch), trained as a user trains it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir", str(shared_data),
-         "--model", "lenet", "--epochs", "1", "--train-samples", "6000", "--project", "runs", "--threads", "1"],
-        cwd=tmp_path, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp_path / "runs" / "fashion-mnist-lenet"
-
-
-@pytest.fixture
-def server(fashion_run: Path, tmp_path: Path) -> Iterator[str]:
+def server(fashion_mnist_lenet: Path, tmp_path: Path) -> Iterator[str]:
     """`imgrec serve` in a subprocess on a free port, with a 1 MB upload limit; its URL once /healthz answers."""
     port = free_port()
-    command = [sys.executable, "-m", "imgrec", "serve", str(fashion_run), "--port", str(port), "--max-upload-mb", "1",
-               "--threads", "1", "--device", "cpu"]
+    command = [sys.executable, "-m", "imgrec", "serve", str(fashion_mnist_lenet), "--port", str(port),
+               "--max-upload-mb", "1", "--threads", "1", "--device", "cpu"]
     with serving(command, port, tmp_path / "serve.log") as url:
         yield url
 
@@ -84,10 +71,11 @@ def error_shown(page: Any) -> tuple[str, str]:
     return page.inner_text("#error-title"), page.inner_text("#error-text")
 
 
-def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, server: str, fashion_run: Path,
-                                                                      shared_data: Path, tmp_path: Path) -> None:
+def test_the_page_predicts_a_fashion_mnist_image_and_explains_errors(page: Any, server: str,
+                                                                      fashion_mnist_lenet: Path, shared_data: Path,
+                                                                      tmp_path: Path) -> None:
     images, labels = fashion_test_images(shared_data, 40)
-    predictor = Predictor.from_run(fashion_run, device="cpu")
+    predictor = Predictor.from_run(fashion_mnist_lenet, device="cpu")
     pngs = []
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"test-{i}.png")

@@ -94,7 +94,7 @@ def main() -> None:
         print(f"\nfind's mean is {gap:+.2f} points from the best grid rate's ({best}: {grid[best]:.2%}); "
               f"suggested: {suggested}")
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args),
+        args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("cache", "data_dir", "json")},
                                          "machine": cpu_name(), "load_average": load_average(), "runs": runs,
                                          "mean_test_accuracy": means, "find_minus_best_grid_points": gap}, indent=2, default=str))
 

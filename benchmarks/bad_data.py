@@ -19,34 +19,16 @@ import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from common import CIFAR10_CLASSES, extract_cifar10  # noqa: E402  (a script's folder is on its path)
+
 from conftest import write_bad_file  # noqa: E402  (the tests' bad-file writers: one definition of each kind)
 
 KINDS = ("zero-byte", "truncated", "not-an-image", "too-large", "corrupt")
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def extract_subset(archive: Path, target: Path, train_per_class: int, test_per_class: int) -> Path:
-    """cifar10/{train,test}/<class>/NNNN.jpg for the first files of each class, into target/{train,test}."""
-    wanted = {f"cifar10/{split}/{cls}/{i:04d}.jpg": target / split / cls / f"{i:04d}.jpg"
-              for split, count in (("train", train_per_class), ("test", test_per_class))
-              for cls in CLASSES for i in range(count)}
-    with tarfile.open(archive) as tf:
-        for member in tf:
-            dest = wanted.pop(member.name, None)
-            if dest is not None:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tf.extractfile(member).read())  # type: ignore[union-attr]
-            if not wanted:
-                break
-    if wanted:
-        raise SystemExit(f"the archive lacks {len(wanted)} of the wanted files, e.g. {sorted(wanted)[0]}")
-    return target
 
 
 def plant(root: Path, fraction: float, seed: int) -> dict[str, str]:
@@ -93,8 +75,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; one thread per run")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        clean = extract_subset(Path(args.data_dir) / "cifar10-jpeg.tar.gz", work / "clean", args.train_per_class,
-                               args.test_per_class)
+        clean = extract_cifar10(Path(args.data_dir) / "cifar10-jpeg.tar.gz", work / "clean",
+                                dict.fromkeys(CIFAR10_CLASSES, args.train_per_class),
+                                dict.fromkeys(CIFAR10_CLASSES, args.test_per_class))
         bad_folder = Path(shutil.copytree(clean, work / "bad"))
         planted = plant(bad_folder, args.fraction, seed=1234)
         print(f"{sum(1 for _ in clean.rglob('*.jpg'))} files; {len(planted)} replaced by bad files "

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import platform
+import tarfile
 from pathlib import Path
 
 from imgrec.config import RunConfig
 from imgrec.workflows import train
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def extract_cifar10(archive: Path, target: Path, train: dict[str, int], test: dict[str, int]) -> Path:
+    """The first train[c] / test[c] files of each class c from the CIFAR-10 JPEG archive
+    (cifar10/{train,test}/<class>/NNNN.jpg) as an image folder target/{train,test}/<class>/."""
+    wanted = {f"cifar10/{split}/{cls}/{i:04d}.jpg": target / split / cls / f"{i:04d}.jpg"
+              for split, counts in (("train", train), ("test", test))
+              for cls, count in counts.items() for i in range(count)}
+    with tarfile.open(archive) as tf:
+        for member in tf:
+            dest = wanted.pop(member.name, None)
+            if dest is not None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tf.extractfile(member).read())  # type: ignore[union-attr]
+            if not wanted:
+                break
+    if wanted:
+        raise SystemExit(f"the archive lacks {len(wanted)} of the wanted files, e.g. {sorted(wanted)[0]}")
+    return target
 
 
 def load_average() -> str:

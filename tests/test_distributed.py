@@ -212,6 +212,27 @@ def test_in_a_group_the_cli_ends_every_outcome_through_end_process(monkeypatch: 
 
 # --- real groups of two processes ----------------------------------------------------------------------------------
 
+def test_every_train_flag_but_log_passes_through_torchruns_own_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    """torchrun refuses, anywhere on its command line, a flag that shortens two of its own (Python's argparse): --log
+    could be its --log-dir or --logs-specs. Its second name, --logger, passes; so must every other flag of train."""
+    from torch.distributed.run import parse_args
+
+    from imgrec.cli import _subparsers, build_parser
+
+    train = _subparsers(build_parser()).choices["train"]
+    flags = sorted({o for a in train._actions for o in a.option_strings if o.startswith("--")} - {"--help"})
+    assert "--logger" in flags
+    refused = []
+    for flag in flags:
+        try:
+            parsed = parse_args(["--standalone", "--nproc_per_node", "2", "-m", "imgrec", "train", flag, "x"])
+        except SystemExit:
+            refused.append(flag)
+        else:
+            assert parsed.training_script_args == ["train", flag, "x"]
+    assert set(refused) <= {"--log"}, capsys.readouterr().err  # (argparse versions differ on --log itself)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,10 +266,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One uninterrupted torchrun group of two processes, 4 images each per step."""
+    """One uninterrupted torchrun group of two processes, 4 images each per step, logging to TensorBoard too."""
     project = tmp_path_factory.mktemp("pair")
     done = torchrun("train", "--data", str(data), "--project", str(project), "--name", "pair",
-                    "--batch-size", str(PER_PROCESS_BATCH), *TRAIN, cwd=project)
+                    "--batch-size", str(PER_PROCESS_BATCH), *TRAIN, "--logger", "tensorboard", cwd=project)
     assert done.returncode == 0, done.stderr[-3000:]
     return project / "pair", done
 
@@ -289,6 +310,23 @@ def test_only_the_main_process_writes_and_logs(pair_run: tuple[Path, subprocess.
     assert len(rows(pair)) == 3
     assert {"config.yaml", "results.csv", "train_state.pt", "summary.json", "metrics.json", "report.html"} <= {
         p.name for p in pair.iterdir()}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(GROUP_TIMEOUT + 60)
+def test_only_the_main_process_writes_tensorboard_events(pair_run: tuple[Path, Any]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pair, _ = pair_run
+    files = list((pair / "tensorboard").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents."), files  # one writer, not one a process
+    events = EventAccumulator(str(pair / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = list(range(1, 3 * 6 + 1))  # 6 steps an epoch (48 images, 2 processes x 4), 3 epochs: each step once
+    assert [e.step for e in events.Scalars("train/step_loss")] == steps
+    assert [e.step for e in events.Scalars("train/lr")] == steps
+    val_acc = [round(e.value, 5) for e in events.Scalars("epoch/val_acc")]
+    assert val_acc == [round(float(r["val_acc"]), 5) for r in rows(pair)]  # the epochs' metrics of all processes
 
 
 @pytest.mark.ddp

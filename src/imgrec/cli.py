@@ -67,6 +67,10 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
 # The short forms of the flags typed most; the same letter means the same thing on every command that has the flag.
 SHORT = {"data": "-d", "model": "-m", "epochs": "-e", "batch_size": "-b", "out": "-o"}
 
+# Second names of flags that torchrun's own parser refuses anywhere on its command line, the script's arguments
+# included: it takes --log for a shortening of its --log-dir / --logs-specs. Under torchrun, write --logger.
+SECOND_NAMES = {"log": "--logger"}
+
 # The help groups of `train --help`: the RunConfig field that opens each (fields keep their order in RunConfig).
 TRAIN_GROUPS = {"data": "data", "model": "model", "pretrained": "transfer learning (torchvision backbones)",
                 "optimizer": "optimisation", "epochs": "schedule and stopping", "device": "compute",
@@ -97,6 +101,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         flag = "--" + f.name.replace("_", "-")
         flags = [SHORT[f.name], flag] if f.name in SHORT else [flag]
+        flags += [SECOND_NAMES[f.name]] if f.name in SECOND_NAMES else []
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')}{_default_shown(f, default)}"
         options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}

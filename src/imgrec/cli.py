@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrec import __version__
-from imgrec.config import RunConfig, default_cache_dir, default_data_dir, load_yaml
+from imgrec.config import DEVICES, RunConfig, default_cache_dir, default_data_dir, load_yaml
 from imgrec.errors import ImgrecError, Interrupted, UsageError, os_error_cause
 from imgrec.openmp import patient_threads
 
@@ -121,6 +121,12 @@ def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> No
                         help=f"where named data sets live (default: {default}$IMGREC_DATA or ~/.cache/imgrec/data)")
 
 
+def _add_device(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
+    """--device: auto by default, or (of_a_run) the device the run was trained on."""
+    parser.add_argument("--device", default=None if of_a_run else "auto", choices=DEVICES,
+                        help="device (default: the run's)" if of_a_run else "device (default: auto)")
+
+
 def _add_predict_parser(sub: Any) -> None:
     """The `predict` sub-command's arguments."""
     p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
@@ -136,7 +142,7 @@ def _add_predict_parser(sub: Any) -> None:
                    help="do not convert photos like the training images (grey models of light strokes on dark: "
                         "invert, crop, centre); only resize")
     p.add_argument("--show-input", metavar="PNG", help="save what the model saw (the first 64 images) as a PNG grid")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    _add_device(p)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -157,7 +163,7 @@ def _add_serve_parser(sub: Any) -> None:
                         "among them (default: 1)")
     p.add_argument("--workers-threads", dest="workers_threads", type=int, action=_Renamed, new="--threads",
                    help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    _add_device(p)
 
 
 def _add_export_parser(sub: Any) -> None:
@@ -228,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(SHORT["data"], "--data", help="evaluate on this data set instead (it must have the same classes)")
     _add_data_dir(p, of_a_run=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
+    _add_device(p, of_a_run=True)
     p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
                                                 "(default: the run folder)")
 
@@ -288,7 +294,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N most confident test mistakes")
     p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
+    _add_device(p, of_a_run=True)
     p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
     _add_data_dir(p, of_a_run=True)
 

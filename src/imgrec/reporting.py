@@ -23,14 +23,13 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import denormalize, weights_transform
 from imgrec.engine.checkpoint import load_model_state, load_weights_file, save_atomic
 from imgrec.engine.runs import read_results, write_text
-from imgrec.engine.system import autocast_dtype, select_device
+from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import Loader, evaluate
 from imgrec.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
 from imgrec.evaluation.metrics import classification_report, ece, worst_mistakes
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 500
 SAMPLE_IMAGES = 32
 MISTAKE_IMAGES = 24
 FIGURES = ("confusion_matrix", "confusion_matrix_normalized", "mistakes", "samples", "calibration")
@@ -46,20 +45,19 @@ class Predictions:
     device: str
 
 
-def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig) -> Predictions:
-    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision (with the
-    run's test-time augmentation)."""
-    device = select_device(cfg.device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
+def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig, compute: Compute | None = None) -> Predictions:
+    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision (compute;
+    default: from cfg), with the run's test-time augmentation."""
+    compute = compute or Compute.of(cfg)
+    model.to(device=compute.device, memory_format=compute.memory_format)
     start = time.perf_counter()
-    result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True,
-                      tta=cfg.tta)
+    result = evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=cfg.tta)
     assert result.logits is not None and result.targets is not None
-    return Predictions(result.logits, result.targets, time.perf_counter() - start, device.type)
+    return Predictions(result.logits, result.targets, time.perf_counter() - start, compute.device.type)
 
 
-def calibrate_weights(model: torch.nn.Module, val_loader: Loader | None, run_dir: Path, cfg: RunConfig) -> float | None:
+def calibrate_weights(model: torch.nn.Module, val_loader: Loader | None, run_dir: Path, cfg: RunConfig,
+                      compute: Compute | None = None) -> float | None:
     """Fit a temperature on the validation split for last.pt and best.pt and store it in each ("temperature")."""
     if val_loader is None:
         log.info("no validation split: no temperature fitted (calibration is reported uncorrected)")
@@ -71,7 +69,7 @@ def calibrate_weights(model: torch.nn.Module, val_loader: Loader | None, run_dir
         ckpt = load_weights_file(path)
         if ckpt["epoch"] not in fitted:
             load_model_state(model, ckpt["state_dict"], path)
-            p = predict(model, val_loader, cfg)
+            p = predict(model, val_loader, cfg, compute)
             t = fit_temperature(p.logits, p.targets)
             fitted[ckpt["epoch"]] = (t, ece(p.logits, p.targets), ece(p.logits / t, p.targets))
         temperature, before, after = fitted[ckpt["epoch"]]
@@ -89,11 +87,12 @@ def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
 
 
 def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, split_name: str, cfg: RunConfig,
-                 out_dir: Path, dataset: dict[str, Any]) -> dict[str, Any]:
-    """Run the model over a split; return its metrics and write the figures into out_dir."""
+                 out_dir: Path, dataset: dict[str, Any], compute: Compute | None = None) -> dict[str, Any]:
+    """Run the model over a split (compute: default from cfg); return its metrics and write the figures into
+    out_dir."""
     classes = ckpt["classes"]
     loader = make_loader(split, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False, workers=cfg.workers)
-    p = predict(model, loader, cfg)
+    p = predict(model, loader, cfg, compute)
     temperature = ckpt.get("temperature")
     metrics = classification_report(p.logits, p.targets, classes)
     metrics["split"] = split_name

@@ -64,11 +64,11 @@ from imgrec.engine.state import (
     resumed_settings,
 )
 from imgrec.engine.system import (
-    autocast_dtype,
+    EVAL_BATCH_SIZE,
+    Compute,
     git_commit,
     precision_name,
     seed_everything,
-    select_device,
     set_threads,
     versions,
 )
@@ -82,8 +82,6 @@ from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, re
 from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
 
 log = logging.getLogger(__name__)
-
-EVAL_BATCH_SIZE = 500
 
 DataSource = Callable[[DataOptions], DataBundle]  # data options -> the run's data, for data that has no name
 
@@ -230,7 +228,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
         distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
     set_threads(cfg.threads)
-    select_device(cfg.device)  # a bad --device fails before any data is loaded
+    compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
         summary_writer_class()  # so does a missing tensorboard package
     explicit = explicit_settings(cfg, given)
@@ -249,14 +247,14 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         if here.distributed:
             raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
                              "with --lr set to its suggestion")
-        found = find_lr(cfg, bundle, model, spec)
+        found = find_lr(cfg, bundle, model, spec, compute=compute)
         cfg = dataclasses.replace(cfg, lr=found.suggestion)
     plan = None
     if cfg.time_budget and not resumed:
         if here.distributed:
             raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
         cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
-                                     time.perf_counter() - started)
+                                     time.perf_counter() - started, compute)
     run_dir = _run_folder(cfg, bundle, resumed, owned)
     if found is not None:
         _plot_lr_find(found, run_dir / "lr_find.png")
@@ -284,7 +282,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
         return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline, plan,
-                             source, started, board)
+                             source, started, board, compute)
     finally:
         if board is not None:
             board.close()
@@ -293,11 +291,11 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
                   deadline: Deadline | None, plan: Any, source: Any, started: float,
-                  board: TensorBoardLog | None) -> TrainOutcome:
+                  board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
-                                   board)
+    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, compute,
+                                   deadline, board)
     if deadline and deadline.revisions and here.is_main:
         write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
@@ -305,9 +303,10 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
-    calibrate_weights(model, val_loader, run_dir, cfg)
-    record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
-    summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    calibrate_weights(model, val_loader, run_dir, cfg, compute)
+    # OOD threshold and training-image background, for `predict`
+    record_prediction_stats(run_dir, bundle, cfg, plain, compute)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute)
     if board is not None:
         log_final(board, cfg, summary, run_dir)
     if source:
@@ -342,7 +341,7 @@ LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss 
 
 
 def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
-            steps: int = LR_FIND_STEPS) -> RangeTest:
+            steps: int = LR_FIND_STEPS, compute: Compute | None = None) -> RangeTest:
     """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
     the run's), with its optimiser, loss and precision; logs the suggestion."""
     numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
@@ -350,7 +349,7 @@ def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: In
                          seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
     weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
     started = time.perf_counter()
-    found = range_test(model, loader, numeric, steps=steps, class_weights=weights)
+    found = range_test(model, loader, numeric, steps=steps, class_weights=weights, compute=compute)
     stop = "the loss diverged" if found.diverged else "all steps ran"
     log.info(f"lr-find: {len(found.lrs)} steps from {found.lrs[0]:.0e} to {found.lrs[-1]:.2g} ({stop}, "
              f"{time.perf_counter() - started:.1f}s); the loss is lowest at {found.minimum:.3g}: suggested --lr "
@@ -378,7 +377,7 @@ def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_
         raise UsageError("imgrec lr-find runs in one process: run it without torchrun")
     cfg = with_data_dir_recorded(cfg)
     set_threads(cfg.threads)
-    select_device(cfg.device)
+    Compute.of(cfg)  # a bad --device fails before any data is loaded
     explicit = explicit_settings(cfg, given)
     cfg = recipe_data_settings(cfg, explicit)
     source = resolve_source(cfg)
@@ -427,12 +426,12 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
-                     started: float) -> dict[str, Any]:
+                     started: float, compute: Compute) -> dict[str, Any]:
     """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
-    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle))
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute)
     metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {
@@ -445,7 +444,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
         "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
-        "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result),
+        "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result, compute),
     }
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
@@ -455,18 +454,19 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     return summary
 
 
-def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult) -> dict[str, Any]:
+def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult,
+                     compute: Compute) -> dict[str, Any]:
     """Precision, FLOPs per training image, achieved GFLOP/s and peak memory of the run."""
     flops = training_flops_per_image(model, best["input_channels"], best["input_size"])
     # a feature-cache run trains only the head on precomputed features: the model's FLOPs would overstate it
     rate = None if cfg.cache_features else round(flops * result.images_per_second / 1e9, 2)
-    return {"precision": precision_name(autocast_dtype(cfg.precision, select_device(cfg.device))),
+    return {"precision": precision_name(compute.dtype),
             "train_gflop_per_image": round(flops / 1e9, 6), "train_gflops_per_second": rate,
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
-         val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
+         val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None, compute: Compute,
          deadline: Deadline | None = None, board: TensorBoardLog | None = None) -> tuple[FitResult, float | None]:
     """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
     features computed once."""
@@ -475,7 +475,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
         if distributed.context().distributed:
             raise UsageError("--cache-features trains the head in one process (its epochs take seconds): run it "
                              "without torchrun")
-        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
+        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, compute)
     here = distributed.context()
     mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
@@ -486,7 +486,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
                deadline=deadline, board=board,
-               class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)), None
+               class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes), compute=compute), None
 
 
 def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:

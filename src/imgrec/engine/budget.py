@@ -21,7 +21,7 @@ from torch import nn
 
 from imgrec.config import RunConfig
 from imgrec.engine.averaging import make_averager
-from imgrec.engine.system import autocast, autocast_dtype, select_device
+from imgrec.engine.system import Compute, autocast
 from imgrec.engine.trainer import OPTIMIZERS, TTA_VIEWS, optimizer_kernels, tta_logits
 from imgrec.errors import UsageError
 
@@ -125,14 +125,13 @@ class Deadline:
 
 
 def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,
-                  cfg: RunConfig) -> Speed:
+                  cfg: RunConfig, compute: Compute | None = None) -> Speed:
     """Seconds per training step (on a copy of the model, with the run's optimiser and precision) and per
     evaluated image (with the run's test-time augmentation, and the one view of each epoch's validation); no random
     generator and no weight of `model` changes."""
     start = time.perf_counter()
-    device = select_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    compute = compute or Compute.of(cfg)
+    device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     with torch.random.fork_rng(devices=[]):
         step_seconds = _time_steps(probe, batches, cfg, device, dtype, memory_format)

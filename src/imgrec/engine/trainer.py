@@ -35,7 +35,7 @@ from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
 from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
-from imgrec.engine.system import autocast, autocast_dtype, precision_name, select_device
+from imgrec.engine.system import Compute, autocast
 from imgrec.errors import ImgrecError, Interrupted
 
 with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm.auto warns and falls back to text bars, which
@@ -194,19 +194,18 @@ class Deadline(Protocol):  # budget.Deadline
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
-        board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None) -> FitResult:
+        board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None,
+        compute: Compute | None = None) -> FitResult:
     """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
     results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
     still to run are re-planned at each epoch end from the speed measured so far. With a board, each step and
     epoch is logged for TensorBoard too (a resumed run from its saved position on). class_weights: the weight of
-    each class in the training loss (--balance weights)."""
-    device = select_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    each class in the training loss (--balance weights); compute: the run's (default: from cfg)."""
+    compute = compute or Compute.of(cfg)
+    device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
     model.to(device=device, memory_format=memory_format)
     optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
-    log.info(f"compute: {device.type}, {precision_name(dtype)}{' autocast' if dtype else ''}, "
-             f"{'channels_last' if cfg.channels_last else 'contiguous'}, {torch.get_num_threads()} threads")
+    log.info(f"compute: {compute.describe()}")
     scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),

@@ -28,29 +28,29 @@ from imgrec.data.loaders import make_loader
 from imgrec.data.photo import MEASURE_SAMPLES, measure_foreground
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import WEIGHTS_NAMES, load_model_state, load_weights_file, save_atomic
-from imgrec.engine.system import select_device
+from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import evaluate
 from imgrec.evaluation.ood import DEFAULT_KEEP, DEFAULT_SCORE, OOD_SCORES, ood_threshold
 from imgrec.models.registry import build_model
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 500
 MIN_CALIBRATION = 200  # a threshold from fewer validation images than this also uses the training images
 MAX_CALIBRATION_TRAIN = 5000  # ... at most this many of them, evenly spaced
 FILE_SAMPLES = 300  # streamed (file) training splits: images decoded for the background measurement
 
 
 def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunConfig,
-                            transform: BatchTransform) -> dict[str, Any]:
+                            transform: BatchTransform, compute: Compute | None = None) -> dict[str, Any]:
     """Measure the OOD threshold and the training images' background; add them to the run's weights files.
 
-    transform: the model's evaluation preprocessing (normalisation, and its input size and channels)."""
+    transform: the model's evaluation preprocessing (normalisation, and its input size and channels); compute: the
+    run's (default: from cfg), whose device computes the logits in fp32, as prediction does."""
     weights_dir = Path(run_dir) / "weights"
     foreground = measure_foreground(training_sample(bundle.train))
     split_name, split = calibration_split(bundle)
-    loader = make_loader(split, BATCH_SIZE, transform, train=False, workers=cfg.workers)
-    device = select_device(cfg.device)
+    loader = make_loader(split, EVAL_BATCH_SIZE, transform, train=False, workers=cfg.workers)
+    raw = (compute or Compute.of(cfg)).fp32()
     by_epoch: dict[Any, dict[str, Any]] = {}  # best.pt and last.pt often hold the same epoch's weights
     for name in WEIGHTS_NAMES:
         path = weights_dir / name
@@ -59,7 +59,7 @@ def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunCon
         ckpt = load_weights_file(path)
         key = ckpt.get("epoch")
         if key not in by_epoch:
-            by_epoch[key] = ood_entry(ckpt, loader, device, split_name, str(path))
+            by_epoch[key] = ood_entry(ckpt, loader, raw, split_name, str(path))
         ckpt.update(ood=by_epoch[key], **foreground)
         save_atomic(ckpt, path)
     best = next(iter(by_epoch.values()), None)
@@ -71,14 +71,14 @@ def record_prediction_stats(run_dir: str | Path, bundle: DataBundle, cfg: RunCon
     return {**foreground, "ood": best}
 
 
-def ood_entry(ckpt: dict[str, Any], loader: Any, device: torch.device, split_name: str, source: str,
+def ood_entry(ckpt: dict[str, Any], loader: Any, compute: Compute, split_name: str, source: str,
               score: str = DEFAULT_SCORE, keep: float = DEFAULT_KEEP) -> dict[str, Any]:
     """The OOD threshold of a weights file's model on one split's images (raw logits, fp32, no temperature)."""
     spec = ckpt["model"]
     model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
     load_model_state(model, ckpt["state_dict"], source)
-    model.to(device)
-    result = evaluate(model, loader, device, None, collect=True)
+    model.to(compute.device)
+    result = evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, collect=True)
     assert result.logits is not None
     scores = OOD_SCORES[score](result.logits)
     threshold = ood_threshold(scores, keep)

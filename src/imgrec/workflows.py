@@ -76,6 +76,7 @@ from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError, UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import record_prediction_stats
+from imgrec.models.hooks import FitsToImages
 from imgrec.models.registry import build_model, count_parameters, is_user_model
 from imgrec.models.transfer import TransferModel
 from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
@@ -332,7 +333,7 @@ def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
     if source and not resumed:  # a resumed run's weights come from its training state
         load_source(model, cfg.model, source)
     plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
-    if not source and not resumed and hasattr(model, "init_from_images"):
+    if not source and not resumed and isinstance(model, FitsToImages):
         init_from_data(model, bundle, plain, cfg.seed)
     return model, spec, plain
 
@@ -401,7 +402,7 @@ def _plot_lr_find(found: RangeTest, path: Path) -> Path:
 INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to
 
 
-def init_from_data(model: torch.nn.Module, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
+def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
     """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented);
     the same sample for the same seed, so every process of a data-parallel run fits the same weights."""
     count = min(INIT_IMAGES, len(bundle.train))

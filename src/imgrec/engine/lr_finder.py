@@ -20,6 +20,7 @@ from imgrec.config import RunConfig
 from imgrec.engine.averaging import averaged_step
 from imgrec.engine.system import Compute
 from imgrec.engine.trainer import OPTIMIZERS, Loader, _make_step, optimizer_kernels, parameter_groups
+from imgrec.models import hooks
 
 SMOOTHING = 0.9  # the running average of the loss that decides divergence (bias-corrected)
 MINIMUM_FACTOR = 3.0  # the suggestion is the rate at the loss's minimum divided by this
@@ -52,8 +53,7 @@ def range_test(model: nn.Module, loader: Loader, cfg: RunConfig, steps: int = 20
     compute = compute or Compute.of(cfg)
     device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
-    if hasattr(probe, "set_frozen"):  # the rate is for the whole model, as it trains after any frozen epochs
-        probe.set_frozen(cfg.freeze)
+    hooks.set_frozen(probe, cfg.freeze)  # the rate is for the whole model, as it trains after any frozen epochs
     optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(probe, cfg), cfg, optimizer_kernels(device))
     growth = (end_lr / start_lr) ** (1 / max(1, steps - 1))
     # every parameter group keeps its ratio to cfg.lr (lower rates for early backbone layers, for one)

@@ -37,6 +37,7 @@ from imgrec.engine.signals import StopRequested, StopSignals
 from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
 from imgrec.engine.system import Compute, autocast
 from imgrec.errors import ImgrecError, Interrupted
+from imgrec.models import hooks
 
 with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm.auto warns and falls back to text bars, which
     warnings.simplefilter("ignore")  # imgrec.train then does not show (see progress_bars)
@@ -98,19 +99,8 @@ def optimizer_kernels(device: torch.device) -> dict[str, bool]:
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> Any:
-    """What the optimiser trains: a TransferModel's groups (lower learning rates for earlier layers); for a model
-    with lr_scaled_parameters (a WhitenedNet's BatchNorm shifts), those at lr * scale with weight decay / scale
-    (the same decay per step); else all parameters at cfg.lr. Frozen parameters are left out."""
-    groups = getattr(model, "parameter_groups", None)
-    if groups is not None:
-        return groups(cfg.lr, cfg.lr_backbone_mult)
-    scaled = getattr(model, "lr_scaled_parameters", None)
-    if scaled is None:
-        return [p for p in model.parameters() if p.requires_grad]
-    scale, fast = scaled()
-    chosen = {id(p) for p in fast}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return [{"params": rest}, {"params": list(fast), "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay / scale}]
+    """What the optimiser trains, at cfg's learning rate and weight decay (models.hooks.parameter_groups)."""
+    return hooks.parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_backbone_mult)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 0) -> Any:
@@ -232,8 +222,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
-                if hasattr(model, "set_frozen"):  # the backbone trains only after the frozen epochs
-                    model.set_frozen(cfg.freeze or epoch <= cfg.freeze_epochs)
+                hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)  # the backbone trains after them
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])

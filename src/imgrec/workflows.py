@@ -259,8 +259,6 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     run_dir = _run_folder(cfg, bundle, resumed, owned)
     if found is not None:
         _plot_lr_find(found, run_dir / "lr_find.png")
-    if plan and distributed.is_main():
-        write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
@@ -276,13 +274,10 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
         at = Progress.from_dict(resumed.state["progress"])
         log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
-    deadline = None
-    if plan and cfg.schedule != "onecycle":  # a new budgeted run keeps to its budget at the speed it really has
-        deadline = Deadline(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds,
-                            plan.steps_per_epoch)
+    deadline = Deadline.from_plan(plan, started) if plan else None  # a new budgeted run keeps to its budget
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
-        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline, plan,
+        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
                              source, started, board, compute)
     finally:
         if board is not None:
@@ -291,14 +286,16 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
 
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
-                  deadline: Deadline | None, plan: Any, source: Any, started: float,
+                  deadline: Deadline | None, source: Any, started: float,
                   board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, compute,
-                                   deadline, board)
-    if deadline and deadline.revisions and here.is_main:
-        write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
+    try:
+        result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, compute,
+                                       deadline, board)
+    finally:  # the plan and its revisions, also when training stopped (a resumed run reports it from there)
+        if deadline is not None and here.is_main:
+            write_json(run_dir / "plan.json", deadline.record())
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
     if not here.is_main:
         return TrainOutcome(run_dir, {}, main_process=False)

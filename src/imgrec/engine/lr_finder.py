@@ -19,7 +19,7 @@ from torch import nn
 from imgrec.config import RunConfig
 from imgrec.engine.averaging import averaged_step
 from imgrec.engine.system import Compute
-from imgrec.engine.trainer import OPTIMIZERS, Loader, _make_step, optimizer_kernels, parameter_groups
+from imgrec.engine.trainer import OPTIMIZERS, Loader, make_step, optimizer_kernels, parameter_groups
 from imgrec.models import hooks
 
 SMOOTHING = 0.9  # the running average of the loss that decides divergence (bias-corrected)
@@ -60,7 +60,7 @@ def range_test(model: nn.Module, loader: Loader, cfg: RunConfig, steps: int = 20
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: start_lr / cfg.lr * growth ** i)
     loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
                                   label_smoothing=cfg.label_smoothing)
-    step = averaged_step(_make_step(probe, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False),
+    step = averaged_step(make_step(probe, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False),
                                     loss_fn, cfg.grad_clip, device, dtype, memory_format), None)
     lrs: list[float] = []
     raw: list[float] = []

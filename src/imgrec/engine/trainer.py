@@ -19,10 +19,10 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state,
 from imgrec.engine.system import Compute, autocast
 from imgrec.errors import ImgrecError, Interrupted
 from imgrec.models import hooks
+
+if TYPE_CHECKING:
+    from imgrec.engine.budget import Deadline
 
 with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm.auto warns and falls back to text bars, which
     warnings.simplefilter("ignore")  # imgrec.train then does not show (see progress_bars)
@@ -173,15 +176,6 @@ def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
     return math.ceil(total_steps(cfg, steps_per_epoch) / max(1, steps_per_epoch))
 
 
-REPLAN_SECONDS = 0.5  # a budgeted run's plan changes when it is off by at least this much
-
-
-class Deadline(Protocol):  # budget.Deadline
-    revisions: list[dict[str, Any]]
-
-    def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int: ...
-
-
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
         board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None,
@@ -206,7 +200,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     progress = Progress() if state is None else restore_state(state, parts, cfg)
     # a resumed run keeps the rows of its state; only the main process writes files
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
-    saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
+    saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, saver.cfg, weights_meta))
     epochs = run_epochs(cfg, len(train_loader))
     if board is not None:
         board.start(progress.epoch, progress.step, progress.loss_sum, progress.seen, len(train_loader))
@@ -226,7 +220,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                step_fn = averaged_step(_make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
+                step_fn = averaged_step(make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
                                                    loss_fn, cfg.grad_clip, device, dtype, memory_format), averager)
                 last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
                 train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
@@ -256,8 +250,9 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                     if improved:
                         save_atomic(weights, run_dir / "weights" / "best.pt")
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
-                    cfg = _replan(cfg, deadline, progress, len(train_loader), time.perf_counter() - epoch_end_started,
-                                  scheduler, averager)
+                    # the new plan: the state saved next records it, and the loop runs to it
+                    cfg = saver.cfg = deadline.replan(cfg, progress, len(train_loader),
+                                                      time.perf_counter() - epoch_end_started, scheduler, averager)
                     epochs = run_epochs(cfg, len(train_loader))
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
                 _log_epoch(row, epochs, rate)
@@ -268,33 +263,6 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
     return _fit_result(progress, cfg, epochs)
-
-
-def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_epoch: int, epoch_end_seconds: float,
-            scheduler: Any, averager: Any) -> RunConfig:
-    """At an epoch end of a budgeted run: the total steps that still fit by the deadline at the speed measured so
-    far; when they differ from the plan, the run's epochs and max_steps, its learning-rate schedule and its
-    lookahead are stretched or shrunk to them (the state saved next records the new plan)."""
-    if cfg.schedule == "onecycle":  # its phases are fixed when it is built
-        return cfg
-    done = (progress.epoch - 1) * steps_per_epoch
-    planned = total_steps(cfg, steps_per_epoch)
-    step_seconds = progress.train_seconds / max(done, 1)
-    new = deadline.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
-    if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
-        return cfg  # on time: a fraction of a second either way is noise
-    epochs = max(1, math.ceil(new / steps_per_epoch))
-    cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
-    if scheduler is not None:
-        factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
-        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
-    if hasattr(averager, "total_steps"):  # lookahead's decay follows the run's length
-        averager.total_steps = max(new, 1)
-    deadline.revisions.append({"after_steps": done, "step_seconds": round(step_seconds, 5),
-                               "epoch_end_seconds": round(epoch_end_seconds, 3), "total_steps": new, "was": planned})
-    change = "ends here" if new <= done else f"{new} steps in all ({new / steps_per_epoch:.2f} epochs)"
-    log.info(f"time budget: at {step_seconds * 1000:.0f} ms a step so far, the run {change} instead of {planned}")
-    return cfg
 
 
 def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
@@ -340,7 +308,7 @@ def _check_finite(model: nn.Module, progress: Progress) -> None:
                                f"{progress.step}; lower --lr or add --grad-clip")
 
 
-def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
+def make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
     """One optimisation step on a batch: returns (loss, correct predictions) as tensors. The targets are labels,
     or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both)."""
 

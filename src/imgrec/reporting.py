@@ -1,6 +1,6 @@
 """What a trained model learned, written into its run folder: metrics.json, figures and report.html.
 
-Also the temperature step of training: fit T on the validation split and store it in the weights files.
+The temperature itself is fitted after training by inference.calibrate (calibrate_run), with the rest of calibration.
 This module runs the model over a split and writes files; the numbers, figures and HTML come from the pure
 functions of imgrec.evaluation. workflows.py calls it; it never imports workflows or cli.
 """
@@ -21,12 +21,11 @@ from imgrec.config import RunConfig
 from imgrec.data.info import DataBundle, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import denormalize, weights_transform
-from imgrec.engine.checkpoint import load_model_state, load_weights_file, save_atomic
 from imgrec.engine.runs import read_results, write_text
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import Loader, evaluate
-from imgrec.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
-from imgrec.evaluation.metrics import classification_report, ece, worst_mistakes
+from imgrec.evaluation.calibration import apply_temperature, calibration_summary
+from imgrec.evaluation.metrics import classification_report, worst_mistakes
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +53,6 @@ def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig, compute: Com
     result = evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=cfg.tta)
     assert result.logits is not None and result.targets is not None
     return Predictions(result.logits, result.targets, time.perf_counter() - start, compute.device.type)
-
-
-def calibrate_weights(model: torch.nn.Module, val_loader: Loader | None, run_dir: Path, cfg: RunConfig,
-                      compute: Compute | None = None) -> float | None:
-    """Fit a temperature on the validation split for last.pt and best.pt and store it in each ("temperature")."""
-    if val_loader is None:
-        log.info("no validation split: no temperature fitted (calibration is reported uncorrected)")
-        return None
-    fitted: dict[int, tuple[float, float, float]] = {}
-    temperature = None
-    for name in ("last.pt", "best.pt"):  # last first: the model holds the last epoch's weights after fit
-        path = run_dir / "weights" / name
-        ckpt = load_weights_file(path)
-        if ckpt["epoch"] not in fitted:
-            load_model_state(model, ckpt["state_dict"], path)
-            p = predict(model, val_loader, cfg, compute)
-            t = fit_temperature(p.logits, p.targets)
-            fitted[ckpt["epoch"]] = (t, ece(p.logits, p.targets), ece(p.logits / t, p.targets))
-        temperature, before, after = fitted[ckpt["epoch"]]
-        ckpt["temperature"] = temperature
-        save_atomic(ckpt, path)
-    log.info(f"temperature scaling: T = {temperature:.3f} (validation ECE {before:.2%} -> {after:.2%})")
-    return temperature
 
 
 def dataset_summary(bundle: DataBundle) -> dict[str, Any]:

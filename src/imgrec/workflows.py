@@ -75,12 +75,12 @@ from imgrec.engine.system import (
 from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError, UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
-from imgrec.inference.calibrate import record_prediction_stats
+from imgrec.inference.calibrate import calibrate_run
 from imgrec.models.hooks import FitsToImages
 from imgrec.models.registry import build_model, count_parameters, is_user_model
 from imgrec.models.transfer import TransferModel
 from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
-from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
+from imgrec.reporting import dataset_summary, report_split, write_html_report
 
 log = logging.getLogger(__name__)
 
@@ -301,9 +301,8 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
-    calibrate_weights(model, val_loader, run_dir, cfg, compute)
-    # OOD threshold and training-image background, for `predict`
-    record_prediction_stats(run_dir, bundle, cfg, plain, compute)
+    # temperature, OOD threshold and training-image background, for the report and `predict`
+    calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
     summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute)
     if board is not None:
         log_final(board, cfg, summary, run_dir)

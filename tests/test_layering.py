@@ -5,7 +5,8 @@
   imgrec.engine: never imgrec.data, imgrec.models (but models.hooks, the optional methods of a model) or
   imgrec.workflows; imgrec.models.hooks imports nothing of imgrec
   imgrec.engine.distributed: of imgrec only errors; only the engine and workflows import it (one code path)
-  the command modules (workflows, reporting, explanations, comparison): only the CLI and each other import them,
+  the command modules (workflows, reporting, explanations, comparison, saved_runs): only the CLI and each other
+  import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
   imgrec.serve: only the CLI imports it; it never imports the workflows, the command modules or finetune, and
@@ -75,7 +76,7 @@ def _names(imported: set[str], prefix: str) -> set[str]:
 
 MODULES = _modules()
 COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison",
-                   "imgrec.export.runner")
+                   "imgrec.export.runner", "imgrec.saved_runs")
 EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime", "safetensors")
 
 
@@ -286,3 +287,15 @@ def test_no_pickle_loads_in_src() -> None:
         text = path.read_text()
         assert not re.search(r"\bpickle\.loads?\(", text), module
         assert "weights_only=False" not in text, module
+
+
+LONGEST_FUNCTION = 60  # lines, decorators aside: longer ones are split where their steps are
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_function_is_longer_than_it_should_be(module: str) -> None:
+    tree = ast.parse(MODULES[module].read_text())
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None
+            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    assert not long, f"{module}: {long}"

@@ -190,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loudness(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _add_training_parsers(sub)
+    _add_doctor_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_show_parser(sub)
+    _add_understanding_commands(sub)
+    _add_predict_parser(sub)
+    _add_serve_parser(sub)
+    _add_export_parser(sub)
+    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
+    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
+    _add_data_dir(p)
+    for command in sub.choices.values():  # -v and -q after the command too: `imgrec train -q ...`
+        _add_loudness(command, argparse.SUPPRESS)
+    return parser
+
+
+def _add_training_parsers(sub: Any) -> None:
+    """train and lr-find: the settings of a run as flags (generated from RunConfig)."""
     p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.",
                        usage="%(prog)s [--config YAML | --resume RUN] [options]")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
@@ -211,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the test, at most (it stops when the loss diverges; default: 200)")
     _add_config_flags(p)
 
+
+def _add_doctor_parser(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
                        description="Check a data set (a name, an image folder or an archive) before any training: "
                                    "counts per class and split, image sizes and modes, files that do not decode, "
@@ -226,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perceptual-hash distance (of 64 bits) up to which two images are near-duplicate candidates, "
                         "confirmed on thumbnails (default: 6)")
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json, figures and report.html",
                        description="Evaluate a run's weights on a split of its data (or of --data) and write "
                                    "metrics.json, confusion matrices, mistakes, samples, a reliability diagram and "
@@ -238,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
                                                 "(default: the run folder)")
 
+
+def _add_show_parser(sub: Any) -> None:
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
     p.add_argument(SHORT["data"], "--data", default="digits", help="data set name or path (default: digits)")
@@ -249,17 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which random sample (default: 0)")
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
     p.add_argument(SHORT["out"], "--out", help="PNG file to write (default: samples-<data>.png)")
-
-    _add_understanding_commands(sub)
-    _add_predict_parser(sub)
-    _add_serve_parser(sub)
-    _add_export_parser(sub)
-    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
-    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
-    _add_data_dir(p)
-    for command in sub.choices.values():  # -v and -q after the command too: `imgrec train -q ...`
-        _add_loudness(command, argparse.SUPPRESS)
-    return parser
 
 
 def _add_loudness(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -452,32 +465,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1")
     from imgrec.engine.system import set_threads
-    from imgrec.inference import Failure, Predictor, expand_paths
-    from imgrec.inference.formats import MAX_SHOWN, input_caption, make_writer, save_input_sheet
+    from imgrec.inference import Predictor
+    from imgrec.inference.command import predict_paths
 
     set_threads(args.threads)
     predictor = Predictor.from_run(args.target, device=args.device, auto_preprocess=args.auto_preprocess)
-    sources, failures = expand_paths(args.paths)
-    for failure in failures:
-        print(f"imgrec predict: error: {failure.message}", file=sys.stderr)
-    topk = min(args.topk, len(predictor.classes))
-    writer = make_writer(args.format, sys.stdout, sources, predictor.classes, topk)
-    shown, captions, predicted = [], [], 0
-    for item in predictor.predict_files(sources, topk, args.batch_size, keep_inputs=bool(args.show_input)):
-        if isinstance(item, Failure):
-            failures.append(item)
-            print(f"imgrec predict: error: {item.message}", file=sys.stderr)
-            continue
-        writer.write(item)
-        predicted += 1
-        if args.show_input and len(shown) < MAX_SHOWN:
-            shown.append(item.model_input)
-            captions.append(input_caption(item))
-    if shown:
-        print(f"model inputs: {save_input_sheet(shown, args.show_input, captions)}", file=sys.stderr)
-    if failures:
-        print(f"imgrec predict: {len(failures)} input(s) could not be predicted (named above); "
-              f"{predicted} predicted", file=sys.stderr)
+    outcome = predict_paths(predictor, args.paths, sys.stdout, args.format, args.topk, args.batch_size,
+                            args.show_input, lambda failure: print(f"imgrec predict: error: {failure.message}",
+                                                                   file=sys.stderr))
+    if outcome.input_sheet is not None:
+        print(f"model inputs: {outcome.input_sheet}", file=sys.stderr)
+    if outcome.failures:
+        print(f"imgrec predict: {len(outcome.failures)} input(s) could not be predicted (named above); "
+              f"{outcome.predicted} predicted", file=sys.stderr)
         return 1
     return 0
 

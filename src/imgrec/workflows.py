@@ -15,16 +15,16 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir, load_yaml, parse_duration, resume_safe_settings
-from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
+from imgrec.config import RunConfig, load_yaml, parse_duration, resume_safe_settings
+from imgrec.data.datasets import NAMED_DATASETS, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
@@ -36,7 +36,6 @@ from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
     remove_partial_writes,
-    resolve_weights,
     run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
@@ -81,10 +80,16 @@ from imgrec.models.registry import build_model, count_parameters, is_user_model
 from imgrec.models.transfer import TransferModel
 from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
 from imgrec.reporting import dataset_summary, report_split, write_html_report
+from imgrec.saved_runs import (
+    DataSource,
+    data_options,
+    load_run,
+    load_run_data,
+    own_run_folder,
+)
 
 log = logging.getLogger(__name__)
 
-DataSource = Callable[[DataOptions], DataBundle]  # data options -> the run's data, for data that has no name
 
 
 @dataclass
@@ -109,19 +114,6 @@ def with_data_dir_recorded(cfg: RunConfig) -> RunConfig:
     if cfg.data not in NAMED_DATASETS or not NAMED_DATASETS[cfg.data].files:
         return cfg
     return dataclasses.replace(cfg, data_dir=str(Path(cfg.data_root).expanduser().resolve()))
-
-
-def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
-    """DataOptions from the run's config, with overrides (inference rebuilds data as the model saw it)."""
-    opts = DataOptions(
-        data_dir=cfg.data_root, cache_dir=default_cache_dir(), download=cfg.download, image_size=cfg.image_size,
-        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
-        train_samples=cfg.train_samples, loader=cfg.loader, workers=cfg.workers, mean=cfg.mean, std=cfg.std,
-        strict=cfg.strict,
-    )
-    for key, value in overrides.items():
-        setattr(opts, key, value)
-    return opts
 
 
 @distributed.group_errors()
@@ -216,18 +208,10 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
 def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] | None, started: float | None,
            data: DataSource | None, owned: ExitStack) -> TrainOutcome:
     started = time.perf_counter() if started is None else started
-    if cfg.name is not None and not resumed:
-        check_run_name(cfg.name)  # before any data is loaded
-    if resumed is None:
-        cfg = with_data_dir_recorded(cfg)
-    here = distributed.setup(cfg.dist_timeout)
-    if resumed is None and distributed.restart_count() > 0:
-        outcome = _restarted(cfg)
-        if outcome is not None:
-            return outcome
-    if cfg.exist_ok and not resumed:  # a folder another command is writing: refused before any data is loaded
-        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
-        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
+    cfg, restarted = _join_and_check(cfg, resumed, owned)
+    if restarted is not None:
+        return restarted
+    here = distributed.context()
     set_threads(cfg.threads)
     compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
@@ -245,36 +229,21 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
     found = None
     if cfg.lr == "find":  # a resumed run has the number in its config
-        if here.distributed:
-            raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
-                             "with --lr set to its suggestion")
         found = find_lr(cfg, bundle, model, spec, compute=compute)
         cfg = dataclasses.replace(cfg, lr=found.suggestion)
-    plan = None
-    if cfg.time_budget and not resumed:
-        if here.distributed:
-            raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
-        cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
-                                     time.perf_counter() - started, compute)
+    deadline = None
+    if cfg.time_budget and not resumed:  # a new budgeted run keeps to its budget; a resumed one to its saved plan
+        cfg, deadline = _budget(cfg, bundle, model, spec, plain, started, compute)
     run_dir = _run_folder(cfg, bundle, resumed, owned)
     if found is not None:
         _plot_lr_find(found, run_dir / "lr_find.png")
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
-    log.info(f"run folder: {run_dir}")
-    log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
-             f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
-    log.info(f"model: {cfg.model}, {count_parameters(model):,} parameters"
-             + (f", weights from {source.description}" if source else ""))
-    if source:
-        log.info(transfer_plan(cfg, info, spec))
+    _log_start(cfg, run_dir, bundle, model, source, spec)
     val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers,
                              shard=here.shard) if bundle.val else None
     meta = weights_meta(cfg, info, model, spec)
     if resumed:
-        check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
-        at = Progress.from_dict(resumed.state["progress"])
-        log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
-    deadline = Deadline.from_plan(plan, started) if plan else None  # a new budgeted run keeps to its budget
+        _check_resumed(resumed, meta, len(bundle.train))
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
         return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
@@ -282,6 +251,57 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     finally:
         if board is not None:
             board.close()
+
+
+def _join_and_check(cfg: RunConfig, resumed: ResumePoint | None, owned: ExitStack,
+                    ) -> tuple[RunConfig, TrainOutcome | None]:
+    """Before any data is loaded: the run's name checked, its data folder recorded, the process group joined, and
+    a folder another command is writing (--exist-ok) refused; after torchrun restarted the group, the resumed run's
+    outcome instead."""
+    if cfg.name is not None and not resumed:
+        check_run_name(cfg.name)
+    if resumed is None:
+        cfg = with_data_dir_recorded(cfg)
+    distributed.setup(cfg.dist_timeout)
+    if resumed is None and distributed.restart_count() > 0:
+        outcome = _restarted(cfg)
+        if outcome is not None:
+            return cfg, outcome
+    if cfg.exist_ok and not resumed:
+        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
+        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
+    return cfg, None
+
+
+def _budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+            started: float, compute: Compute) -> tuple[RunConfig, Deadline]:
+    """--time-budget: this run's speed measured, its steps planned (cfg.epochs, cfg.max_steps) and the deadline
+    fit() keeps to."""
+    if distributed.context().distributed:
+        raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
+    cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
+                                 time.perf_counter() - started, compute)
+    return cfg, Deadline.from_plan(plan, started)
+
+
+def _log_start(cfg: RunConfig, run_dir: Path, bundle: DataBundle, model: torch.nn.Module, source: Any,
+               spec: InputSpec) -> None:
+    """The run folder, the data, the model and (transfer learning) what trains when."""
+    info = bundle.info
+    log.info(f"run folder: {run_dir}")
+    log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
+             f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
+    log.info(f"model: {cfg.model}, {count_parameters(model):,} parameters"
+             + (f", weights from {source.description}" if source else ""))
+    if source:
+        log.info(transfer_plan(cfg, info, spec))
+
+
+def _check_resumed(resumed: ResumePoint, meta: dict[str, Any], train_images: int) -> None:
+    """A resumed run's data must be what its state was trained on; logs where it goes on from."""
+    check_same_data(resumed.state, meta, train_images, resumed.path)
+    at = Progress.from_dict(resumed.state["progress"])
+    log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
 
 
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
@@ -341,6 +361,9 @@ def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: In
             steps: int = LR_FIND_STEPS, compute: Compute | None = None) -> RangeTest:
     """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
     the run's), with its optimiser, loss and precision; logs the suggestion."""
+    if distributed.context().distributed:
+        raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
+                         "with --lr set to its suggestion")
     numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
     loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
                          seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
@@ -534,28 +557,6 @@ def _python_source(name: str, model: torch.nn.Module) -> dict[str, str]:
     return {"module": type(model).__module__, "class": type(model).__qualname__}
 
 
-def load_run(run_or_weights: str | Path, data_dir: str | None = None,
-             ) -> tuple[Path, dict[str, Any], RunConfig, torch.nn.Module]:
-    """Weights path, checkpoint, config and a model with the weights loaded.
-
-    The config's data_dir is where the run's named data set is looked for: data_dir (--data-dir) when given, else
-    the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
-    path = resolve_weights(run_or_weights)
-    ckpt = load_weights_file(path)
-    try:
-        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
-    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
-        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
-    if data_dir:
-        cfg.data_dir = data_dir
-    elif cfg.data_dir and not Path(cfg.data_dir).is_dir():
-        cfg.data_dir = None
-    spec = ckpt["model"]
-    model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
-    load_model_state(model, ckpt["state_dict"], path)
-    return path, ckpt, cfg, model
-
-
 def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
                  out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
                  source: DataSource | None = None) -> dict[str, Any]:
@@ -580,38 +581,6 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)
     return metrics
-
-
-def own_run_folder(weights: Path, out_dir: Path) -> AbstractContextManager[Any]:
-    """The run folder's lock while a command writes into it (out_dir is the run folder of weights/x.pt, or in it);
-    nothing to lock for other folders."""
-    run_dir = run_dir_of(weights)
-    inside = out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents
-    return RunLock(run_dir) if weights.parent.name == "weights" and inside else nullcontext()
-
-
-def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path, data: DataSource | None = None) -> DataBundle:
-    """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
-    # The data's own statistics are not used (the weights file's are); passing them skips computing them,
-    # unless the model takes other channels than the images have (grey images fed to a colour backbone).
-    stats = len(ckpt["mean"]) == ckpt["channels"]
-    opts = data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                        mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None, train_samples=None,
-                        offer_download=False)
-    bundle = data(opts) if data is not None else load_data(cfg.data, opts)
-    if bundle.skipped:
-        log.warning(skipped_warning(bundle.skipped))
-    check_classes(bundle, ckpt["classes"], source)
-    return bundle
-
-
-def check_classes(bundle: DataBundle, classes: list[str], source: Path) -> None:
-    """The data must have the classes the weights were trained on, in the same order."""
-    have = bundle.info.classes
-    if len(have) != len(classes):
-        raise ImgrecError(f"{source} was trained on {len(classes)} classes but {bundle.info.name} has {len(have)}")
-    if list(have) != list(classes):
-        raise ImgrecError(f"{source} was trained on classes {classes[:4]}... but {bundle.info.name} has {have[:4]}...")
 
 
 def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "train", augmented: bool = False) -> Path:

@@ -186,17 +186,10 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     epoch is logged for TensorBoard too (a resumed run from its saved position on). class_weights: the weight of
     each class in the training loss (--balance weights); compute: the run's (default: from cfg)."""
     compute = compute or Compute.of(cfg)
-    device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
-    model.to(device=device, memory_format=memory_format)
-    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
-    log.info(f"compute: {compute.describe()}")
-    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
-                                  label_smoothing=cfg.label_smoothing)
-    averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
+    parts = _training_parts(model, train_loader, cfg, compute)
+    optimizer, scheduler, averager = parts.optimizer, parts.scheduler, parts.averager
+    loss_fn = _loss_function(cfg, class_weights, compute.device)
     evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
-    parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
     progress = Progress() if state is None else restore_state(state, parts, cfg)
     # a resumed run keeps the rows of its state; only the main process writes files
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
@@ -220,40 +213,20 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                step_fn = averaged_step(make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
-                                                   loss_fn, cfg.grad_clip, device, dtype, memory_format), averager)
-                last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
-                train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
-                # The epoch's last update can make the weights non-finite while its own loss was finite: never
-                # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
-                _check_finite(model, progress)
+                train_one_epoch(_step_function(parts, loss_fn, cfg, compute), train_loader, progress, epochs,
+                                after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
+                _check_finite(model, progress)  # before validating or saving: see _check_finite
                 epoch_end_started = time.perf_counter()
-                # one process stopping in the middle of validation would leave the others waiting for its sums
-                interrupt = None if distributed.context().distributed else stop.check
-                # one view per image: the test-time augmentation (2 or 6 views) is for the final evaluation
-                val = evaluate(evaluated, val_loader, device, dtype, memory_format,
-                               interrupt=interrupt) if val_loader else None
-                progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
-                    progress.loss_sum, progress.correct, progress.seen)  # the epoch over all processes' shards
-                row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
-                       "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
-                       "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
-                rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+                val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
+                row, rate = _epoch_row(progress, epoch, val)
                 # without validation, or with --select last, the last epoch is the best
                 improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
-                if board is not None:
-                    board.log_epoch(row)
-                if results is not None:
-                    results.append(row)
-                    weights = _weights(evaluated, weights_meta, epoch, row)
-                    save_atomic(weights, run_dir / "weights" / "last.pt")
-                    if improved:
-                        save_atomic(weights, run_dir / "weights" / "best.pt")
+                _record_epoch(row, improved, board, results, evaluated, weights_meta, run_dir)
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
                     # the new plan: the state saved next records it, and the loop runs to it
                     cfg = saver.cfg = deadline.replan(cfg, progress, len(train_loader),
                                                       time.perf_counter() - epoch_end_started, scheduler, averager)
-                    epochs = run_epochs(cfg, len(train_loader))
+                epochs = run_epochs(cfg, len(train_loader))
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
                 _log_epoch(row, epochs, rate)
                 _stop_if_any(stop)
@@ -263,6 +236,69 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
     return _fit_result(progress, cfg, epochs)
+
+
+def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, compute: Compute) -> TrainParts:
+    """The model on its device, its optimiser, schedule, gradient scaler and weight average."""
+    model.to(device=compute.device, memory_format=compute.memory_format)
+    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(compute.device))
+    log.info(f"compute: {compute.describe()}")
+    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
+    scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.dtype == torch.float16)
+    averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
+    return TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
+
+
+def _step_function(parts: TrainParts, loss_fn: nn.Module, cfg: RunConfig, compute: Compute) -> Callable:
+    """An epoch's training step on the model as data-parallel training wraps it (itself in one process), then the
+    weight average's update."""
+    step = make_step(distributed.wrap_model(parts.model, cfg.sync_bn), parts.optimizer, parts.scheduler, parts.scaler,
+                     loss_fn, cfg.grad_clip, compute.device, compute.dtype, compute.memory_format)
+    return averaged_step(step, parts.averager)
+
+
+def _loss_function(cfg: RunConfig, class_weights: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy with the run's label smoothing and (--balance weights) class weights."""
+    return nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
+                               label_smoothing=cfg.label_smoothing)
+
+
+def _steps_in_epoch(cfg: RunConfig, epoch: int, steps_per_epoch: int) -> int:
+    """The steps an epoch runs: all its batches, or fewer when cfg.max_steps cuts the run's last epoch."""
+    return min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
+
+
+def _validate(model: nn.Module, loader: Loader, compute: Compute, stop: StopSignals) -> EvalResult:
+    """An epoch's validation: one view per image (the test-time augmentation's 2 or 6 views are for the final
+    evaluation); a stop signal interrupts it in a single process (one process stopping in the middle of
+    validation would leave the others waiting for its sums)."""
+    interrupt = None if distributed.context().distributed else stop.check
+    return evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, interrupt=interrupt)
+
+
+def _epoch_row(progress: Progress, epoch: int, val: EvalResult | None) -> tuple[dict[str, Any], float]:
+    """results.csv's row of the epoch (its sums first added over all processes' shards) and its images a second."""
+    progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
+        progress.loss_sum, progress.correct, progress.seen)
+    row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
+           "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
+           "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
+    return row, progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+
+
+def _record_epoch(row: dict[str, Any], improved: bool, board: TensorBoardLog | None, results: ResultsLog | None,
+                  model: nn.Module, meta: dict[str, Any], run_dir: Path) -> None:
+    """The epoch's row for TensorBoard and (the main process) results.csv; weights/last.pt, and best.pt when the
+    epoch improved on the best."""
+    if board is not None:
+        board.log_epoch(row)
+    if results is None:
+        return
+    results.append(row)
+    weights = _weights(model, meta, row["epoch"], row)
+    save_atomic(weights, run_dir / "weights" / "last.pt")
+    if improved:
+        save_atomic(weights, run_dir / "weights" / "best.pt")
 
 
 def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
@@ -303,6 +339,9 @@ def _interrupted(saver: StateSaver, progress: Progress, signal_name: str) -> Int
 
 
 def _check_finite(model: nn.Module, progress: Progress) -> None:
+    """Stop training when the weights are not finite: an epoch's last update can make them so while its own loss
+    was finite, and such weights are never validated or saved (NaN logits can even score a "better" accuracy and
+    replace best.pt)."""
     if not _all_finite(model):
         raise TrainingDiverged(f"training diverged: the weights are not finite at epoch {progress.epoch}, step "
                                f"{progress.step}; lower --lr or add --grad-clip")

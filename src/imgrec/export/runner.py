@@ -26,7 +26,7 @@ from imgrec.errors import ImgrecError, UsageError
 from imgrec.export.common import requires, shipped_fields, write_atomic
 from imgrec.export.onnx_file import onnx_bytes, onnx_session, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors, save_safetensors, sidecar_path
-from imgrec.workflows import DataSource, load_run, load_run_data
+from imgrec.saved_runs import DataSource, load_run, load_run_data
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors"}
 PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors.torch",)}  # the extra

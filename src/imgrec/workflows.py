@@ -1,7 +1,8 @@
 """What the commands do, end to end: train a run, evaluate weights (with the run report), show samples.
 
-This is the one place where data, models, the engine and evaluation meet; the CLI only parses arguments and
-calls these functions, which return plain results (and raise ImgrecError for the user to read).
+This is the one place where data, models, the engine and evaluation meet for training (a finished run is loaded
+through imgrec.saved_runs); the CLI only parses arguments and calls these functions, which return plain results
+(and raise ImgrecError for the user to read).
 Under torchrun, train and resume run in every process (engine/distributed.py): the main process makes and
 writes the run folder and tells the others where it is; after training it alone tests and reports.
 """

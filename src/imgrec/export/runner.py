@@ -1,7 +1,8 @@
 """`imgrec export`: a run's weights -> an ONNX file (checked against PyTorch with onnxruntime) or a safetensors pair
 (checked by rebuilding the model from it), on images of the run's own validation split (else its test split).
 
-A command module like imgrec.workflows, whose run loading and data rebuilding it reuses: only the CLI imports it.
+A command module like imgrec.workflows; it reuses imgrec.saved_runs' run loading and data rebuilding: only the
+CLI imports it.
 Nothing is left at the output path by an export that fails its check.
 """
 

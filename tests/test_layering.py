@@ -5,7 +5,7 @@
   imgrec.engine: never imgrec.data, imgrec.models (but models.hooks, the optional methods of a model) or
   imgrec.workflows; imgrec.models.hooks imports nothing of imgrec
   imgrec.engine.distributed: of imgrec only errors; only the engine and workflows import it (one code path)
-  the command modules (workflows, reporting, explanations, comparison, saved_runs): only the CLI and each other
+  the command modules (workflows, reporting, explanations, comparison, saved_runs, samples): only the CLI and each other
   import them,
   and reporting (which workflows calls) never imports workflows, explanations or comparison
   imgrec.inference: never imgrec.workflows (which calls it after training); nothing below it imports it
@@ -76,7 +76,7 @@ def _names(imported: set[str], prefix: str) -> set[str]:
 
 MODULES = _modules()
 COMMAND_MODULES = ("imgrec.workflows", "imgrec.reporting", "imgrec.explanations", "imgrec.comparison",
-                   "imgrec.export.runner", "imgrec.saved_runs")
+                   "imgrec.export.runner", "imgrec.saved_runs", "imgrec.samples")
 EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime", "safetensors")
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgrec import saved_runs, workflows
+from imgrec import reporting, saved_runs, workflows
 from imgrec.comparison import CompareOutcome, compare_runs
 from imgrec.config import RunConfig
 from imgrec.data.memory import is_python_data, python_bundle, to_splits
@@ -197,7 +197,7 @@ class Run:
         """Evaluate the weights on a split of the run's data; writes metrics.json and report.html (as `imgrec
         evaluate`) and returns what metrics.json holds."""
         with self._context():
-            return workflows.evaluate_run(self.weights, split=split, source=self._source)
+            return reporting.evaluate_run(self.weights, split=split, source=self._source)
 
     def export(self, path: str | Path | None = None, format: str = "onnx") -> Path:
         """Export to ONNX (preprocessing inside) or safetensors, checked against PyTorch; returns the file."""

@@ -376,7 +376,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgrec.workflows import evaluate_run
+    from imgrec.reporting import evaluate_run
 
     m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device,
                      data_dir=args.data_dir)
@@ -395,7 +395,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from imgrec.workflows import show_samples
+    from imgrec.samples import show_samples
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")

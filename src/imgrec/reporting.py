@@ -1,4 +1,5 @@
-"""What a trained model learned, written into its run folder: metrics.json, figures and report.html.
+"""What a trained model learned, written into its run folder: metrics.json, figures and report.html; and
+`imgrec evaluate` (evaluate_run: saved weights on a split of their data, or of another set with the same classes).
 
 The temperature itself is fitted after training by inference.calibrate (calibrate_run), with the rest of calibration.
 This module runs the model over a split and writes files; the numbers, figures and HTML come from the pure
@@ -21,11 +22,14 @@ from imgrec.config import RunConfig
 from imgrec.data.info import DataBundle, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import denormalize, weights_transform
-from imgrec.engine.runs import read_results, write_text
+from imgrec.engine.checkpoint import run_dir_of
+from imgrec.engine.runs import read_results, write_json, write_text
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import Loader, evaluate
+from imgrec.errors import ImgrecError
 from imgrec.evaluation.calibration import apply_temperature, calibration_summary
 from imgrec.evaluation.metrics import classification_report, worst_mistakes
+from imgrec.saved_runs import DataSource, load_run, load_run_data, own_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,32 @@ def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig, compute: Com
     result = evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=cfg.tta)
     assert result.logits is not None and result.targets is not None
     return Predictions(result.logits, result.targets, time.perf_counter() - start, compute.device.type)
+
+
+def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
+                 out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
+                 source: DataSource | None = None) -> dict[str, Any]:
+    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
+    the figures and report.html into out (default: the run folder). source: the data when it has no name."""
+    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
+    if data:
+        cfg.data = data
+    if device:
+        cfg.device = device
+    bundle = load_run_data(cfg, ckpt, path, source)
+    try:
+        chosen = bundle.split(split)
+    except KeyError:
+        raise ImgrecError(f"{cfg.data} has no {split} split") from None
+    out_dir = Path(out) if out else run_dir_of(path)
+    with own_run_folder(path, out_dir):
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics.update(data=cfg.data, weights=str(path))
+        write_json(out_dir / "metrics.json", metrics)
+        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
+    metrics["written_to"] = str(out_dir / "metrics.json")
+    metrics["report"] = str(report)
+    return metrics
 
 
 def dataset_summary(bundle: DataBundle) -> dict[str, Any]:

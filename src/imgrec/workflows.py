@@ -28,7 +28,7 @@ from imgrec.config import RunConfig, load_yaml, parse_duration, resume_safe_sett
 from imgrec.data.datasets import NAMED_DATASETS, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
+from imgrec.data.transforms import BatchMix, BatchTransform, parse_augment
 from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.board import TensorBoardLog, summary_writer_class
@@ -37,7 +37,6 @@ from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
     remove_partial_writes,
-    run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
 from imgrec.engine.lr_finder import RangeTest, range_test
@@ -73,7 +72,7 @@ from imgrec.engine.system import (
     versions,
 )
 from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
-from imgrec.errors import ImgrecError, UsageError
+from imgrec.errors import UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import calibrate_run
 from imgrec.models.hooks import FitsToImages
@@ -84,9 +83,6 @@ from imgrec.reporting import dataset_summary, report_split, write_html_report
 from imgrec.saved_runs import (
     DataSource,
     data_options,
-    load_run,
-    load_run_data,
-    own_run_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -556,57 +552,6 @@ def _python_source(name: str, model: torch.nn.Module) -> dict[str, str]:
     if not is_user_model(name):
         return {}
     return {"module": type(model).__module__, "class": type(model).__qualname__}
-
-
-def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
-                 source: DataSource | None = None) -> dict[str, Any]:
-    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
-    the figures and report.html into out (default: the run folder). source: the data when it has no name."""
-    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
-    if data:
-        cfg.data = data
-    if device:
-        cfg.device = device
-    bundle = load_run_data(cfg, ckpt, path, source)
-    try:
-        chosen = bundle.split(split)
-    except KeyError:
-        raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    out_dir = Path(out) if out else run_dir_of(path)
-    with own_run_folder(path, out_dir):
-        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
-        metrics.update(data=cfg.data, weights=str(path))
-        write_json(out_dir / "metrics.json", metrics)
-        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
-    metrics["written_to"] = str(out_dir / "metrics.json")
-    metrics["report"] = str(report)
-    return metrics
-
-
-def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "train", augmented: bool = False) -> Path:
-    """A PNG grid of de-normalised images with their labels (optionally as training augments them)."""
-    bundle = load_data(cfg.data, data_options(cfg, train_samples=None))
-    if bundle.skipped:
-        log.warning(skipped_warning(bundle.skipped))
-    info = bundle.info
-    try:
-        chosen = bundle.split(split)
-    except KeyError:
-        raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    augment = parse_augment(cfg.augment, info.channels) if augmented else []
-    # train=True: a shuffled sample; augmentation only when asked for (augment is empty otherwise)
-    loader = make_loader(chosen, min(n, len(chosen)), BatchTransform(info.mean, info.std, augment), train=True,
-                         seed=cfg.seed, workers=0)
-    loader.set_epoch(1)
-    x, y = next(iter(loader))
-    images = denormalize(x, info.mean, info.std).numpy()
-    titles = [info.classes[int(label)] for label in y]
-    from imgrec.evaluation.plots import plot_image_grid
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return plot_image_grid(images, titles, out)
 
 
 def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None, owned: ExitStack) -> Path:

@@ -21,7 +21,7 @@ from imgrec.errors import ImgrecError
 from imgrec.export import onnx_file
 from imgrec.export.onnx_file import ExportGraph, onnx_session, read_onnx_metadata, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors
-from imgrec.workflows import load_run
+from imgrec.saved_runs import load_run
 from inference_helpers import train_tiny
 
 

@@ -28,7 +28,7 @@ from imgrec.engine.system import autocast, autocast_dtype
 from imgrec.evaluation.calibration import fit_temperature
 from imgrec.evaluation.html import SECTIONS
 from imgrec.models import registry
-from imgrec.workflows import load_run, load_run_data
+from imgrec.saved_runs import load_run, load_run_data
 
 FAST = ["--threads", "1", "--workers", "0", "--device", "cpu"]
 FIGURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "mistakes.png", "samples.png", "calibration.png")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgrec import workflows
+from imgrec import reporting, saved_runs, workflows
 from imgrec.comparison import CompareOutcome, compare_runs
 from imgrec.config import RunConfig
 from imgrec.data.memory import is_python_data, python_bundle, to_splits
@@ -87,7 +87,7 @@ def lr_find(data: Any, model: Any = None, *, classes: Sequence[str] | None = Non
 
 
 def _run_config(data: Any, model: Any, settings: dict[str, Any], classes: Sequence[str] | None, source_name: str,
-                ) -> tuple[RunConfig, workflows.DataSource | None, Builder | None]:
+                ) -> tuple[RunConfig, saved_runs.DataSource | None, Builder | None]:
     """The RunConfig of data, model and settings, the data source of data passed from Python, the model's builder."""
     source = None
     if is_python_data(data):
@@ -124,7 +124,7 @@ def load(run_or_weights: str | Path, model: Any = None, data: Any = None,
             raise UsageError(f"{path} holds imgrec's model {name!r}: leave out model=")
         builder = _model_builder(model)[1]
     with _registered(name, builder):
-        workflows.load_run(path)  # the model is rebuilt and its weights loaded now: a wrong class fails here
+        saved_runs.load_run(path)  # the model is rebuilt and its weights loaded now: a wrong class fails here
     source = None
     if data is not None:
         splits = to_splits(data, classes, tuple(ckpt["image_size"]))
@@ -143,7 +143,7 @@ def compare(*runs: Run | str | Path, out: str | Path | None = None, force: bool 
 class Run:
     """A training run: its folder, numbers and model, ready to predict, evaluate, export or train further."""
 
-    def __init__(self, folder: str | Path, source: workflows.DataSource | None = None,
+    def __init__(self, folder: str | Path, source: saved_runs.DataSource | None = None,
                  model: tuple[str, Builder | None] | None = None, weights: Path | None = None) -> None:
         self.dir = Path(folder)
         self._source = source
@@ -197,7 +197,7 @@ class Run:
         """Evaluate the weights on a split of the run's data; writes metrics.json and report.html (as `imgrec
         evaluate`) and returns what metrics.json holds."""
         with self._context():
-            return workflows.evaluate_run(self.weights, split=split, source=self._source)
+            return reporting.evaluate_run(self.weights, split=split, source=self._source)
 
     def export(self, path: str | Path | None = None, format: str = "onnx") -> Path:
         """Export to ONNX (preprocessing inside) or safetensors, checked against PyTorch; returns the file."""
@@ -330,7 +330,7 @@ def _checked(make: Builder, what: str, num_classes: int, in_channels: int, image
     return net
 
 
-def _takes_channels_last(builder: Builder, source: workflows.DataSource) -> bool:
+def _takes_channels_last(builder: Builder, source: saved_runs.DataSource) -> bool:
     """Whether a Python model runs on channels-last batches (a view() on them fails); else batches stay contiguous."""
     splits = source.args[0] if isinstance(source, partial) else None
     if splits is None:

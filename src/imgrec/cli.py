@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrec import __version__
-from imgrec.config import RunConfig, default_cache_dir, default_data_dir, load_yaml
+from imgrec.config import DEVICES, RunConfig, default_cache_dir, default_data_dir, load_yaml
 from imgrec.errors import ImgrecError, Interrupted, UsageError, os_error_cause
 from imgrec.openmp import patient_threads
 
@@ -126,6 +126,12 @@ def _add_data_dir(parser: argparse.ArgumentParser, of_a_run: bool = False) -> No
                         help=f"where named data sets live (default: {default}$IMGREC_DATA or ~/.cache/imgrec/data)")
 
 
+def _add_device(parser: argparse.ArgumentParser, of_a_run: bool = False) -> None:
+    """--device: auto by default, or (of_a_run) the device the run was trained on."""
+    parser.add_argument("--device", default=None if of_a_run else "auto", choices=DEVICES,
+                        help="device (default: the run's)" if of_a_run else "device (default: auto)")
+
+
 def _add_predict_parser(sub: Any) -> None:
     """The `predict` sub-command's arguments."""
     p = sub.add_parser("predict", help="predict the classes of images (files, folders, globs)",
@@ -141,7 +147,7 @@ def _add_predict_parser(sub: Any) -> None:
                    help="do not convert photos like the training images (grey models of light strokes on dark: "
                         "invert, crop, centre); only resize")
     p.add_argument("--show-input", metavar="PNG", help="save what the model saw (the first 64 images) as a PNG grid")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    _add_device(p)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -162,7 +168,7 @@ def _add_serve_parser(sub: Any) -> None:
                         "among them (default: 1)")
     p.add_argument("--workers-threads", dest="workers_threads", type=int, action=_Renamed, new="--threads",
                    help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    _add_device(p)
 
 
 def _add_export_parser(sub: Any) -> None:
@@ -189,6 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loudness(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _add_training_parsers(sub)
+    _add_doctor_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_show_parser(sub)
+    _add_understanding_commands(sub)
+    _add_predict_parser(sub)
+    _add_serve_parser(sub)
+    _add_export_parser(sub)
+    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
+    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
+    _add_data_dir(p)
+    for command in sub.choices.values():  # -v and -q after the command too: `imgrec train -q ...`
+        _add_loudness(command, argparse.SUPPRESS)
+    return parser
+
+
+def _add_training_parsers(sub: Any) -> None:
+    """train and lr-find: the settings of a run as flags (generated from RunConfig)."""
     p = sub.add_parser("train", help="train a model; writes runs/<name>/", description="Train a model on a data set.",
                        usage="%(prog)s [--config YAML | --resume RUN] [options]")
     p.add_argument("--config", metavar="YAML", help="read settings from a YAML file (flags override it)")
@@ -210,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the test, at most (it stops when the loss diverges; default: 200)")
     _add_config_flags(p)
 
+
+def _add_doctor_parser(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check a data set before training: bad files, duplicates, leakage, balance",
                        description="Check a data set (a name, an image folder or an archive) before any training: "
                                    "counts per class and split, image sizes and modes, files that do not decode, "
@@ -225,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perceptual-hash distance (of 64 bits) up to which two images are near-duplicate candidates, "
                         "confirmed on thumbnails (default: 6)")
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate saved weights; writes metrics.json, figures and report.html",
                        description="Evaluate a run's weights on a split of its data (or of --data) and write "
                                    "metrics.json, confusion matrices, mistakes, samples, a reliability diagram and "
@@ -233,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(SHORT["data"], "--data", help="evaluate on this data set instead (it must have the same classes)")
     _add_data_dir(p, of_a_run=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
+    _add_device(p, of_a_run=True)
     p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for metrics.json, the figures and report.html "
                                                 "(default: the run folder)")
 
+
+def _add_show_parser(sub: Any) -> None:
     p = sub.add_parser("show", help="save a grid of sample images with labels",
                        description="Save a PNG grid of de-normalised sample images and their labels.")
     p.add_argument(SHORT["data"], "--data", default="digits", help="data set name or path (default: digits)")
@@ -248,17 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which random sample (default: 0)")
     p.add_argument("--image-size", type=int, help="resize folder images to this size")
     p.add_argument(SHORT["out"], "--out", help="PNG file to write (default: samples-<data>.png)")
-
-    _add_understanding_commands(sub)
-    _add_predict_parser(sub)
-    _add_serve_parser(sub)
-    _add_export_parser(sub)
-    sub.add_parser("models", help="list the models", description="List the models with their parameter counts.")
-    p = sub.add_parser("datasets", help="list the data sets", description="List named data sets and where they are.")
-    _add_data_dir(p)
-    for command in sub.choices.values():  # -v and -q after the command too: `imgrec train -q ...`
-        _add_loudness(command, argparse.SUPPRESS)
-    return parser
 
 
 def _add_loudness(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -293,7 +312,7 @@ def _add_understanding_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mistakes", type=int, default=0, metavar="N", help="also explain the N most confident test mistakes")
     p.add_argument("--method", default="auto", choices=("auto", "gradcam", "saliency"),
                    help="auto: Grad-CAM when the model has a convolution, else saliency (default: auto)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the run's)")
+    _add_device(p, of_a_run=True)
     p.add_argument(SHORT["out"], "--out", metavar="DIR", help="folder for the PNGs (default: <run>/explanations)")
     _add_data_dir(p, of_a_run=True)
 
@@ -362,7 +381,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgrec.workflows import evaluate_run
+    from imgrec.reporting import evaluate_run
 
     m = evaluate_run(args.target, data=args.data, split=args.split, out=args.out, device=args.device,
                      data_dir=args.data_dir)
@@ -381,7 +400,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from imgrec.workflows import show_samples
+    from imgrec.samples import show_samples
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
@@ -451,32 +470,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1")
     from imgrec.engine.system import set_threads
-    from imgrec.inference import Failure, Predictor, expand_paths
-    from imgrec.inference.formats import MAX_SHOWN, input_caption, make_writer, save_input_sheet
+    from imgrec.inference import Predictor
+    from imgrec.inference.command import predict_paths
 
     set_threads(args.threads)
     predictor = Predictor.from_run(args.target, device=args.device, auto_preprocess=args.auto_preprocess)
-    sources, failures = expand_paths(args.paths)
-    for failure in failures:
-        print(f"imgrec predict: error: {failure.message}", file=sys.stderr)
-    topk = min(args.topk, len(predictor.classes))
-    writer = make_writer(args.format, sys.stdout, sources, predictor.classes, topk)
-    shown, captions, predicted = [], [], 0
-    for item in predictor.predict_files(sources, topk, args.batch_size, keep_inputs=bool(args.show_input)):
-        if isinstance(item, Failure):
-            failures.append(item)
-            print(f"imgrec predict: error: {item.message}", file=sys.stderr)
-            continue
-        writer.write(item)
-        predicted += 1
-        if args.show_input and len(shown) < MAX_SHOWN:
-            shown.append(item.model_input)
-            captions.append(input_caption(item))
-    if shown:
-        print(f"model inputs: {save_input_sheet(shown, args.show_input, captions)}", file=sys.stderr)
-    if failures:
-        print(f"imgrec predict: {len(failures)} input(s) could not be predicted (named above); "
-              f"{predicted} predicted", file=sys.stderr)
+    outcome = predict_paths(predictor, args.paths, sys.stdout, args.format, args.topk, args.batch_size,
+                            args.show_input, lambda failure: print(f"imgrec predict: error: {failure.message}",
+                                                                   file=sys.stderr))
+    if outcome.input_sheet is not None:
+        print(f"model inputs: {outcome.input_sheet}", file=sys.stderr)
+    if outcome.failures:
+        print(f"imgrec predict: {len(outcome.failures)} input(s) could not be predicted (named above); "
+              f"{outcome.predicted} predicted", file=sys.stderr)
         return 1
     return 0
 

@@ -317,7 +317,7 @@ def _checked_value(f: Field[Any], kind: Any, value: Any) -> Any:
         if value is None:
             return None
         kind = next(a for a in args if a is not type(None))
-    meta, flag = f.metadata, f"--{_flag(f.name)}"
+    meta, flag = f.metadata, f"--{flag_name(f.name)}"
 
     def refuse(allowed: str) -> typing.NoReturn:
         raise UsageError(f"{flag} must be {allowed}; got {_show(value)}")
@@ -419,5 +419,6 @@ def _check(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """A setting's command-line flag without its dashes: batch_size -> batch-size."""
     return name.replace("_", "-")

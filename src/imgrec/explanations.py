@@ -24,7 +24,7 @@ from imgrec.errors import UsageError
 from imgrec.evaluation.explain import Explanation, explain
 from imgrec.evaluation.metrics import worst_mistakes
 from imgrec.reporting import EVAL_BATCH_SIZE, model_inputs, predict
-from imgrec.workflows import DataSource, load_run, load_run_data, own_run_folder
+from imgrec.saved_runs import DataSource, load_run, load_run_data, own_run_folder
 
 
 @dataclass

@@ -33,7 +33,7 @@ from imgrec.data.info import ArraySplit, DatasetInfo, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import load_checkpoint, resolve_weights
-from imgrec.engine.system import autocast, autocast_dtype, select_device
+from imgrec.engine.system import EVAL_BATCH_SIZE, Compute, autocast
 from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
 from imgrec.errors import ImgrecError
 from imgrec.models.backbones import BACKBONES, check_backbone_state, pretrained_weights
@@ -202,26 +202,26 @@ class HeadOnFeatures(nn.Module):
 
 
 @torch.inference_mode()
-def extract_features(model: TransferModel, loader: Any, cfg: RunConfig) -> torch.Tensor:
+def extract_features(model: TransferModel, loader: Any, compute: Compute) -> torch.Tensor:
     """The backbone's features of every image a loader yields, in order, in eval mode: (N, feature_dim) on the CPU."""
-    device = select_device(cfg.device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format).eval()
+    model.to(device=compute.device, memory_format=compute.memory_format).eval()
     chunks = []
-    with autocast(device, autocast_dtype(cfg.precision, device)):
+    with autocast(compute.device, compute.dtype):
         for x, _ in loader:
-            chunks.append(model.features(x.to(device, memory_format=memory_format)).float().cpu())
+            chunks.append(model.features(x.to(compute.device, memory_format=compute.memory_format)).float().cpu())
     return torch.cat(chunks)
 
 
 def fit_on_features(model: TransferModel, train: Split, val: Split | None, transform: BatchTransform, cfg: RunConfig,
-                    run_dir: Path, meta: dict[str, Any], batch_size: int = 500) -> tuple[FitResult, float]:
+                    run_dir: Path, meta: dict[str, Any], compute: Compute | None = None,
+                    batch_size: int = EVAL_BATCH_SIZE) -> tuple[FitResult, float]:
     """--cache-features: features computed once (no augmentation), the head fitted on them; (result, seconds)."""
     start = time.perf_counter()
+    compute = compute or Compute.of(cfg)
     model.set_frozen(True)
     splits = {"train": train, "val": val}
     features = {name: extract_features(model, make_loader(split, batch_size, transform, train=False,
-                                                          workers=cfg.workers), cfg)
+                                                          workers=cfg.workers), compute)
                 for name, split in splits.items() if split is not None}
     seconds = time.perf_counter() - start
     log.info(f"feature cache: {len(train)} training and {len(val) if val else 0} validation images through the "
@@ -238,4 +238,5 @@ def fit_on_features(model: TransferModel, train: Split, val: Split | None, trans
                   if val is not None else None)
     vectors = dataclasses.replace(cfg, channels_last=False)  # features are (B, D) vectors: no memory format
     weights = inverse_frequency_weights(train.labels, len(meta["classes"])) if cfg.balance == "weights" else None
-    return fit(HeadOnFeatures(model), train_loader, val_loader, vectors, run_dir, meta, class_weights=weights), seconds
+    return fit(HeadOnFeatures(model), train_loader, val_loader, vectors, run_dir, meta, class_weights=weights,
+               compute=dataclasses.replace(compute, memory_format=torch.contiguous_format)), seconds

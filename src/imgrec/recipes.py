@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig
+from imgrec.config import RunConfig, flag_name
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
 from imgrec.engine.budget import BudgetPlan, measure_speed, plan_budget
+from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.errors import UsageError
 from imgrec.inference.calibrate import calibration_split
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 500
 MAX_SIDE = 32  # the fast recipe is tuned for 28x28 grey and 32x32 colour images
 
 # Shared by both shapes (airbench's, per image: SGD with Nesterov momentum 0.85, learning rate 1.5 per 1,024 images,
@@ -90,18 +90,15 @@ def apply_recipe(cfg: RunConfig, info: DatasetInfo, explicit: set[str]) -> RunCo
     if "tta" in chosen and "flip" not in augment.split(","):
         chosen["tta"] = "none"  # flip TTA only for models trained on flipped images
     kept = [k for k in settings if k in explicit and k not in DATA_SETTINGS]
-    given = f" (given: {', '.join(f'--{_flag(k)} {getattr(cfg, k)}' for k in kept)})" if kept else ""
+    given = f" (given: {', '.join(f'--{flag_name(k)} {getattr(cfg, k)}' for k in kept)})" if kept else ""
     log.info(f"recipe {cfg.recipe} for {shape} {kind} images: "
-             + ", ".join(f"--{_flag(k)}" if v is True else f"--{_flag(k)} {v}" for k, v in chosen.items()) + given)
+             + ", ".join(f"--{flag_name(k)}" if v is True else f"--{flag_name(k)} {v}" for k, v in chosen.items()) + given)
     return replace(cfg, **chosen)
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, train_transform: BatchTransform,
-                     eval_transform: BatchTransform, elapsed: float) -> tuple[RunConfig, BudgetPlan]:
+                     eval_transform: BatchTransform, elapsed: float, compute: Compute | None = None,
+                     ) -> tuple[RunConfig, BudgetPlan]:
     """Measure the speed of this run and plan its steps to end within cfg.time_budget (elapsed: seconds gone)."""
     from imgrec.config import parse_duration
 
@@ -110,7 +107,7 @@ def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module,
     eval_split = bundle.test
     images, _ = next(iter(make_loader(eval_split, min(EVAL_BATCH_SIZE, len(eval_split)), eval_transform,
                                       train=False, workers=0)))
-    speed = measure_speed(model, loader, images, cfg)
+    speed = measure_speed(model, loader, images, cfg, compute)
     val_images = len(bundle.val) if bundle.val is not None else 0
     calibration = len(calibration_split(bundle)[1])
     # after training: temperature on val and the OOD threshold on the calibration images, then the test split; when

@@ -1,6 +1,7 @@
-"""What a trained model learned, written into its run folder: metrics.json, figures and report.html.
+"""What a trained model learned, written into its run folder: metrics.json, figures and report.html; and
+`imgrec evaluate` (evaluate_run: saved weights on a split of their data, or of another set with the same classes).
 
-Also the temperature step of training: fit T on the validation split and store it in the weights files.
+The temperature itself is fitted after training by inference.calibrate (calibrate_run), with the rest of calibration.
 This module runs the model over a split and writes files; the numbers, figures and HTML come from the pure
 functions of imgrec.evaluation. workflows.py calls it; it never imports workflows or cli.
 """
@@ -21,16 +22,17 @@ from imgrec.config import RunConfig
 from imgrec.data.info import DataBundle, Split
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import denormalize, weights_transform
-from imgrec.engine.checkpoint import load_model_state, load_weights_file, save_atomic
-from imgrec.engine.runs import read_results, write_text
-from imgrec.engine.system import autocast_dtype, select_device
+from imgrec.engine.checkpoint import run_dir_of
+from imgrec.engine.runs import read_results, write_json, write_text
+from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import Loader, evaluate
-from imgrec.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
-from imgrec.evaluation.metrics import classification_report, ece, worst_mistakes
+from imgrec.errors import ImgrecError
+from imgrec.evaluation.calibration import apply_temperature, calibration_summary
+from imgrec.evaluation.metrics import classification_report, worst_mistakes
+from imgrec.saved_runs import DataSource, load_run, load_run_data, own_run_folder
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 500
 SAMPLE_IMAGES = 32
 MISTAKE_IMAGES = 24
 FIGURES = ("confusion_matrix", "confusion_matrix_normalized", "mistakes", "samples", "calibration")
@@ -46,39 +48,41 @@ class Predictions:
     device: str
 
 
-def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig) -> Predictions:
-    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision (with the
-    run's test-time augmentation)."""
-    device = select_device(cfg.device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
+def predict(model: torch.nn.Module, loader: Loader, cfg: RunConfig, compute: Compute | None = None) -> Predictions:
+    """Logits and targets of every batch of an unshuffled loader, on the run's device and precision (compute;
+    default: from cfg), with the run's test-time augmentation."""
+    compute = compute or Compute.of(cfg)
+    model.to(device=compute.device, memory_format=compute.memory_format)
     start = time.perf_counter()
-    result = evaluate(model, loader, device, autocast_dtype(cfg.precision, device), memory_format, collect=True,
-                      tta=cfg.tta)
+    result = evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=cfg.tta)
     assert result.logits is not None and result.targets is not None
-    return Predictions(result.logits, result.targets, time.perf_counter() - start, device.type)
+    return Predictions(result.logits, result.targets, time.perf_counter() - start, compute.device.type)
 
 
-def calibrate_weights(model: torch.nn.Module, val_loader: Loader | None, run_dir: Path, cfg: RunConfig) -> float | None:
-    """Fit a temperature on the validation split for last.pt and best.pt and store it in each ("temperature")."""
-    if val_loader is None:
-        log.info("no validation split: no temperature fitted (calibration is reported uncorrected)")
-        return None
-    fitted: dict[int, tuple[float, float, float]] = {}
-    temperature = None
-    for name in ("last.pt", "best.pt"):  # last first: the model holds the last epoch's weights after fit
-        path = run_dir / "weights" / name
-        ckpt = load_weights_file(path)
-        if ckpt["epoch"] not in fitted:
-            load_model_state(model, ckpt["state_dict"], path)
-            p = predict(model, val_loader, cfg)
-            t = fit_temperature(p.logits, p.targets)
-            fitted[ckpt["epoch"]] = (t, ece(p.logits, p.targets), ece(p.logits / t, p.targets))
-        temperature, before, after = fitted[ckpt["epoch"]]
-        ckpt["temperature"] = temperature
-        save_atomic(ckpt, path)
-    log.info(f"temperature scaling: T = {temperature:.3f} (validation ECE {before:.2%} -> {after:.2%})")
-    return temperature
+def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
+                 out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
+                 source: DataSource | None = None) -> dict[str, Any]:
+    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
+    the figures and report.html into out (default: the run folder). source: the data when it has no name."""
+    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
+    if data:
+        cfg.data = data
+    if device:
+        cfg.device = device
+    bundle = load_run_data(cfg, ckpt, path, source)
+    try:
+        chosen = bundle.split(split)
+    except KeyError:
+        raise ImgrecError(f"{cfg.data} has no {split} split") from None
+    out_dir = Path(out) if out else run_dir_of(path)
+    with own_run_folder(path, out_dir):
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics.update(data=cfg.data, weights=str(path))
+        write_json(out_dir / "metrics.json", metrics)
+        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
+    metrics["written_to"] = str(out_dir / "metrics.json")
+    metrics["report"] = str(report)
+    return metrics
 
 
 def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
@@ -89,11 +93,12 @@ def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
 
 
 def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, split_name: str, cfg: RunConfig,
-                 out_dir: Path, dataset: dict[str, Any]) -> dict[str, Any]:
-    """Run the model over a split; return its metrics and write the figures into out_dir."""
+                 out_dir: Path, dataset: dict[str, Any], compute: Compute | None = None) -> dict[str, Any]:
+    """Run the model over a split (compute: default from cfg); return its metrics and write the figures into
+    out_dir."""
     classes = ckpt["classes"]
     loader = make_loader(split, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False, workers=cfg.workers)
-    p = predict(model, loader, cfg)
+    p = predict(model, loader, cfg, compute)
     temperature = ckpt.get("temperature")
     metrics = classification_report(p.logits, p.targets, classes)
     metrics["split"] = split_name

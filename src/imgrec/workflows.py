@@ -1,7 +1,8 @@
 """What the commands do, end to end: train a run, evaluate weights (with the run report), show samples.
 
-This is the one place where data, models, the engine and evaluation meet; the CLI only parses arguments and
-calls these functions, which return plain results (and raise ImgrecError for the user to read).
+This is the one place where data, models, the engine and evaluation meet for training (a finished run is loaded
+through imgrec.saved_runs); the CLI only parses arguments and calls these functions, which return plain results
+(and raise ImgrecError for the user to read).
 Under torchrun, train and resume run in every process (engine/distributed.py): the main process makes and
 writes the run folder and tells the others where it is; after training it alone tests and reports.
 """
@@ -15,19 +16,19 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, default_cache_dir, load_yaml, parse_duration, resume_safe_settings
-from imgrec.data.datasets import NAMED_DATASETS, DataOptions, load_data
+from imgrec.config import RunConfig, load_yaml, parse_duration, resume_safe_settings
+from imgrec.data.datasets import NAMED_DATASETS, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
-from imgrec.data.transforms import BatchMix, BatchTransform, denormalize, parse_augment
+from imgrec.data.transforms import BatchMix, BatchTransform, parse_augment
 from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.board import TensorBoardLog, summary_writer_class
@@ -36,8 +37,6 @@ from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
     remove_partial_writes,
-    resolve_weights,
-    run_dir_of,
 )
 from imgrec.engine.flops import peak_rss_mb, training_flops_per_image
 from imgrec.engine.lr_finder import RangeTest, range_test
@@ -64,28 +63,30 @@ from imgrec.engine.state import (
     resumed_settings,
 )
 from imgrec.engine.system import (
-    autocast_dtype,
+    EVAL_BATCH_SIZE,
+    Compute,
     git_commit,
     precision_name,
     seed_everything,
-    select_device,
     set_threads,
     versions,
 )
 from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
-from imgrec.errors import ImgrecError, UsageError
+from imgrec.errors import UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
-from imgrec.inference.calibrate import record_prediction_stats
+from imgrec.inference.calibrate import calibrate_run
+from imgrec.models.hooks import FitsToImages
 from imgrec.models.registry import build_model, count_parameters, is_user_model
 from imgrec.models.transfer import TransferModel
 from imgrec.recipes import apply_recipe, explicit_settings, plan_time_budget, recipe_data_settings
-from imgrec.reporting import calibrate_weights, dataset_summary, report_split, write_html_report
+from imgrec.reporting import dataset_summary, report_split, write_html_report
+from imgrec.saved_runs import (
+    DataSource,
+    data_options,
+)
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 500
-
-DataSource = Callable[[DataOptions], DataBundle]  # data options -> the run's data, for data that has no name
 
 
 @dataclass
@@ -110,19 +111,6 @@ def with_data_dir_recorded(cfg: RunConfig) -> RunConfig:
     if cfg.data not in NAMED_DATASETS or not NAMED_DATASETS[cfg.data].files:
         return cfg
     return dataclasses.replace(cfg, data_dir=str(Path(cfg.data_root).expanduser().resolve()))
-
-
-def data_options(cfg: RunConfig, **overrides: Any) -> DataOptions:
-    """DataOptions from the run's config, with overrides (inference rebuilds data as the model saw it)."""
-    opts = DataOptions(
-        data_dir=cfg.data_root, cache_dir=default_cache_dir(), download=cfg.download, image_size=cfg.image_size,
-        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
-        train_samples=cfg.train_samples, loader=cfg.loader, workers=cfg.workers, mean=cfg.mean, std=cfg.std,
-        strict=cfg.strict,
-    )
-    for key, value in overrides.items():
-        setattr(opts, key, value)
-    return opts
 
 
 @distributed.group_errors()
@@ -217,20 +205,12 @@ def train(cfg: RunConfig, resumed: ResumePoint | None = None, given: Collection[
 def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] | None, started: float | None,
            data: DataSource | None, owned: ExitStack) -> TrainOutcome:
     started = time.perf_counter() if started is None else started
-    if cfg.name is not None and not resumed:
-        check_run_name(cfg.name)  # before any data is loaded
-    if resumed is None:
-        cfg = with_data_dir_recorded(cfg)
-    here = distributed.setup(cfg.dist_timeout)
-    if resumed is None and distributed.restart_count() > 0:
-        outcome = _restarted(cfg)
-        if outcome is not None:
-            return outcome
-    if cfg.exist_ok and not resumed:  # a folder another command is writing: refused before any data is loaded
-        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
-        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
+    cfg, restarted = _join_and_check(cfg, resumed, owned)
+    if restarted is not None:
+        return restarted
+    here = distributed.context()
     set_threads(cfg.threads)
-    select_device(cfg.device)  # a bad --device fails before any data is loaded
+    compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
         summary_writer_class()  # so does a missing tensorboard package
     explicit = explicit_settings(cfg, given)
@@ -246,23 +226,65 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
     found = None
     if cfg.lr == "find":  # a resumed run has the number in its config
-        if here.distributed:
-            raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
-                             "with --lr set to its suggestion")
-        found = find_lr(cfg, bundle, model, spec)
+        found = find_lr(cfg, bundle, model, spec, compute=compute)
         cfg = dataclasses.replace(cfg, lr=found.suggestion)
-    plan = None
-    if cfg.time_budget and not resumed:
-        if here.distributed:
-            raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
-        cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
-                                     time.perf_counter() - started)
+    deadline = None
+    if cfg.time_budget and not resumed:  # a new budgeted run keeps to its budget; a resumed one to its saved plan
+        cfg, deadline = _budget(cfg, bundle, model, spec, plain, started, compute)
     run_dir = _run_folder(cfg, bundle, resumed, owned)
     if found is not None:
         _plot_lr_find(found, run_dir / "lr_find.png")
-    if plan and distributed.is_main():
-        write_json(run_dir / "plan.json", plan.to_dict())
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
+    _log_start(cfg, run_dir, bundle, model, source, spec)
+    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers,
+                             shard=here.shard) if bundle.val else None
+    meta = weights_meta(cfg, info, model, spec)
+    if resumed:
+        _check_resumed(resumed, meta, len(bundle.train))
+    board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
+    try:
+        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
+                             source, started, board, compute)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _join_and_check(cfg: RunConfig, resumed: ResumePoint | None, owned: ExitStack,
+                    ) -> tuple[RunConfig, TrainOutcome | None]:
+    """Before any data is loaded: the run's name checked, its data folder recorded, the process group joined, and
+    a folder another command is writing (--exist-ok) refused; after torchrun restarted the group, the resumed run's
+    outcome instead."""
+    if cfg.name is not None and not resumed:
+        check_run_name(cfg.name)
+    if resumed is None:
+        cfg = with_data_dir_recorded(cfg)
+    distributed.setup(cfg.dist_timeout)
+    if resumed is None and distributed.restart_count() > 0:
+        outcome = _restarted(cfg)
+        if outcome is not None:
+            return cfg, outcome
+    if cfg.exist_ok and not resumed:
+        existing = Path(cfg.project) / (cfg.name or default_run_name(cfg.data, cfg.model))
+        distributed.from_main(lambda: _lock(existing, owned) if existing.is_dir() else None)
+    return cfg, None
+
+
+def _budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
+            started: float, compute: Compute) -> tuple[RunConfig, Deadline]:
+    """--time-budget: this run's speed measured, its steps planned (cfg.epochs, cfg.max_steps) and the deadline
+    fit() keeps to."""
+    if distributed.context().distributed:
+        raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
+    cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
+                                 time.perf_counter() - started, compute)
+    return cfg, Deadline.from_plan(plan, started)
+
+
+def _log_start(cfg: RunConfig, run_dir: Path, bundle: DataBundle, model: torch.nn.Module, source: Any,
+               spec: InputSpec) -> None:
+    """The run folder, the data, the model and (transfer learning) what trains when."""
+    info = bundle.info
     log.info(f"run folder: {run_dir}")
     log.info(f"data: {info.name}: {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val / "
              f"{len(bundle.test)} test, {info.num_classes} classes, {info.channels}x{info.image_size[0]}x{info.image_size[1]}")
@@ -270,44 +292,35 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
              + (f", weights from {source.description}" if source else ""))
     if source:
         log.info(transfer_plan(cfg, info, spec))
-    val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers,
-                             shard=here.shard) if bundle.val else None
-    meta = weights_meta(cfg, info, model, spec)
-    if resumed:
-        check_same_data(resumed.state, meta, len(bundle.train), resumed.path)
-        at = Progress.from_dict(resumed.state["progress"])
-        log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
-    deadline = None
-    if plan and cfg.schedule != "onecycle":  # a new budgeted run keeps to its budget at the speed it really has
-        deadline = Deadline(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds,
-                            plan.steps_per_epoch)
-    board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
-    try:
-        return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline, plan,
-                             source, started, board)
-    finally:
-        if board is not None:
-            board.close()
+
+
+def _check_resumed(resumed: ResumePoint, meta: dict[str, Any], train_images: int) -> None:
+    """A resumed run's data must be what its state was trained on; logs where it goes on from."""
+    check_same_data(resumed.state, meta, train_images, resumed.path)
+    at = Progress.from_dict(resumed.state["progress"])
+    log.info(f"resuming from {resumed.path}: epoch {at.epoch}, step {at.step}")
 
 
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
-                  deadline: Deadline | None, plan: Any, source: Any, started: float,
-                  board: TensorBoardLog | None) -> TrainOutcome:
+                  deadline: Deadline | None, source: Any, started: float,
+                  board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
-    result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
-                                   board)
-    if deadline and deadline.revisions and here.is_main:
-        write_json(run_dir / "plan.json", {**plan.to_dict(), "revisions": deadline.revisions})  # type: ignore[union-attr]
+    try:
+        result, feature_seconds = _fit(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, compute,
+                                       deadline, board)
+    finally:  # the plan and its revisions, also when training stopped (a resumed run reports it from there)
+        if deadline is not None and here.is_main:
+            write_json(run_dir / "plan.json", deadline.record())
     distributed.teardown()  # from here on the main process works alone: calibration, the test report
     if not here.is_main:
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
-    calibrate_weights(model, val_loader, run_dir, cfg)
-    record_prediction_stats(run_dir, bundle, cfg, plain)  # OOD threshold and training-image background, for `predict`
-    summary = _test_and_report(model, bundle, cfg, run_dir, result, started)
+    # temperature, OOD threshold and training-image background, for the report and `predict`
+    calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute)
     if board is not None:
         log_final(board, cfg, summary, run_dir)
     if source:
@@ -333,7 +346,7 @@ def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
     if source and not resumed:  # a resumed run's weights come from its training state
         load_source(model, cfg.model, source)
     plain = BatchTransform(spec.mean, spec.std, size=spec.size, channels=spec.channels)
-    if not source and not resumed and hasattr(model, "init_from_images"):
+    if not source and not resumed and isinstance(model, FitsToImages):
         init_from_data(model, bundle, plain, cfg.seed)
     return model, spec, plain
 
@@ -342,15 +355,18 @@ LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss 
 
 
 def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
-            steps: int = LR_FIND_STEPS) -> RangeTest:
+            steps: int = LR_FIND_STEPS, compute: Compute | None = None) -> RangeTest:
     """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
     the run's), with its optimiser, loss and precision; logs the suggestion."""
+    if distributed.context().distributed:
+        raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
+                         "with --lr set to its suggestion")
     numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
     loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
                          seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
     weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
     started = time.perf_counter()
-    found = range_test(model, loader, numeric, steps=steps, class_weights=weights)
+    found = range_test(model, loader, numeric, steps=steps, class_weights=weights, compute=compute)
     stop = "the loss diverged" if found.diverged else "all steps ran"
     log.info(f"lr-find: {len(found.lrs)} steps from {found.lrs[0]:.0e} to {found.lrs[-1]:.2g} ({stop}, "
              f"{time.perf_counter() - started:.1f}s); the loss is lowest at {found.minimum:.3g}: suggested --lr "
@@ -378,7 +394,7 @@ def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_
         raise UsageError("imgrec lr-find runs in one process: run it without torchrun")
     cfg = with_data_dir_recorded(cfg)
     set_threads(cfg.threads)
-    select_device(cfg.device)
+    Compute.of(cfg)  # a bad --device fails before any data is loaded
     explicit = explicit_settings(cfg, given)
     cfg = recipe_data_settings(cfg, explicit)
     source = resolve_source(cfg)
@@ -402,7 +418,7 @@ def _plot_lr_find(found: RangeTest, path: Path) -> Path:
 INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to
 
 
-def init_from_data(model: torch.nn.Module, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
+def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
     """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented);
     the same sample for the same seed, so every process of a data-parallel run fits the same weights."""
     count = min(INIT_IMAGES, len(bundle.train))
@@ -427,12 +443,12 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
-                     started: float) -> dict[str, Any]:
+                     started: float, compute: Compute) -> dict[str, Any]:
     """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
-    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle))
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute)
     metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {
@@ -445,7 +461,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "images_per_second": round(result.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - started, 3), "stopped_early": result.stopped_early,
         "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
-        "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result),
+        "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result, compute),
     }
     write_json(run_dir / "summary.json", summary)
     from imgrec.evaluation.plots import plot_results
@@ -455,18 +471,19 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     return summary
 
 
-def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult) -> dict[str, Any]:
+def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult,
+                     compute: Compute) -> dict[str, Any]:
     """Precision, FLOPs per training image, achieved GFLOP/s and peak memory of the run."""
     flops = training_flops_per_image(model, best["input_channels"], best["input_size"])
     # a feature-cache run trains only the head on precomputed features: the model's FLOPs would overstate it
     rate = None if cfg.cache_features else round(flops * result.images_per_second / 1e9, 2)
-    return {"precision": precision_name(autocast_dtype(cfg.precision, select_device(cfg.device))),
+    return {"precision": precision_name(compute.dtype),
             "train_gflop_per_image": round(flops / 1e9, 6), "train_gflops_per_second": rate,
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
-         val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
+         val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None, compute: Compute,
          deadline: Deadline | None = None, board: TensorBoardLog | None = None) -> tuple[FitResult, float | None]:
     """fit() on batches of images (from scratch or a saved state), or (--cache-features) on the backbone's
     features computed once."""
@@ -475,7 +492,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
         if distributed.context().distributed:
             raise UsageError("--cache-features trains the head in one process (its epochs take seconds): run it "
                              "without torchrun")
-        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, EVAL_BATCH_SIZE)
+        return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, compute)
     here = distributed.context()
     mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
@@ -486,7 +503,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
                deadline=deadline, board=board,
-               class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)), None
+               class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes), compute=compute), None
 
 
 def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
@@ -535,111 +552,6 @@ def _python_source(name: str, model: torch.nn.Module) -> dict[str, str]:
     if not is_user_model(name):
         return {}
     return {"module": type(model).__module__, "class": type(model).__qualname__}
-
-
-def load_run(run_or_weights: str | Path, data_dir: str | None = None,
-             ) -> tuple[Path, dict[str, Any], RunConfig, torch.nn.Module]:
-    """Weights path, checkpoint, config and a model with the weights loaded.
-
-    The config's data_dir is where the run's named data set is looked for: data_dir (--data-dir) when given, else
-    the folder the run was trained from while it exists, else $IMGREC_DATA or the default."""
-    path = resolve_weights(run_or_weights)
-    ckpt = load_weights_file(path)
-    try:
-        cfg = RunConfig.from_dict(ckpt.get("config") or {}, source=str(path))
-    except UsageError as exc:  # a setting the file records, not one the user gave: a bad file (exit 1)
-        raise ImgrecError(f"{path} records settings this imgrec refuses: {exc}") from None
-    if data_dir:
-        cfg.data_dir = data_dir
-    elif cfg.data_dir and not Path(cfg.data_dir).is_dir():
-        cfg.data_dir = None
-    spec = ckpt["model"]
-    model = build_model(spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"])
-    load_model_state(model, ckpt["state_dict"], path)
-    return path, ckpt, cfg, model
-
-
-def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str = "test",
-                 out: str | Path | None = None, device: str | None = None, data_dir: str | None = None,
-                 source: DataSource | None = None) -> dict[str, Any]:
-    """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
-    the figures and report.html into out (default: the run folder). source: the data when it has no name."""
-    path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
-    if data:
-        cfg.data = data
-    if device:
-        cfg.device = device
-    bundle = load_run_data(cfg, ckpt, path, source)
-    try:
-        chosen = bundle.split(split)
-    except KeyError:
-        raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    out_dir = Path(out) if out else run_dir_of(path)
-    with own_run_folder(path, out_dir):
-        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
-        metrics.update(data=cfg.data, weights=str(path))
-        write_json(out_dir / "metrics.json", metrics)
-        report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
-    metrics["written_to"] = str(out_dir / "metrics.json")
-    metrics["report"] = str(report)
-    return metrics
-
-
-def own_run_folder(weights: Path, out_dir: Path) -> AbstractContextManager[Any]:
-    """The run folder's lock while a command writes into it (out_dir is the run folder of weights/x.pt, or in it);
-    nothing to lock for other folders."""
-    run_dir = run_dir_of(weights)
-    inside = out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents
-    return RunLock(run_dir) if weights.parent.name == "weights" and inside else nullcontext()
-
-
-def load_run_data(cfg: RunConfig, ckpt: dict[str, Any], source: Path, data: DataSource | None = None) -> DataBundle:
-    """The run's data as its weights saw it (their size, channels and statistics), all training images included."""
-    # The data's own statistics are not used (the weights file's are); passing them skips computing them,
-    # unless the model takes other channels than the images have (grey images fed to a colour backbone).
-    stats = len(ckpt["mean"]) == ckpt["channels"]
-    opts = data_options(cfg, image_size=tuple(ckpt["image_size"]), channels=ckpt["channels"],
-                        mean=ckpt["mean"] if stats else None, std=ckpt["std"] if stats else None, train_samples=None,
-                        offer_download=False)
-    bundle = data(opts) if data is not None else load_data(cfg.data, opts)
-    if bundle.skipped:
-        log.warning(skipped_warning(bundle.skipped))
-    check_classes(bundle, ckpt["classes"], source)
-    return bundle
-
-
-def check_classes(bundle: DataBundle, classes: list[str], source: Path) -> None:
-    """The data must have the classes the weights were trained on, in the same order."""
-    have = bundle.info.classes
-    if len(have) != len(classes):
-        raise ImgrecError(f"{source} was trained on {len(classes)} classes but {bundle.info.name} has {len(have)}")
-    if list(have) != list(classes):
-        raise ImgrecError(f"{source} was trained on classes {classes[:4]}... but {bundle.info.name} has {have[:4]}...")
-
-
-def show_samples(cfg: RunConfig, out: str | Path, n: int = 32, split: str = "train", augmented: bool = False) -> Path:
-    """A PNG grid of de-normalised images with their labels (optionally as training augments them)."""
-    bundle = load_data(cfg.data, data_options(cfg, train_samples=None))
-    if bundle.skipped:
-        log.warning(skipped_warning(bundle.skipped))
-    info = bundle.info
-    try:
-        chosen = bundle.split(split)
-    except KeyError:
-        raise ImgrecError(f"{cfg.data} has no {split} split") from None
-    augment = parse_augment(cfg.augment, info.channels) if augmented else []
-    # train=True: a shuffled sample; augmentation only when asked for (augment is empty otherwise)
-    loader = make_loader(chosen, min(n, len(chosen)), BatchTransform(info.mean, info.std, augment), train=True,
-                         seed=cfg.seed, workers=0)
-    loader.set_epoch(1)
-    x, y = next(iter(loader))
-    images = denormalize(x, info.mean, info.std).numpy()
-    titles = [info.classes[int(label)] for label in y]
-    from imgrec.evaluation.plots import plot_image_grid
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return plot_image_grid(images, titles, out)
 
 
 def _run_folder(cfg: RunConfig, bundle: DataBundle, resumed: ResumePoint | None, owned: ExitStack) -> Path:

@@ -127,7 +127,7 @@ def test_the_deadline_fits_the_steps_left_at_the_speed_measured_so_far() -> None
 def test_a_late_run_is_shortened_and_its_schedule_and_lookahead_follow() -> None:
     from imgrec.engine.averaging import Lookahead
     from imgrec.engine.state import Progress
-    from imgrec.engine.trainer import _replan, build_scheduler, linear_schedule
+    from imgrec.engine.trainer import build_scheduler, linear_schedule
 
     model = nn.Linear(2, 2)
     cfg = RunConfig(epochs=5, schedule="linear", lr=0.1, optimizer="sgd")
@@ -136,15 +136,24 @@ def test_a_late_run_is_shortened_and_its_schedule_and_lookahead_follow() -> None
     look = Lookahead(model, total_steps=50)
     progress = Progress(epoch=3, train_seconds=40.0)  # 2 epochs of 10 steps done, at 2 s a step
     deadline = Deadline(end=time.perf_counter() + 41.0, steps_per_epoch=10)  # time for about 20 more
-    new = _replan(cfg, deadline, progress, 10, 0.0, scheduler, look)
+    new = deadline.replan(cfg, progress, 10, 0.0, scheduler, look)
     total = deadline.revisions[-1]["total_steps"]
     assert new.epochs == 4 and new.max_steps is None and total == 40  # 20 more steps of 2 s fit in 41 s
     assert deadline.revisions[-1]["was"] == 50 and look.total_steps == total
     assert scheduler.lr_lambdas[0](total - 1) == pytest.approx(linear_schedule(total - 1, total))
-    same = _replan(new, Deadline(end=time.perf_counter() + 2.0 * (total - 20) + 0.1, steps_per_epoch=10), progress,
-                   10, 0.0, scheduler, look)
+    same = Deadline(end=time.perf_counter() + 2.0 * (total - 20) + 0.1, steps_per_epoch=10).replan(
+        new, progress, 10, 0.0, scheduler, look)
     assert same is new  # on time: nothing changes
-    over = _replan(new, Deadline(end=time.perf_counter() - 1.0, steps_per_epoch=10), progress, 10, 0.0, scheduler, look)
+    over = Deadline(end=time.perf_counter() - 1.0, steps_per_epoch=10).replan(new, progress, 10, 0.0, scheduler, look)
     assert over.epochs == 2 and over.max_steps is None  # no time left: the run ends with the epoch just done
     onecycle = RunConfig(epochs=5, schedule="onecycle")
-    assert _replan(onecycle, Deadline(end=0.0, steps_per_epoch=10), progress, 10, 0.0, None, None) is onecycle
+    assert Deadline(end=0.0, steps_per_epoch=10).replan(onecycle, progress, 10, 0.0, None, None) is onecycle
+
+
+def test_a_deadline_from_a_plan_ends_before_the_final_evaluation_and_records_its_revisions() -> None:
+    plan = plan_budget(60, 5, Speed(0.1, 0.001, 2.0), 50, 100, 1000)
+    deadline = Deadline.from_plan(plan, started=10.0)
+    assert deadline.end == pytest.approx(10.0 + 60 - plan.final_seconds - plan.margin_seconds)
+    assert deadline.steps_per_epoch == 50 and deadline.record() == plan.to_dict()  # no revision: the plan alone
+    deadline.revisions.append({"after_steps": 50, "total_steps": 80, "was": plan.total_steps})
+    assert deadline.record() == {**plan.to_dict(), "revisions": deadline.revisions}

@@ -10,20 +10,34 @@ so a resumed run keeps it. Imports: torch and the engine; no data set is named h
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from imgrec.config import RunConfig
-from imgrec.engine.averaging import make_averager
-from imgrec.engine.system import autocast, autocast_dtype, select_device
-from imgrec.engine.trainer import OPTIMIZERS, TTA_VIEWS, optimizer_kernels, tta_logits
+from imgrec.engine.averaging import Lookahead, averaged_step, make_averager
+from imgrec.engine.state import Progress
+from imgrec.engine.system import Compute, autocast
+from imgrec.engine.trainer import (
+    OPTIMIZERS,
+    TTA_VIEWS,
+    make_step,
+    optimizer_kernels,
+    parameter_groups,
+    schedule_factor,
+    total_steps,
+    tta_logits,
+    warmup_steps,
+)
 from imgrec.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 MARGIN = 0.04  # of the budget: the noise of a shared machine, start-up not measured
 REPORT_SECONDS = 5.0  # after the final evaluation: figures, report.html, JSON files
@@ -32,6 +46,7 @@ WARMUP_STEPS = 2  # the first steps also build the kernels: not timed
 MEASURE_SECONDS = 3.0  # time steps until this much has passed ...
 MAX_MEASURE_STEPS = 30  # ... or this many have run
 MIN_MEASURE_STEPS = 3
+REPLAN_SECONDS = 0.5  # a budgeted run's plan changes when it is off by at least this much
 
 
 @dataclass
@@ -99,14 +114,53 @@ def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: in
 
 @dataclass
 class Deadline:
-    """Keeps a budgeted run on time: at each epoch end fit() asks how many steps in all still fit, from the speed
-    the run really had so far (the plan's comes from a few steps measured at the start, and a machine can get
-    slower or faster). `end` is the time.perf_counter() by which training, validation and saves must be done
-    (the final evaluation, the report and the margin come after it)."""
+    """Keeps a budgeted run on time: at each epoch end fit() asks it to re-plan (replan), from the speed the run
+    really had so far (the plan's comes from a few steps measured at the start, and a machine can get slower or
+    faster). `end` is the time.perf_counter() by which training, validation and saves must be done (the final
+    evaluation, the report and the margin come after it)."""
 
     end: float
     steps_per_epoch: int
     revisions: list[dict[str, Any]] = field(default_factory=list)  # what changed, for plan.json
+    plan: BudgetPlan | None = None  # the plan made at the start
+
+    @classmethod
+    def from_plan(cls, plan: BudgetPlan, started: float) -> Deadline:
+        """The deadline of a run planned by plan_budget that started at time.perf_counter() `started`."""
+        return cls(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds, plan.steps_per_epoch,
+                   plan=plan)
+
+    def record(self) -> dict[str, Any]:
+        """plan.json: the plan, and the revisions made to it at epoch ends (when there were any)."""
+        assert self.plan is not None
+        return {**self.plan.to_dict(), "revisions": self.revisions} if self.revisions else self.plan.to_dict()
+
+    def replan(self, cfg: RunConfig, progress: Progress, steps_per_epoch: int, epoch_end_seconds: float,
+               scheduler: Any, averager: Any) -> RunConfig:
+        """At an epoch end: the run's settings for the total steps that still fit by the deadline at the speed
+        measured so far. When they differ from the plan, the run's epochs and max_steps change and its learning-rate
+        schedule and lookahead are stretched or shrunk to them here; else (and for onecycle, whose phases are fixed
+        when it is built) cfg itself."""
+        if cfg.schedule == "onecycle":
+            return cfg
+        done = (progress.epoch - 1) * steps_per_epoch
+        planned = total_steps(cfg, steps_per_epoch)
+        step_seconds = progress.train_seconds / max(done, 1)
+        new = self.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
+        if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
+            return cfg  # on time: a fraction of a second either way is noise
+        epochs = max(1, math.ceil(new / steps_per_epoch))
+        cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
+        if scheduler is not None:
+            factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
+            scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
+        if isinstance(averager, Lookahead):  # lookahead's decay follows the run's length
+            averager.total_steps = max(new, 1)
+        self.revisions.append({"after_steps": done, "step_seconds": round(step_seconds, 5),
+                               "epoch_end_seconds": round(epoch_end_seconds, 3), "total_steps": new, "was": planned})
+        change = "ends here" if new <= done else f"{new} steps in all ({new / steps_per_epoch:.2f} epochs)"
+        log.info(f"time budget: at {step_seconds * 1000:.0f} ms a step so far, the run {change} instead of {planned}")
+        return cfg
 
     def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int:
         """Steps done plus the most further steps whose cost, with the epoch ends they reach, fits before `end`
@@ -125,14 +179,13 @@ class Deadline:
 
 
 def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,
-                  cfg: RunConfig) -> Speed:
+                  cfg: RunConfig, compute: Compute | None = None) -> Speed:
     """Seconds per training step (on a copy of the model, with the run's optimiser and precision) and per
     evaluated image (with the run's test-time augmentation, and the one view of each epoch's validation); no random
     generator and no weight of `model` changes."""
     start = time.perf_counter()
-    device = select_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    compute = compute or Compute.of(cfg)
+    device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     with torch.random.fork_rng(devices=[]):
         step_seconds = _time_steps(probe, batches, cfg, device, dtype, memory_format)
@@ -142,25 +195,21 @@ def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 def _time_steps(probe: nn.Module, batches: Iterable, cfg: RunConfig, device: torch.device, dtype: Any,
                 memory_format: torch.memory_format) -> float:
-    """Mean seconds of the training steps after the warm-up ones, batch fetching included."""
-    optimizer = OPTIMIZERS[cfg.optimizer](probe.parameters(), cfg, optimizer_kernels(device))
+    """Mean seconds of the training steps (the training loop's own step function) after the warm-up ones, batch
+    fetching included."""
+    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(probe, cfg), cfg, optimizer_kernels(device))
     average = make_averager(probe, cfg.ema, cfg.lookahead, total_steps=1000)  # any length: timing only
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = averaged_step(make_step(probe, optimizer, None, scaler, loss_fn, cfg.grad_clip, device, dtype,
+                                   memory_format), average)
     timed: list[float] = []
     done = 0
     while len(timed) < MIN_MEASURE_STEPS or (sum(timed) < MEASURE_SECONDS and len(timed) < MAX_MEASURE_STEPS):
         iterator = iter(batches)  # small data: go round again
         tick = time.perf_counter()
         for x, y in iterator:
-            x, y = x.to(device, memory_format=memory_format), y.to(device)
-            with autocast(device, dtype):
-                loss = loss_fn(probe(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if average is not None:
-                average.update()
-            loss.item()  # wait for the step to finish, as the training loop does
+            step(x, y)[0].item()  # wait for the step to finish, as the training loop does
             done += 1
             if done > WARMUP_STEPS:
                 timed.append(time.perf_counter() - tick)

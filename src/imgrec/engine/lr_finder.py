@@ -18,8 +18,9 @@ from torch import nn
 
 from imgrec.config import RunConfig
 from imgrec.engine.averaging import averaged_step
-from imgrec.engine.system import autocast_dtype, select_device
-from imgrec.engine.trainer import OPTIMIZERS, Loader, _make_step, optimizer_kernels, parameter_groups
+from imgrec.engine.system import Compute
+from imgrec.engine.trainer import OPTIMIZERS, Loader, make_step, optimizer_kernels, parameter_groups
+from imgrec.models import hooks
 
 SMOOTHING = 0.9  # the running average of the loss that decides divergence (bias-corrected)
 MINIMUM_FACTOR = 3.0  # the suggestion is the rate at the loss's minimum divided by this
@@ -43,24 +44,23 @@ class RangeTest:
 
 
 def range_test(model: nn.Module, loader: Loader, cfg: RunConfig, steps: int = 200, start_lr: float = 1e-7,
-               end_lr: float = 10.0, class_weights: torch.Tensor | None = None) -> RangeTest:
+               end_lr: float = 10.0, class_weights: torch.Tensor | None = None,
+               compute: Compute | None = None) -> RangeTest:
     """Train a copy of model on loader's batches (epoch after epoch if it has too few) with cfg's optimiser,
     the rate rising from start_lr to end_lr over steps; stop at divergence. Nothing of model changes."""
     if not 0 < start_lr < end_lr:
         raise ValueError("the range test needs 0 < start_lr < end_lr")
-    device = select_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    compute = compute or Compute.of(cfg)
+    device, dtype, memory_format = compute.device, compute.dtype, compute.memory_format
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
-    if hasattr(probe, "set_frozen"):  # the rate is for the whole model, as it trains after any frozen epochs
-        probe.set_frozen(cfg.freeze)
+    hooks.set_frozen(probe, cfg.freeze)  # the rate is for the whole model, as it trains after any frozen epochs
     optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(probe, cfg), cfg, optimizer_kernels(device))
     growth = (end_lr / start_lr) ** (1 / max(1, steps - 1))
     # every parameter group keeps its ratio to cfg.lr (lower rates for early backbone layers, for one)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: start_lr / cfg.lr * growth ** i)
     loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
                                   label_smoothing=cfg.label_smoothing)
-    step = averaged_step(_make_step(probe, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False),
+    step = averaged_step(make_step(probe, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False),
                                     loss_fn, cfg.grad_clip, device, dtype, memory_format), None)
     lrs: list[float] = []
     raw: list[float] = []

@@ -8,12 +8,19 @@ import platform
 import random
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from imgrec.errors import UsageError
+
+if TYPE_CHECKING:
+    from imgrec.config import RunConfig
+
+EVAL_BATCH_SIZE = 500  # images per batch wherever a model is only evaluated (validation, test, calibration, features)
 
 
 def select_device(name: str) -> torch.device:
@@ -58,6 +65,34 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     else:
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a run's model computes: made once from the config (Compute.of) and handed to everything that
+    runs the model (training, the speed probe, evaluation, calibration, feature extraction)."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's; None: plain fp32
+    memory_format: torch.memory_format  # of the image batches and conv weights
+    threads: int  # torch's CPU threads
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Compute:
+        """The config's device, precision and memory format (a bad --device or --precision fails here)."""
+        device = select_device(cfg.device)
+        return cls(device, autocast_dtype(cfg.precision, device),
+                   torch.channels_last if cfg.channels_last else torch.contiguous_format, torch.get_num_threads())
+
+    def fp32(self) -> Compute:
+        """The same device without autocast and with contiguous batches: raw logits as prediction computes them."""
+        return replace(self, dtype=None, memory_format=torch.contiguous_format)
+
+    def describe(self) -> str:
+        """One line for the log: device, precision, memory format, threads."""
+        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
+        return (f"{self.device.type}, {precision_name(self.dtype)}{' autocast' if self.dtype else ''}, {layout}, "
+                f"{self.threads} threads")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -19,10 +19,10 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -35,8 +35,12 @@ from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
 from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
-from imgrec.engine.system import autocast, autocast_dtype, precision_name, select_device
+from imgrec.engine.system import Compute, autocast
 from imgrec.errors import ImgrecError, Interrupted
+from imgrec.models import hooks
+
+if TYPE_CHECKING:
+    from imgrec.engine.budget import Deadline
 
 with warnings.catch_warnings():  # a notebook without ipywidgets: tqdm.auto warns and falls back to text bars, which
     warnings.simplefilter("ignore")  # imgrec.train then does not show (see progress_bars)
@@ -98,19 +102,8 @@ def optimizer_kernels(device: torch.device) -> dict[str, bool]:
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> Any:
-    """What the optimiser trains: a TransferModel's groups (lower learning rates for earlier layers); for a model
-    with lr_scaled_parameters (a WhitenedNet's BatchNorm shifts), those at lr * scale with weight decay / scale
-    (the same decay per step); else all parameters at cfg.lr. Frozen parameters are left out."""
-    groups = getattr(model, "parameter_groups", None)
-    if groups is not None:
-        return groups(cfg.lr, cfg.lr_backbone_mult)
-    scaled = getattr(model, "lr_scaled_parameters", None)
-    if scaled is None:
-        return [p for p in model.parameters() if p.requires_grad]
-    scale, fast = scaled()
-    chosen = {id(p) for p in fast}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return [{"params": rest}, {"params": list(fast), "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay / scale}]
+    """What the optimiser trains, at cfg's learning rate and weight decay (models.hooks.parameter_groups)."""
+    return hooks.parameter_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_backbone_mult)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 0) -> Any:
@@ -183,41 +176,24 @@ def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
     return math.ceil(total_steps(cfg, steps_per_epoch) / max(1, steps_per_epoch))
 
 
-REPLAN_SECONDS = 0.5  # a budgeted run's plan changes when it is off by at least this much
-
-
-class Deadline(Protocol):  # budget.Deadline
-    revisions: list[dict[str, Any]]
-
-    def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int: ...
-
-
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
-        board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None) -> FitResult:
+        board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None,
+        compute: Compute | None = None) -> FitResult:
     """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
     results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
     still to run are re-planned at each epoch end from the speed measured so far. With a board, each step and
     epoch is logged for TensorBoard too (a resumed run from its saved position on). class_weights: the weight of
-    each class in the training loss (--balance weights)."""
-    device = select_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
-    log.info(f"compute: {device.type}, {precision_name(dtype)}{' autocast' if dtype else ''}, "
-             f"{'channels_last' if cfg.channels_last else 'contiguous'}, {torch.get_num_threads()} threads")
-    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
-                                  label_smoothing=cfg.label_smoothing)
-    averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
+    each class in the training loss (--balance weights); compute: the run's (default: from cfg)."""
+    compute = compute or Compute.of(cfg)
+    parts = _training_parts(model, train_loader, cfg, compute)
+    optimizer, scheduler, averager = parts.optimizer, parts.scheduler, parts.averager
+    loss_fn = _loss_function(cfg, class_weights, compute.device)
     evaluated = averager.model if averager else model  # the averaged weights are the ones validated and saved
-    parts = TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
     progress = Progress() if state is None else restore_state(state, parts, cfg)
     # a resumed run keeps the rows of its state; only the main process writes files
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
-    saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
+    saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, saver.cfg, weights_meta))
     epochs = run_epochs(cfg, len(train_loader))
     if board is not None:
         board.start(progress.epoch, progress.step, progress.loss_sum, progress.seen, len(train_loader))
@@ -233,44 +209,24 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
-                if hasattr(model, "set_frozen"):  # the backbone trains only after the frozen epochs
-                    model.set_frozen(cfg.freeze or epoch <= cfg.freeze_epochs)
+                hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)  # the backbone trains after them
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                step_fn = averaged_step(_make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
-                                                   loss_fn, cfg.grad_clip, device, dtype, memory_format), averager)
-                last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
-                train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
-                # The epoch's last update can make the weights non-finite while its own loss was finite: never
-                # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
-                _check_finite(model, progress)
+                train_one_epoch(_step_function(parts, loss_fn, cfg, compute), train_loader, progress, epochs,
+                                after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
+                _check_finite(model, progress)  # before validating or saving: see _check_finite
                 epoch_end_started = time.perf_counter()
-                # one process stopping in the middle of validation would leave the others waiting for its sums
-                interrupt = None if distributed.context().distributed else stop.check
-                # one view per image: the test-time augmentation (2 or 6 views) is for the final evaluation
-                val = evaluate(evaluated, val_loader, device, dtype, memory_format,
-                               interrupt=interrupt) if val_loader else None
-                progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
-                    progress.loss_sum, progress.correct, progress.seen)  # the epoch over all processes' shards
-                row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
-                       "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
-                       "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
-                rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+                val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
+                row, rate = _epoch_row(progress, epoch, val)
                 # without validation, or with --select last, the last epoch is the best
                 improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
-                if board is not None:
-                    board.log_epoch(row)
-                if results is not None:
-                    results.append(row)
-                    weights = _weights(evaluated, weights_meta, epoch, row)
-                    save_atomic(weights, run_dir / "weights" / "last.pt")
-                    if improved:
-                        save_atomic(weights, run_dir / "weights" / "best.pt")
+                _record_epoch(row, improved, board, results, evaluated, weights_meta, run_dir)
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
-                    cfg = _replan(cfg, deadline, progress, len(train_loader), time.perf_counter() - epoch_end_started,
-                                  scheduler, averager)
-                    epochs = run_epochs(cfg, len(train_loader))
+                    # the new plan: the state saved next records it, and the loop runs to it
+                    cfg = saver.cfg = deadline.replan(cfg, progress, len(train_loader),
+                                                      time.perf_counter() - epoch_end_started, scheduler, averager)
+                epochs = run_epochs(cfg, len(train_loader))
                 saver.save(progress)  # the commit point: a run killed before it redoes this epoch's end
                 _log_epoch(row, epochs, rate)
                 _stop_if_any(stop)
@@ -282,31 +238,67 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     return _fit_result(progress, cfg, epochs)
 
 
-def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_epoch: int, epoch_end_seconds: float,
-            scheduler: Any, averager: Any) -> RunConfig:
-    """At an epoch end of a budgeted run: the total steps that still fit by the deadline at the speed measured so
-    far; when they differ from the plan, the run's epochs and max_steps, its learning-rate schedule and its
-    lookahead are stretched or shrunk to them (the state saved next records the new plan)."""
-    if cfg.schedule == "onecycle":  # its phases are fixed when it is built
-        return cfg
-    done = (progress.epoch - 1) * steps_per_epoch
-    planned = total_steps(cfg, steps_per_epoch)
-    step_seconds = progress.train_seconds / max(done, 1)
-    new = deadline.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
-    if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
-        return cfg  # on time: a fraction of a second either way is noise
-    epochs = max(1, math.ceil(new / steps_per_epoch))
-    cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
-    if scheduler is not None:
-        factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
-        scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
-    if hasattr(averager, "total_steps"):  # lookahead's decay follows the run's length
-        averager.total_steps = max(new, 1)
-    deadline.revisions.append({"after_steps": done, "step_seconds": round(step_seconds, 5),
-                               "epoch_end_seconds": round(epoch_end_seconds, 3), "total_steps": new, "was": planned})
-    change = "ends here" if new <= done else f"{new} steps in all ({new / steps_per_epoch:.2f} epochs)"
-    log.info(f"time budget: at {step_seconds * 1000:.0f} ms a step so far, the run {change} instead of {planned}")
-    return cfg
+def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, compute: Compute) -> TrainParts:
+    """The model on its device, its optimiser, schedule, gradient scaler and weight average."""
+    model.to(device=compute.device, memory_format=compute.memory_format)
+    optimizer = OPTIMIZERS[cfg.optimizer](parameter_groups(model, cfg), cfg, optimizer_kernels(compute.device))
+    log.info(f"compute: {compute.describe()}")
+    scheduler = build_scheduler(cfg, optimizer, total_steps(cfg, len(train_loader)), len(train_loader))
+    scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.dtype == torch.float16)
+    averager = make_averager(model, cfg.ema, cfg.lookahead, total_steps(cfg, len(train_loader)))
+    return TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
+
+
+def _step_function(parts: TrainParts, loss_fn: nn.Module, cfg: RunConfig, compute: Compute) -> Callable:
+    """An epoch's training step on the model as data-parallel training wraps it (itself in one process), then the
+    weight average's update."""
+    step = make_step(distributed.wrap_model(parts.model, cfg.sync_bn), parts.optimizer, parts.scheduler, parts.scaler,
+                     loss_fn, cfg.grad_clip, compute.device, compute.dtype, compute.memory_format)
+    return averaged_step(step, parts.averager)
+
+
+def _loss_function(cfg: RunConfig, class_weights: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy with the run's label smoothing and (--balance weights) class weights."""
+    return nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
+                               label_smoothing=cfg.label_smoothing)
+
+
+def _steps_in_epoch(cfg: RunConfig, epoch: int, steps_per_epoch: int) -> int:
+    """The steps an epoch runs: all its batches, or fewer when cfg.max_steps cuts the run's last epoch."""
+    return min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
+
+
+def _validate(model: nn.Module, loader: Loader, compute: Compute, stop: StopSignals) -> EvalResult:
+    """An epoch's validation: one view per image (the test-time augmentation's 2 or 6 views are for the final
+    evaluation); a stop signal interrupts it in a single process (one process stopping in the middle of
+    validation would leave the others waiting for its sums)."""
+    interrupt = None if distributed.context().distributed else stop.check
+    return evaluate(model, loader, compute.device, compute.dtype, compute.memory_format, interrupt=interrupt)
+
+
+def _epoch_row(progress: Progress, epoch: int, val: EvalResult | None) -> tuple[dict[str, Any], float]:
+    """results.csv's row of the epoch (its sums first added over all processes' shards) and its images a second."""
+    progress.loss_sum, progress.correct, progress.seen = distributed.sum_over_processes(
+        progress.loss_sum, progress.correct, progress.seen)
+    row = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1),
+           "train_acc": progress.correct / max(progress.seen, 1), "val_loss": val.loss if val else None,
+           "val_acc": val.accuracy if val else None, "lr": progress.lr, "seconds": round(progress.seconds, 3)}
+    return row, progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+
+
+def _record_epoch(row: dict[str, Any], improved: bool, board: TensorBoardLog | None, results: ResultsLog | None,
+                  model: nn.Module, meta: dict[str, Any], run_dir: Path) -> None:
+    """The epoch's row for TensorBoard and (the main process) results.csv; weights/last.pt, and best.pt when the
+    epoch improved on the best."""
+    if board is not None:
+        board.log_epoch(row)
+    if results is None:
+        return
+    results.append(row)
+    weights = _weights(model, meta, row["epoch"], row)
+    save_atomic(weights, run_dir / "weights" / "last.pt")
+    if improved:
+        save_atomic(weights, run_dir / "weights" / "best.pt")
 
 
 def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
@@ -347,12 +339,15 @@ def _interrupted(saver: StateSaver, progress: Progress, signal_name: str) -> Int
 
 
 def _check_finite(model: nn.Module, progress: Progress) -> None:
+    """Stop training when the weights are not finite: an epoch's last update can make them so while its own loss
+    was finite, and such weights are never validated or saved (NaN logits can even score a "better" accuracy and
+    replace best.pt)."""
     if not _all_finite(model):
         raise TrainingDiverged(f"training diverged: the weights are not finite at epoch {progress.epoch}, step "
                                f"{progress.step}; lower --lr or add --grad-clip")
 
 
-def _make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
+def make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
     """One optimisation step on a batch: returns (loss, correct predictions) as tensors. The targets are labels,
     or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both)."""
 

@@ -1,7 +1,8 @@
 """`imgrec export`: a run's weights -> an ONNX file (checked against PyTorch with onnxruntime) or a safetensors pair
 (checked by rebuilding the model from it), on images of the run's own validation split (else its test split).
 
-A command module like imgrec.workflows, whose run loading and data rebuilding it reuses: only the CLI imports it.
+A command module like imgrec.workflows; it reuses imgrec.saved_runs' run loading and data rebuilding: only the
+CLI imports it.
 Nothing is left at the output path by an export that fails its check.
 """
 
@@ -26,7 +27,7 @@ from imgrec.errors import ImgrecError, UsageError
 from imgrec.export.common import requires, shipped_fields, write_atomic
 from imgrec.export.onnx_file import onnx_bytes, onnx_session, run_onnx
 from imgrec.export.safetensors_file import build_from_safetensors, save_safetensors, sidecar_path
-from imgrec.workflows import DataSource, load_run, load_run_data
+from imgrec.saved_runs import DataSource, load_run, load_run_data
 
 FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors"}
 PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors.torch",)}  # the extra

@@ -22,7 +22,7 @@ import yaml
 
 from imgrec.errors import ImgrecError, UsageError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("constant", "cosine", "onecycle", "linear")
 TTA_MODES = ("none", "flip", "flip-translate")
 RECIPES = ("none", "fast")
@@ -115,11 +115,14 @@ class RunConfig:
     cache_features: bool = _opt(False, "with --freeze: compute the backbone's features of the training and "
                                        "validation images once and train the head on them (no augmentation)")
     # optimisation
-    optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
+    optimizer: str = _opt("adam", "optimiser; muon: Muon (orthogonalised momentum) for the conv filters at "
+                                  "--muon-lr, sgd for the rest", choices=OPTIMIZERS)
     lr: float | str = _opt(1e-3, "learning rate (the peak rate for onecycle), or find: run the learning-rate range "
                                  "test first (imgrec lr-find) and train with its suggestion", above=0, words=("find",))
     weight_decay: float = _opt(0.0, "weight decay", min=0)
     momentum: float = _opt(0.9, "momentum for sgd (Nesterov)", min=0, below=1)
+    muon_lr: float = _opt(0.05, "--optimizer muon: learning rate of the conv filters (each filter bank's norm is held "
+                                "fixed, so this is the size of each step relative to it)", above=0, max=10)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", min=0, below=1)
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value", above=0)
     batch_size: int = _opt(100, "images per training step", min=1)
@@ -184,6 +187,8 @@ class RunConfig:
                f"--warmup-epochs must be fewer than --epochs ({self.epochs}); got {self.warmup_epochs}")
         _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "
                                                   "validated and saved")
+        _check(not (self.optimizer == "muon" and self.precision == "fp16"), "--optimizer muon takes --precision "
+                                                                           "fp32 or bf16, not fp16")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")

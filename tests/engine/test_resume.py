@@ -380,3 +380,17 @@ def test_tensorboard_without_its_package_is_one_line(image_folder: Path, tmp_pat
     assert err.strip().splitlines() == ["imgrec train: error: --log tensorboard needs the Python package 'tensorboard', which is not "
                                         "installed: pip install 'imgrec[tensorboard]'"]
     assert not (tmp_path / "runs").exists()  # it failed before any data was loaded or folder made
+
+
+def test_resume_with_muon_is_exact(image_folder: Path, tmp_path: Path, snapshots: list[Path]) -> None:
+    """--optimizer muon keeps two inner states (Muon's momentum for the conv filters, SGD's for the rest): a run
+    resumed mid-epoch and at an epoch end ends with the same weights and results as one never stopped."""
+    extra = dict(optimizer="muon", lr=0.05, momentum=0.85, schedule="linear", max_steps=8)
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    final = load_state(snapshots[-1])
+    assert set(final["optimizer"]) == {"muon", "sgd"} and final["optimizer"]["muon"]["state"]
+    saved = list(snapshots)
+    for k in (2, 5):  # within epoch 1, and (2, 0)
+        run = run_stopped_at(reference, saved[k], tmp_path / f"resumed-{k}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)

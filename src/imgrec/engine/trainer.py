@@ -32,6 +32,7 @@ from imgrec.engine import distributed
 from imgrec.engine.averaging import averaged_step, make_averager
 from imgrec.engine.board import TensorBoardLog
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
+from imgrec.engine.optimizers import build_muon
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
 from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
@@ -88,6 +89,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda p, c, kernels: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay, **kernels),
     "sgd": lambda p, c, kernels: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
                                                  weight_decay=c.weight_decay, **kernels),
+    "muon": build_muon,  # Muon for the conv filters, the sgd above for the rest
 }
 
 

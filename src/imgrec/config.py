@@ -91,6 +91,8 @@ class RunConfig:
     augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop, randaugment, "
                                 "trivialaugment (torchvision's policies, per image); none; or auto (colour data: "
                                 "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    alternate_flip: bool = _opt(False, "with flip in --augment: mirror each image on alternate epochs (the first "
+                                       "epoch by a coin per image) instead of at random each epoch (airbench's)")
     mixup: float = _opt(0.0, "MixUp: blend each training image with another, and their labels, by a weight drawn "
                              "from Beta(ALPHA, ALPHA) (e.g. 0.2; 0: off)", min=0, max=100)
     cutmix: float = _opt(0.0, "CutMix: paste a box of another training image into each, labels mixed by the area "

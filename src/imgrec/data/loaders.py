@@ -113,10 +113,10 @@ class _EpochPosition:
         self.transform: BatchTransform
         self.mix: BatchMix | None = None
 
-    def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, indices: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as the model takes it: transformed (augmented when training), then mixed when asked to."""
-        x = self.transform(images, generator if self.augment else None)
+        x = self.transform(images, generator if self.augment else None, (indices, self.epoch, self.seed))
         if self.augment and self.mix is not None:
             return self.mix(x, labels, generator)
         return x, labels
@@ -175,7 +175,7 @@ class TensorLoader(_EpochPosition):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, generator = self._epoch_batches()
         for idx in batches:
-            x, y = self._batch(self.split.images[idx], self.split.labels[idx], generator)
+            x, y = self._batch(self.split.images[idx], self.split.labels[idx], generator, idx)
             self.batches_done += 1
             yield x, y
 
@@ -262,9 +262,10 @@ class StreamLoader(_EpochPosition):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.batches, generator = self._epoch_batches()
+        batches = self._batches.batches
         try:
-            for images, labels in self._loader:
-                x, y = self._batch(images, labels, generator)
+            for i, (images, labels) in enumerate(self._loader):
+                x, y = self._batch(images, labels, generator, batches[i])
                 self.batches_done += 1
                 yield x, y
         except (ImageDecodeError, RuntimeError) as exc:

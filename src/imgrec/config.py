@@ -142,6 +142,8 @@ class RunConfig:
     ema: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. 0.99); "
                            "the average is validated, tested and saved (0: off)", min=0, below=1,
                      note="0: off; 0.99 averages about the last 100 steps")
+    whiten_bias_epochs: int = _opt(0, "models with a whitening stem (airnet, airnet-small): train its bias for this "
+                                      "many epochs, then keep it fixed (airbench: 3; 0: trained throughout)", min=0)
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")

@@ -237,6 +237,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 epoch = progress.epoch
                 if hasattr(model, "set_frozen"):  # the backbone trains only after the frozen epochs
                     model.set_frozen(cfg.freeze or epoch <= cfg.freeze_epochs)
+                if cfg.whiten_bias_epochs and hasattr(model, "freeze_whitening_bias"):  # a whitened stem's bias
+                    model.freeze_whitening_bias(epoch > cfg.whiten_bias_epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])

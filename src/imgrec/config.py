@@ -131,6 +131,9 @@ class RunConfig:
     epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True, min=1)
     schedule: str = _opt("constant", "learning-rate schedule (linear: warm up over the first fifth of the steps, then "
                                      "decay linearly to zero)", choices=SCHEDULES)
+    linear_ends: list[float] = _opt([0.0, 0.0], "--schedule linear: the learning rate's factors at the first and the "
+                                                 "last step (default 0 0: up from zero, down to zero; airbench: 0.2 0.07)",
+                                    lengths=(2, 2))
     warmup_epochs: float | None = _opt(None, "raise the learning rate linearly from near zero over this many epochs "
                                              "(fractions allowed), then follow --schedule over the rest (default: "
                                              "none; linear keeps its first fifth)", min=0)
@@ -192,6 +195,8 @@ class RunConfig:
                f"--warmup-epochs must be fewer than --epochs ({self.epochs}); got {self.warmup_epochs}")
         _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "
                                                   "validated and saved")
+        _check(all(0 <= v <= 1 for v in self.linear_ends), f"--linear-ends takes two factors from 0 to 1; got "
+                                                            f"{' '.join(map(str, self.linear_ends))}")
         _check(not (self.optimizer == "muon" and self.precision == "fp16"), "--optimizer muon takes --precision "
                                                                            "fp32 or bf16, not fp16")
         if self.time_budget is not None:

@@ -198,3 +198,20 @@ def test_unsure_tta_takes_the_six_views_only_for_images_the_plain_view_is_unsure
     assert 0 < confident.sum() < len(x)
     torch.testing.assert_close(unsure[confident], plain[confident])
     torch.testing.assert_close(unsure[~confident], views[~confident])
+
+
+def test_linear_schedule_ends_rise_from_and_fall_to_the_given_factors() -> None:
+    """--linear-ends 0.2 0.07 (airbench's shape): 0.2 -> 1 at the peak -> 0.07 at the end; 0 0 is the triangle."""
+    from imgrec.config import RunConfig
+    from imgrec.errors import UsageError
+
+    shaped = [linear_schedule(step, 100, ends=(0.2, 0.07)) for step in range(101)]
+    plain = [linear_schedule(step, 100) for step in range(101)]
+    assert shaped[0] == pytest.approx(0.2 + 0.8 * plain[0]) and max(shaped) == 1.0 == max(plain)
+    assert shaped[100] == pytest.approx(0.07) and plain[100] == 0.0
+    assert all(a >= b for a, b in zip(shaped, plain))
+    assert [linear_schedule(step, 100, ends=(0.0, 0.0)) for step in range(101)] == plain
+    with pytest.raises(UsageError, match="linear-ends"):
+        RunConfig(linear_ends=[0.2, 1.5])
+    with pytest.raises(UsageError, match="linear-ends"):
+        RunConfig(linear_ends=[0.2])

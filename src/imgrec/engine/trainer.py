@@ -119,7 +119,8 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
     """A per-step learning-rate schedule, or None for a constant rate (without --warmup-epochs)."""
     warmup = warmup_steps(cfg, steps_per_epoch)
     if cfg.schedule in ("cosine", "linear") or (cfg.schedule == "constant" and warmup):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup,
+                                                                                  cfg.linear_ends))
     if cfg.schedule == "onecycle":
         # its own warm-up is the first 30% of the steps; --warmup-epochs sets it: the peak at step `warmup` (torch's
         # peak is at step pct_start x total - 1, and its warm-up must be at least a step long)
@@ -134,11 +135,13 @@ def warmup_steps(cfg: RunConfig, steps_per_epoch: int) -> int | None:
     return None if cfg.warmup_epochs is None else round(cfg.warmup_epochs * max(1, steps_per_epoch))
 
 
-def schedule_factor(schedule: str, total_steps: int, warmup: int | None = None) -> Callable[[int], float]:
+def schedule_factor(schedule: str, total_steps: int, warmup: int | None = None,
+                    linear_ends: tuple[float, float] | list[float] = (0.0, 0.0)) -> Callable[[int], float]:
     """The learning-rate factor by step of a constant, cosine or linear schedule over total_steps; with warmup
-    steps, a linear warm-up over them first and the schedule over the steps after."""
+    steps, a linear warm-up over them first and the schedule over the steps after; linear_ends: the linear
+    schedule's factors at its start and end."""
     if schedule == "linear":
-        return partial(linear_schedule, total_steps=total_steps, warmup_steps=warmup)
+        return partial(linear_schedule, total_steps=total_steps, warmup_steps=warmup, ends=tuple(linear_ends))
     after = {"cosine": cosine_schedule, "constant": lambda step, total_steps: 1.0}[schedule]
     return partial(warmed_up, after=after, total_steps=total_steps, warmup=warmup or 0)
 
@@ -155,13 +158,16 @@ def cosine_schedule(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def linear_schedule(step: int, total_steps: int, warmup: float = 0.2, warmup_steps: int | None = None) -> float:
+def linear_schedule(step: int, total_steps: int, warmup: float = 0.2, warmup_steps: int | None = None,
+                    ends: tuple[float, float] = (0.0, 0.0)) -> float:
     """The learning-rate factor at a step: linear warm-up over the first `warmup` of the steps (or over
-    warmup_steps), then linear decay to zero at total_steps (the triangle of the CIFAR-10 speed runs)."""
+    warmup_steps), then linear decay to zero at total_steps (the triangle of the CIFAR-10 speed runs); ends
+    (start, end): rise from start instead of zero and fall to end (airbench: 0.2 and 0.07)."""
+    start, end = ends
     peak = max(1.0, warmup * total_steps) if warmup_steps is None else float(warmup_steps)
     if step < peak:
-        return (step + 1) / (peak + 1)
-    return max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
+        return start + (1 - start) * ((step + 1) / (peak + 1))
+    return end + (1 - end) * max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
 
 
 def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -302,7 +308,7 @@ def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_ep
     epochs = max(1, math.ceil(new / steps_per_epoch))
     cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
     if scheduler is not None:
-        factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
+        factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch), cfg.linear_ends)
         scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
     if hasattr(averager, "total_steps"):  # lookahead's decay follows the run's length
         averager.total_steps = max(new, 1)

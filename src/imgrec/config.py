@@ -153,8 +153,8 @@ class RunConfig:
     tta: str = _opt("none", "test-time augmentation for the final evaluation (calibration, test, report; each epoch's "
                             "validation takes one view): flip averages the logits of each image and its mirror image; "
                             "flip-translate adds the two views shifted by one pixel (6 passes); unsure: one view, and "
-                            "flip-translate's 6 only for the images it gives a top probability under 0.9 (all need flip "
-                            "in --augment)", choices=TTA_MODES)
+                            "flip-translate's 6 only for the least confident quarter of each batch (all need flip in "
+                            "--augment)", choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True, min=0)
     select: str = _opt("val", "how weights/best.pt, the weights tested and used afterwards, is chosen: val (the epoch "

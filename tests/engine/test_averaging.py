@@ -184,9 +184,9 @@ def test_the_test_report_uses_the_runs_tta() -> None:
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_unsure_tta_takes_the_six_views_only_for_images_the_plain_view_is_unsure_of(
         layout: torch.memory_format) -> None:
-    """--tta unsure: the plain view's logits where its top probability is at least UNSURE_CONFIDENCE, the
-    flip-translate logits for the others."""
-    from imgrec.engine.trainer import UNSURE_CONFIDENCE, tta_logits
+    """--tta unsure: the flip-translate logits for the UNSURE_FRACTION of the batch least confident in the plain
+    view (by top probability), the plain view's for the others."""
+    from imgrec.engine.trainer import UNSURE_FRACTION, tta_logits
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval().to(memory_format=layout)
@@ -194,8 +194,9 @@ def test_unsure_tta_takes_the_six_views_only_for_images_the_plain_view_is_unsure
     with torch.no_grad():
         model[2].weight.mul_(torch.linspace(0.2, 5, 3)[:, None])  # confident on some images, unsure on others
         plain, views, unsure = (tta_logits(model, x, mode) for mode in ("none", "flip-translate", "unsure"))
-    confident = plain.softmax(1).amax(1) >= UNSURE_CONFIDENCE
-    assert 0 < confident.sum() < len(x)
+    top = plain.softmax(1).amax(1)
+    confident = top > top.sort().values[round(UNSURE_FRACTION * len(x)) - 1]
+    assert (~confident).sum() == round(UNSURE_FRACTION * len(x)) == 10
     torch.testing.assert_close(unsure[confident], plain[confident])
     torch.testing.assert_close(unsure[~confident], views[~confident])
 

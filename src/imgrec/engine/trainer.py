@@ -457,25 +457,25 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
     return result
 
 
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6, "unsure": 7}  # forward passes per image (at most)
-UNSURE_CONFIDENCE = 0.9  # --tta unsure: the 6 views for images whose plain view's top probability is below this
+UNSURE_FRACTION = 0.25  # --tta unsure: the 6 views for this fraction of each batch, the least confident in one view
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6, "unsure": 1 + 6 * UNSURE_FRACTION}  # forward passes per image
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
     """float32 logits of a batch under test-time augmentation: none; flip (the mean of each image's and its mirror
     image's); flip-translate (airbench's: half the flip mean, half the flip means of the image shifted one pixel
-    up-left and down-right, borders reflected); unsure (the plain view, and flip-translate's instead for the images
-    whose top probability in it is below UNSURE_CONFIDENCE)."""
+    up-left and down-right, borders reflected); unsure (the plain view, and flip-translate's instead for the
+    UNSURE_FRACTION of the batch with the lowest top probability in it: a fraction, not a probability threshold,
+    since label smoothing caps how confident a model gets)."""
     if mode not in TTA_VIEWS:
         raise ValueError(f"unknown test-time augmentation {mode!r}")
     logits = model(x).float()
     if mode == "none":
         return logits
     if mode == "unsure":
-        unsure = logits.softmax(1).amax(1) < UNSURE_CONFIDENCE
-        if unsure.any():
-            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            logits[unsure] = tta_logits(model, x[unsure].contiguous(memory_format=layout), "flip-translate")
+        unsure = logits.softmax(1).amax(1).argsort(stable=True)[: math.ceil(UNSURE_FRACTION * len(x))]
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        logits[unsure] = tta_logits(model, x[unsure].contiguous(memory_format=layout), "flip-translate")
         return logits
     logits = (logits + model(x.flip(-1)).float()) / 2
     if mode == "flip":

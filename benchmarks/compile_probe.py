@@ -1,4 +1,5 @@
 """Does torch.compile pay for airnet's training step on this CPU? Eager against compiled, in alternating blocks.
+With --against muon: the eager step with SGD against the same with --optimizer muon (what Muon's step costs).
 
 The step is imgrec's own (bf16 autocast where native, channels-last, SGD with Nesterov momentum, label smoothing),
 on random images of the recipe's shapes: airnet-small on 1x28x28, airnet on 3x32x32. Prints images/s of each and
@@ -24,13 +25,13 @@ from imgrec.models.registry import build_model
 SHAPES = {"airnet-small": (1, 28), "airnet": (3, 32)}
 
 
-def make_step(model_name: str, compiled: bool, batch: int) -> tuple:
+def make_step(model_name: str, compiled: bool, batch: int, optimizer_name: str = "sgd") -> tuple:
     torch.manual_seed(0)
     channels, size = SHAPES[model_name]
     model = build_model(model_name, 10, channels, (size, size)).to(memory_format=torch.channels_last)
-    cfg = RunConfig(optimizer="sgd", lr=0.1, momentum=0.85, weight_decay=1e-3, label_smoothing=0.1)
+    cfg = RunConfig(optimizer=optimizer_name, lr=0.1, momentum=0.85, weight_decay=1e-3, label_smoothing=0.1)
     device = select_device("cpu")
-    optimizer = OPTIMIZERS["sgd"](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
+    optimizer = OPTIMIZERS[optimizer_name](parameter_groups(model, cfg), cfg, optimizer_kernels(device))
     target = torch.compile(model) if compiled else model
     step = _make_step(target, optimizer, None, torch.amp.GradScaler("cpu", enabled=False),
                       nn.CrossEntropyLoss(label_smoothing=0.1), None, device, autocast_dtype("auto", device),
@@ -55,20 +56,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--against", default="compiled", choices=["compiled", "muon"])
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     eager = make_step(args.model, False, args.batch)
-    compiled = make_step(args.model, True, args.batch)
+    compiled = (make_step(args.model, True, args.batch) if args.against == "compiled"
+                else make_step(args.model, False, args.batch, "muon"))
     start = time.perf_counter()
     timed(*compiled, 2)  # compiles (forward and backward)
-    compile_seconds = time.perf_counter() - start
+    compile_seconds = time.perf_counter() - start  # with --against muon: two warm-up steps
     timed(*eager, 2)
     rates: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(args.rounds):  # alternating blocks: a busy neighbour slows both alike
         rates["eager"].append(timed(*eager, args.steps))
         rates["compiled"].append(timed(*compiled, args.steps))
-    result = {"model": args.model, "threads": args.threads, "batch": args.batch, "compile_seconds": compile_seconds,
+    result = {"model": args.model, "against": args.against, "threads": args.threads, "batch": args.batch, "compile_seconds": compile_seconds,
               **{k: [round(v) for v in r] for k, r in rates.items()},
               "ratio": sum(rates["compiled"]) / sum(rates["eager"])}
     print(json.dumps(result))

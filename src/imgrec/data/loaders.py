@@ -116,7 +116,11 @@ class _EpochPosition:
     def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, indices: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as the model takes it: transformed (augmented when training), then mixed when asked to."""
-        x = self.transform(images, generator if self.augment else None, (indices, self.epoch, self.seed))
+        generator_or_none = generator if self.augment else None
+        if getattr(self.transform, "alternate_flip", False):  # its flips follow each image's index and the epoch
+            x = self.transform(images, generator_or_none, (indices, self.epoch, self.seed))
+        else:  # any transform taking (images, generator)
+            x = self.transform(images, generator_or_none)
         if self.augment and self.mix is not None:
             return self.mix(x, labels, generator)
         return x, labels

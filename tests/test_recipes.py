@@ -32,7 +32,7 @@ def test_the_recipe_picks_by_shape(channels: int, size: tuple[int, int], model: 
     for key, value in RECIPES[kind].items():
         if key != "val_fraction":
             assert getattr(cfg, key) == value, key
-    assert cfg.model == model and cfg.tta == "flip-translate" and cfg.schedule == "linear" and cfg.optimizer == "sgd"
+    assert cfg.model == model and cfg.tta == "unsure" and cfg.schedule == "linear" and cfg.optimizer == "sgd"
     assert cfg.precision == "auto"  # bf16 where the hardware computes it natively (engine.system)
 
 

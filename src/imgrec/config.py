@@ -22,9 +22,9 @@ import yaml
 
 from imgrec.errors import ImgrecError, UsageError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("constant", "cosine", "onecycle", "linear")
-TTA_MODES = ("none", "flip", "flip-translate")
+TTA_MODES = ("none", "flip", "flip-translate", "unsure")
 RECIPES = ("none", "fast")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,6 +91,8 @@ class RunConfig:
     augment: str = _opt("auto", "comma list of crop, flip, translate, erase, resized-crop, randaugment, "
                                 "trivialaugment (torchvision's policies, per image); none; or auto (colour data: "
                                 "resized-crop,flip for torchvision backbones, crop,flip for the others)")
+    alternate_flip: bool = _opt(False, "with flip in --augment: mirror each image on alternate epochs (the first "
+                                       "epoch by a coin per image) instead of at random each epoch (airbench's)")
     mixup: float = _opt(0.0, "MixUp: blend each training image with another, and their labels, by a weight drawn "
                              "from Beta(ALPHA, ALPHA) (e.g. 0.2; 0: off)", min=0, max=100)
     cutmix: float = _opt(0.0, "CutMix: paste a box of another training image into each, labels mixed by the area "
@@ -115,17 +117,23 @@ class RunConfig:
     cache_features: bool = _opt(False, "with --freeze: compute the backbone's features of the training and "
                                        "validation images once and train the head on them (no augmentation)")
     # optimisation
-    optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
+    optimizer: str = _opt("adam", "optimiser; muon: Muon (orthogonalised momentum) for the conv filters at "
+                                  "--muon-lr, sgd for the rest", choices=OPTIMIZERS)
     lr: float | str = _opt(1e-3, "learning rate (the peak rate for onecycle), or find: run the learning-rate range "
                                  "test first (imgrec lr-find) and train with its suggestion", above=0, words=("find",))
     weight_decay: float = _opt(0.0, "weight decay", min=0)
     momentum: float = _opt(0.9, "momentum for sgd (Nesterov)", min=0, below=1)
+    muon_lr: float = _opt(0.05, "--optimizer muon: learning rate of the conv filters (each filter bank's norm is held "
+                                "fixed, so this is the size of each step relative to it)", above=0, max=10)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", min=0, below=1)
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value", above=0)
     batch_size: int = _opt(100, "images per training step", min=1)
     epochs: int = _opt(10, "training epochs (with --resume: train the run to this many epochs)", resume=True, min=1)
     schedule: str = _opt("constant", "learning-rate schedule (linear: warm up over the first fifth of the steps, then "
                                      "decay linearly to zero)", choices=SCHEDULES)
+    linear_ends: list[float] = _opt([0.0, 0.0], "--schedule linear: the learning rate's factors at the first and the "
+                                                 "last step (default 0 0: up from zero, down to zero; airbench: 0.2 0.07)",
+                                    lengths=(2, 2))
     warmup_epochs: float | None = _opt(None, "raise the learning rate linearly from near zero over this many epochs "
                                              "(fractions allowed), then follow --schedule over the rest (default: "
                                              "none; linear keeps its first fifth)", min=0)
@@ -137,13 +145,16 @@ class RunConfig:
     ema: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. 0.99); "
                            "the average is validated, tested and saved (0: off)", min=0, below=1,
                      note="0: off; 0.99 averages about the last 100 steps")
+    whiten_bias_epochs: int = _opt(0, "models with a whitening stem (airnet, airnet-small): train its bias for this "
+                                      "many epochs, then keep it fixed (airbench: 3; 0: trained throughout)", min=0)
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")
     tta: str = _opt("none", "test-time augmentation for the final evaluation (calibration, test, report; each epoch's "
                             "validation takes one view): flip averages the logits of each image and its mirror image; "
-                            "flip-translate adds the two views shifted by one pixel (6 passes; both need flip in --augment)",
-                    choices=TTA_MODES)
+                            "flip-translate adds the two views shifted by one pixel (6 passes); unsure: one view, and "
+                            "flip-translate's 6 only for the least confident quarter of each batch (all need flip in "
+                            "--augment)", choices=TTA_MODES)
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0: never)",
                          resume=True, min=0)
     select: str = _opt("val", "how weights/best.pt, the weights tested and used afterwards, is chosen: val (the epoch "
@@ -184,6 +195,10 @@ class RunConfig:
                f"--warmup-epochs must be fewer than --epochs ({self.epochs}); got {self.warmup_epochs}")
         _check(not (self.ema and self.lookahead), "give --ema or --lookahead, not both: each keeps the weights that are "
                                                   "validated and saved")
+        _check(all(0 <= v <= 1 for v in self.linear_ends), f"--linear-ends takes two factors from 0 to 1; got "
+                                                            f"{' '.join(map(str, self.linear_ends))}")
+        _check(not (self.optimizer == "muon" and self.precision == "fp16"), "--optimizer muon takes --precision "
+                                                                           "fp32 or bf16, not fp16")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")

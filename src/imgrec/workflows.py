@@ -439,7 +439,8 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
     if cfg.tta != "none" and "flip" not in augment:
         raise UsageError(f"--tta {cfg.tta} needs flip in --augment (now: {','.join(augment) or 'none'}): a model that "
                          f"never saw mirror images gains nothing from them; add flip, or drop --tta")
-    return BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels)
+    return BatchTransform(spec.mean, spec.std, augment, size=spec.size, channels=spec.channels,
+                          alternate_flip=cfg.alternate_flip)
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,

@@ -36,6 +36,7 @@ PLAIN = BatchTransform(MEAN, STD)
 AUGMENTED = BatchTransform(MEAN, STD, ["crop", "flip", "translate", "erase"])
 RANDAUGMENT = BatchTransform(MEAN, STD, ["randaugment", "flip"])
 TRIVIALAUGMENT = BatchTransform(MEAN, STD, ["trivialaugment"])
+ALTERNATE = BatchTransform(MEAN, STD, ["translate", "flip"], alternate_flip=True)
 MIX = BatchMix(21, mixup=0.4, cutmix=1.0)  # 21 classes: label i marks the i-th image
 
 
@@ -82,8 +83,8 @@ def alive(pids: set[int]) -> set[int]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("transform", [PLAIN, AUGMENTED, RANDAUGMENT, TRIVIALAUGMENT],
-                         ids=["plain", "augmented", "randaugment", "trivialaugment"])
+@pytest.mark.parametrize("transform", [PLAIN, AUGMENTED, RANDAUGMENT, TRIVIALAUGMENT, ALTERNATE],
+                         ids=["plain", "augmented", "randaugment", "trivialaugment", "alternate-flip"])
 def test_tensor_and_stream_loaders_give_identical_batches(splits: tuple[ArraySplit, FileSplit], workers: int,
                                                           transform: BatchTransform) -> None:
     arrays, files = splits
@@ -127,6 +128,32 @@ def test_augmented_batches_are_the_plain_ones_transformed_with_the_epoch_generat
     for (x, y), idx in zip(batches, permutation.split(8)):
         assert torch.equal(y, arrays.labels[idx])
         assert torch.equal(x, AUGMENTED(arrays.images[idx], generator))
+
+
+def mirrored(loader: TensorLoader | StreamLoader, split: ArraySplit, epoch: int) -> dict[int, bool]:
+    """Which images (by label = index) an epoch of an alternate-flip loader without translation mirrored."""
+    seen = {}
+    for x, y in run_epoch(loader, epoch):
+        for image, label in zip(x, y.tolist()):
+            plain = PLAIN(split.images[label:label + 1])[0]
+            assert torch.equal(image, plain) or torch.equal(image, plain.flip(-1))
+            seen[label] = not torch.equal(image, plain)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+def test_alternate_flip_mirrors_each_image_every_other_epoch(splits: tuple[ArraySplit, FileSplit], kind: str) -> None:
+    """Epoch 1 mirrors about half the images (a coin per image and seed), each next epoch the other ones."""
+    arrays, files = splits
+    assert not any(torch.equal(img, img.flip(-1)) for img in arrays.images)  # a mirror image is told apart
+    flip_only = BatchTransform(MEAN, STD, ["flip"], alternate_flip=True)
+    split = arrays if kind == "memory" else files
+    loader = make_loader(split, 3, flip_only, train=True, seed=11, workers=0)
+    first, second, third = (mirrored(loader, arrays, epoch) for epoch in (1, 2, 3))
+    assert len(first) == 21 and 5 <= sum(first.values()) <= 16
+    assert all(second[i] != first[i] for i in first) and third == first
+    other_seed = mirrored(make_loader(split, 3, flip_only, train=True, seed=12, workers=0), arrays, 1)
+    assert other_seed != first
 
 
 # --- order ---------------------------------------------------------------------------------------------------

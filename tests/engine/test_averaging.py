@@ -179,3 +179,40 @@ def test_the_test_report_uses_the_runs_tta() -> None:
     torch.testing.assert_close(predict(model, loader, cfg).logits, expected)
     torch.testing.assert_close(predict(model, loader, RunConfig(device="cpu", channels_last=False, precision="fp32")).logits,
                                model(x).detach())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_unsure_tta_takes_the_six_views_only_for_images_the_plain_view_is_unsure_of(
+        layout: torch.memory_format) -> None:
+    """--tta unsure: the flip-translate logits for the UNSURE_FRACTION of the batch least confident in the plain
+    view (by top probability), the plain view's for the others."""
+    from imgrec.engine.trainer import UNSURE_FRACTION, tta_logits
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval().to(memory_format=layout)
+    x = torch.randn(40, 2, 6, 6).to(memory_format=layout)
+    with torch.no_grad():
+        model[2].weight.mul_(torch.linspace(0.2, 5, 3)[:, None])  # confident on some images, unsure on others
+        plain, views, unsure = (tta_logits(model, x, mode) for mode in ("none", "flip-translate", "unsure"))
+    top = plain.softmax(1).amax(1)
+    confident = top > top.sort().values[round(UNSURE_FRACTION * len(x)) - 1]
+    assert (~confident).sum() == round(UNSURE_FRACTION * len(x)) == 10
+    torch.testing.assert_close(unsure[confident], plain[confident])
+    torch.testing.assert_close(unsure[~confident], views[~confident])
+
+
+def test_linear_schedule_ends_rise_from_and_fall_to_the_given_factors() -> None:
+    """--linear-ends 0.2 0.07 (airbench's shape): 0.2 -> 1 at the peak -> 0.07 at the end; 0 0 is the triangle."""
+    from imgrec.config import RunConfig
+    from imgrec.errors import UsageError
+
+    shaped = [linear_schedule(step, 100, ends=(0.2, 0.07)) for step in range(101)]
+    plain = [linear_schedule(step, 100) for step in range(101)]
+    assert shaped[0] == pytest.approx(0.2 + 0.8 * plain[0]) and max(shaped) == 1.0 == max(plain)
+    assert shaped[100] == pytest.approx(0.07) and plain[100] == 0.0
+    assert all(a >= b for a, b in zip(shaped, plain))
+    assert [linear_schedule(step, 100, ends=(0.0, 0.0)) for step in range(101)] == plain
+    with pytest.raises(UsageError, match="linear-ends"):
+        RunConfig(linear_ends=[0.2, 1.5])
+    with pytest.raises(UsageError, match="linear-ends"):
+        RunConfig(linear_ends=[0.2])

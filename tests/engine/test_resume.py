@@ -380,3 +380,36 @@ def test_tensorboard_without_its_package_is_one_line(image_folder: Path, tmp_pat
     assert err.strip().splitlines() == ["imgrec train: error: --log tensorboard needs the Python package 'tensorboard', which is not "
                                         "installed: pip install 'imgrec[tensorboard]'"]
     assert not (tmp_path / "runs").exists()  # it failed before any data was loaded or folder made
+
+
+def test_resume_with_muon_is_exact(image_folder: Path, tmp_path: Path, snapshots: list[Path]) -> None:
+    """--optimizer muon keeps two inner states (Muon's momentum for the conv filters, SGD's for the rest): a run
+    resumed mid-epoch and at an epoch end ends with the same weights and results as one never stopped."""
+    extra = dict(optimizer="muon", lr=0.05, momentum=0.85, schedule="linear", max_steps=8)
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    final = load_state(snapshots[-1])
+    assert set(final["optimizer"]) == {"muon", "sgd"} and final["optimizer"]["muon"]["state"]
+    saved = list(snapshots)
+    for k in (2, 5):  # within epoch 1, and (2, 0)
+        run = run_stopped_at(reference, saved[k], tmp_path / f"resumed-{k}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)
+
+
+def test_the_whitening_bias_trains_for_its_epochs_then_stays_and_alternate_flips_resume_exactly(
+        image_folder: Path, tmp_path: Path, snapshots: list[Path]) -> None:
+    """--whiten-bias-epochs 1: the stem's bias moves in epoch 1 only; with --alternate-flip too, a run resumed in
+    epoch 1 and in epoch 3 (the bias then fixed) ends like one never stopped."""
+    extra = dict(model="airnet-small", optimizer="sgd", lr=0.05, momentum=0.85, schedule="linear",
+                 augment="translate,flip", alternate_flip=True, whiten_bias_epochs=1)
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    saved = list(snapshots)
+    at = {(p.epoch, p.step): s for s, p in ((s, Progress.from_dict(load_state(s)["progress"])) for s in saved)}
+    after_first = load_state(at[(2, 0)])["model"]["whiten.bias"]
+    assert not torch.equal(after_first, torch.zeros_like(after_first))  # it trained (it starts at zero)
+    assert torch.equal(load_state(saved[-1])["model"]["whiten.bias"], after_first)  # and then stayed
+    assert not torch.equal(load_state(saved[-1])["model"]["head.weight"], load_state(at[(2, 0)])["model"]["head.weight"])
+    for position in ((1, 2), (3, 1)):
+        run = run_stopped_at(reference, at[position], tmp_path / f"resumed-{position[0]}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)

@@ -113,10 +113,14 @@ class _EpochPosition:
         self.transform: BatchTransform
         self.mix: BatchMix | None = None
 
-    def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, indices: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as the model takes it: transformed (augmented when training), then mixed when asked to."""
-        x = self.transform(images, generator if self.augment else None)
+        generator_or_none = generator if self.augment else None
+        if getattr(self.transform, "alternate_flip", False):  # its flips follow each image's index and the epoch
+            x = self.transform(images, generator_or_none, (indices, self.epoch, self.seed))
+        else:  # any transform taking (images, generator)
+            x = self.transform(images, generator_or_none)
         if self.augment and self.mix is not None:
             return self.mix(x, labels, generator)
         return x, labels
@@ -175,7 +179,7 @@ class TensorLoader(_EpochPosition):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, generator = self._epoch_batches()
         for idx in batches:
-            x, y = self._batch(self.split.images[idx], self.split.labels[idx], generator)
+            x, y = self._batch(self.split.images[idx], self.split.labels[idx], generator, idx)
             self.batches_done += 1
             yield x, y
 
@@ -262,9 +266,10 @@ class StreamLoader(_EpochPosition):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches.batches, generator = self._epoch_batches()
+        batches = self._batches.batches
         try:
-            for images, labels in self._loader:
-                x, y = self._batch(images, labels, generator)
+            for i, (images, labels) in enumerate(self._loader):
+                x, y = self._batch(images, labels, generator, batches[i])
                 self.batches_done += 1
                 yield x, y
         except (ImageDecodeError, RuntimeError) as exc:

@@ -51,7 +51,7 @@ class BatchTransform:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
-                 size: Sequence[int] | None = None, channels: int | None = None) -> None:
+                 size: Sequence[int] | None = None, channels: int | None = None, alternate_flip: bool = False) -> None:
         mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add
@@ -60,11 +60,16 @@ class BatchTransform:
         self.augment = list(augment)
         self.size = (int(size[0]), int(size[1])) if size is not None else None
         self.channels = channels
+        self.alternate_flip = alternate_flip  # flip: each image on alternate epochs (needs where: see __call__)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 where: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
+        """where: the batch's (indices in the split, epoch, seed), which alternate_flip's flips follow."""
         ops = self.augment if generator is not None else []
         for op in ops:
-            if op in _AUGMENTS:
+            if op == "flip" and self.alternate_flip and where is not None:
+                images = torch.where(alternating_flips(*where)[:, None, None, None], images.flip(-1), images)
+            elif op in _AUGMENTS:
                 images = _AUGMENTS[op](images, generator)
         x = images.float()
         size = self.size or (x.shape[-2], x.shape[-1])
@@ -153,6 +158,17 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """Mirror each image left-right with probability 1/2."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def alternating_flips(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Which images of a batch to mirror in an epoch (airbench's alternating flip): each image is mirrored or not
+    in epoch 1 by a coin of its own (a hash of its index and the seed), then the other way in each next epoch, so
+    that every two epochs show each image both ways."""
+    x = (indices.to(torch.int64) + seed * 0x2545F491) * 0x5851F42D4C957F2D  # wraps around: an integer hash
+    x = x ^ (x >> 29)
+    x = x * 0x14057B7EF767814F
+    coin = ((x >> 31) & 1).bool()
+    return coin ^ (epoch % 2 == 0)
 
 
 def random_erase(x: torch.Tensor, generator: torch.Generator, probability: float = 0.5) -> torch.Tensor:

@@ -152,7 +152,7 @@ class Deadline:
         epochs = max(1, math.ceil(new / steps_per_epoch))
         cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
         if scheduler is not None:
-            factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch))
+            factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch), cfg.linear_ends)
             scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
         if isinstance(averager, Lookahead):  # lookahead's decay follows the run's length
             averager.total_steps = max(new, 1)

@@ -32,6 +32,7 @@ from imgrec.engine import distributed
 from imgrec.engine.averaging import averaged_step, make_averager
 from imgrec.engine.board import TensorBoardLog
 from imgrec.engine.checkpoint import FORMAT_VERSION, save_atomic
+from imgrec.engine.optimizers import build_muon
 from imgrec.engine.runs import ResultsLog
 from imgrec.engine.signals import StopRequested, StopSignals
 from imgrec.engine.state import Progress, StateSaver, TrainParts, capture_state, restore_state
@@ -92,6 +93,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda p, c, kernels: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay, **kernels),
     "sgd": lambda p, c, kernels: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0,
                                                  weight_decay=c.weight_decay, **kernels),
+    "muon": build_muon,  # Muon for the conv filters, the sgd above for the rest
 }
 
 
@@ -110,7 +112,8 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
     """A per-step learning-rate schedule, or None for a constant rate (without --warmup-epochs)."""
     warmup = warmup_steps(cfg, steps_per_epoch)
     if cfg.schedule in ("cosine", "linear") or (cfg.schedule == "constant" and warmup):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg.schedule, total_steps, warmup,
+                                                                                  cfg.linear_ends))
     if cfg.schedule == "onecycle":
         # its own warm-up is the first 30% of the steps; --warmup-epochs sets it: the peak at step `warmup` (torch's
         # peak is at step pct_start x total - 1, and its warm-up must be at least a step long)
@@ -125,11 +128,13 @@ def warmup_steps(cfg: RunConfig, steps_per_epoch: int) -> int | None:
     return None if cfg.warmup_epochs is None else round(cfg.warmup_epochs * max(1, steps_per_epoch))
 
 
-def schedule_factor(schedule: str, total_steps: int, warmup: int | None = None) -> Callable[[int], float]:
+def schedule_factor(schedule: str, total_steps: int, warmup: int | None = None,
+                    linear_ends: tuple[float, float] | list[float] = (0.0, 0.0)) -> Callable[[int], float]:
     """The learning-rate factor by step of a constant, cosine or linear schedule over total_steps; with warmup
-    steps, a linear warm-up over them first and the schedule over the steps after."""
+    steps, a linear warm-up over them first and the schedule over the steps after; linear_ends: the linear
+    schedule's factors at its start and end."""
     if schedule == "linear":
-        return partial(linear_schedule, total_steps=total_steps, warmup_steps=warmup)
+        return partial(linear_schedule, total_steps=total_steps, warmup_steps=warmup, ends=tuple(linear_ends))
     after = {"cosine": cosine_schedule, "constant": lambda step, total_steps: 1.0}[schedule]
     return partial(warmed_up, after=after, total_steps=total_steps, warmup=warmup or 0)
 
@@ -146,13 +151,16 @@ def cosine_schedule(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
-def linear_schedule(step: int, total_steps: int, warmup: float = 0.2, warmup_steps: int | None = None) -> float:
+def linear_schedule(step: int, total_steps: int, warmup: float = 0.2, warmup_steps: int | None = None,
+                    ends: tuple[float, float] = (0.0, 0.0)) -> float:
     """The learning-rate factor at a step: linear warm-up over the first `warmup` of the steps (or over
-    warmup_steps), then linear decay to zero at total_steps (the triangle of the CIFAR-10 speed runs)."""
+    warmup_steps), then linear decay to zero at total_steps (the triangle of the CIFAR-10 speed runs); ends
+    (start, end): rise from start instead of zero and fall to end (airbench: 0.2 and 0.07)."""
+    start, end = ends
     peak = max(1.0, warmup * total_steps) if warmup_steps is None else float(warmup_steps)
     if step < peak:
-        return (step + 1) / (peak + 1)
-    return max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
+        return start + (1 - start) * ((step + 1) / (peak + 1))
+    return end + (1 - end) * max(0.0, (total_steps - step) / max(1.0, total_steps - peak))
 
 
 def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -210,6 +218,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
                 hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)  # the backbone trains after them
+                if cfg.whiten_bias_epochs:  # a whitened stem's bias trains for its first epochs only
+                    hooks.freeze_whitening_bias(model, epoch > cfg.whiten_bias_epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
@@ -442,17 +452,25 @@ def evaluate(model: nn.Module, loader: Loader, device: torch.device, dtype: torc
     return result
 
 
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}  # forward passes per image
+UNSURE_FRACTION = 0.25  # --tta unsure: the 6 views for this fraction of each batch, the least confident in one view
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6, "unsure": 1 + 6 * UNSURE_FRACTION}  # forward passes per image
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
     """float32 logits of a batch under test-time augmentation: none; flip (the mean of each image's and its mirror
     image's); flip-translate (airbench's: half the flip mean, half the flip means of the image shifted one pixel
-    up-left and down-right, borders reflected)."""
+    up-left and down-right, borders reflected); unsure (the plain view, and flip-translate's instead for the
+    UNSURE_FRACTION of the batch with the lowest top probability in it: a fraction, not a probability threshold,
+    since label smoothing caps how confident a model gets)."""
     if mode not in TTA_VIEWS:
         raise ValueError(f"unknown test-time augmentation {mode!r}")
     logits = model(x).float()
     if mode == "none":
+        return logits
+    if mode == "unsure":
+        unsure = logits.softmax(1).amax(1).argsort(stable=True)[: math.ceil(UNSURE_FRACTION * len(x))]
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        logits[unsure] = tta_logits(model, x[unsure].contiguous(memory_format=layout), "flip-translate")
         return logits
     logits = (logits + model(x.flip(-1)).float()) / 2
     if mode == "flip":

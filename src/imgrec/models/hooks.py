@@ -13,6 +13,9 @@ helpers below, which do what the model offers, or the plain thing for a model wi
                                layers of a pretrained backbone)
   lr_scaled_parameters()       (scale, parameters): parameters trained at lr * scale, with weight decay / scale
                                (the same decay per step); ignored when the model has parameter_groups
+  freeze_whitening_bias(frozen)
+                               stop (True) or restart (False) training a whitened stem's bias
+                               (--whiten-bias-epochs)
 
 Imports: torch only (the engine uses this module, and nothing else of imgrec.models).
 """
@@ -45,13 +48,24 @@ class ScalesParameters(Protocol):
     def lr_scaled_parameters(self) -> tuple[float, list[nn.Parameter]]: ...
 
 
-ModelHooks = (FitsToImages, Freezable, GroupsParameters, ScalesParameters)  # every optional method, one Protocol each
+@runtime_checkable
+class FreezesWhiteningBias(Protocol):
+    def freeze_whitening_bias(self, frozen: bool) -> None: ...
+
+
+ModelHooks = (FitsToImages, Freezable, GroupsParameters, ScalesParameters, FreezesWhiteningBias)  # every optional method, one Protocol each
 
 
 def set_frozen(model: nn.Module, frozen: bool) -> None:
     """Freeze or unfreeze the model's backbone; nothing for a model without one."""
     if isinstance(model, Freezable):
         model.set_frozen(frozen)
+
+
+def freeze_whitening_bias(model: nn.Module, frozen: bool) -> None:
+    """Freeze or unfreeze a whitened stem's bias; nothing for a model without one."""
+    if isinstance(model, FreezesWhiteningBias):
+        model.freeze_whitening_bias(frozen)
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, backbone_mult: float) -> Any:

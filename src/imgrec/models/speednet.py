@@ -133,6 +133,10 @@ class WhitenedNet(nn.Module):
         they would otherwise move far slower than the convs' scale-free weights (airbench's bias scaler)."""
         return BIAS_LR_SCALE, [m.bias for m in self.modules() if isinstance(m, _FixedScaleBatchNorm)]
 
+    def freeze_whitening_bias(self, frozen: bool) -> None:
+        """Stop (or resume) training the whitening stem's bias: airbench trains it for the first epochs only."""
+        self.whiten.bias.requires_grad_(not frozen)
+
     @torch.no_grad()
     def init_from_images(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the whitening weights from normalised training images (N, C, H, W), float; a few thousand do."""

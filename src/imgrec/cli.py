@@ -26,6 +26,8 @@ from imgrec.config import RunConfig, default_cache_dir, default_data_dir, load_y
 from imgrec.errors import ImgrecError, Interrupted, UsageError, os_error_cause
 from imgrec.openmp import patient_threads
 
+log = logging.getLogger(__name__)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line ("imgrec train: error: ...") with exit code 2, and a flag is only
@@ -310,7 +312,7 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    started = time.perf_counter()  # --time-budget counts from here: importing torch is part of the run
+    started = args.started  # --time-budget counts from main(): importing torch is part of the run
     from imgrec.api import train_run  # imgrec.train's code path: the flags are its settings
     from imgrec.workflows import resume
 
@@ -339,6 +341,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if s.get("test_imbalanced"):
         print(f"balanced accuracy: {s['test_balanced_accuracy']:.2%}, macro-F1 {s['test_macro_f1']:.3f} (the test split "
               f"is imbalanced: accuracy is mostly its large classes')")
+    if s.get("timing") and outcome.last_batch_at is not None:
+        log.debug(
+            f"timing: start-up to first batch {s['timing']['startup_seconds']:.2f}s, training "
+            f"{s['timing']['training_seconds']:.2f}s, last batch to exit {time.perf_counter() - outcome.last_batch_at:.2f}s")
     return 0
 
 
@@ -561,8 +567,10 @@ COMPUTING = {"train", "lr-find", "evaluate", "predict", "explain", "serve", "sho
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imgrec` console script; returns the exit code."""
+    started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     if not args.command:
         parser.print_help()
         return 2

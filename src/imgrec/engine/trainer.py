@@ -81,6 +81,8 @@ class FitResult:
     images_per_second: float
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    first_batch_at: float | None = None  # time.perf_counter() as this process's first training batch was drawn
+    last_batch_at: float | None = None  # ... and once its last step was done (None: no step ran)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -219,6 +221,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, cfg, weights_meta))
     epochs = run_epochs(cfg, len(train_loader))
+    clock: dict[str, float] = {}  # when the first batch was drawn and the last step done
     if board is not None:
         board.start(progress.epoch, progress.step, progress.loss_sum, progress.seen, len(train_loader))
     with StopSignals() as stop:
@@ -241,7 +244,9 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 step_fn = averaged_step(_make_step(distributed.wrap_model(model, cfg.sync_bn), optimizer, scheduler, scaler,
                                                    loss_fn, cfg.grad_clip, device, dtype, memory_format), averager)
                 last = total_steps(cfg, len(train_loader)) - (epoch - 1) * len(train_loader)
+                clock.setdefault("first", time.perf_counter())
                 train_one_epoch(step_fn, train_loader, progress, epochs, after_step, max_steps=min(len(train_loader), last))
+                clock["last"] = time.perf_counter()
                 # The epoch's last update can make the weights non-finite while its own loss was finite: never
                 # validate or save such weights (NaN logits can even score a "better" accuracy and replace best.pt).
                 _check_finite(model, progress)
@@ -279,7 +284,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 raise
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
-    return _fit_result(progress, cfg, epochs)
+    return replace(_fit_result(progress, cfg, epochs), first_batch_at=clock.get("first"), last_batch_at=clock.get("last"))
 
 
 def _replan(cfg: RunConfig, deadline: Deadline, progress: Progress, steps_per_epoch: int, epoch_end_seconds: float,

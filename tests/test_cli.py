@@ -115,6 +115,30 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and out.strip() == "imgrec 0.1.0"
 
 
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers_alive", [False, True])
+def test_the_command_skips_the_interpreter_shutdown_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch,
+                                                                          workers_alive: bool) -> None:
+    """With torch loaded (as here) the interpreter's shutdown costs about a second: the command ends with
+    os._exit and main()'s code, unless child processes are still alive (a normal exit reaps them)."""
+    import multiprocessing
+
+    from imgrec import cli
+
+    def exit_now(code: int) -> None:
+        raise _Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(multiprocessing, "active_children", lambda: [object()] if workers_alive else [])
+    with pytest.raises(SystemExit if workers_alive else _Exited) as info:
+        cli.run()
+    assert info.value.args[0] == 3
+
+
 def test_help_does_not_import_torch(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import sys

@@ -7,9 +7,11 @@ Torch is imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -617,6 +619,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     group = _group()
     return group.end_process(code) if group is not None else code
+
+
+def run() -> typing.NoReturn:
+    """The `imgrec` command (the console script and `python -m imgrec`): main(), then the process's exit.
+
+    Once torch (and its compiler) is loaded, the interpreter's own shutdown takes about a second (it frees every
+    module's objects one by one) while nothing is left to do: every file the command wrote is closed when main()
+    returns. So such a process ends at once, after flushing what it printed, unless it still has child processes
+    (data-loading workers) that a normal shutdown would reap."""
+    code = main()
+    multiprocessing = sys.modules.get("multiprocessing")
+    if "torch" in sys.modules and not (multiprocessing and multiprocessing.active_children()):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to say
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _group() -> Any:

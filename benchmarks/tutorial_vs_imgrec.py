@@ -260,6 +260,7 @@ def draw_chart(results: dict, path: Path) -> None:
                  fontsize=10)
     ax.set_xlabel("seconds since the start (tutorial: of its pipeline; imgrec: of the command)")
     ax.set_ylabel("test accuracy (%)")
+    ax.margins(x=0.1, y=0.1)
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

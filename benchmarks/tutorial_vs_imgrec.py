@@ -15,8 +15,20 @@ imgrec's achieved GFLOP/s and peak memory. --switches also trains imgrec with ea
 `imgrec train --data DATA --recipe fast --time-budget T` with T = F x the tutorial's total time for the last
 model (the tutorial's 15-epoch LeNet time is the yardstick).
 
+--repeat N runs the side-by-side comparison N times in a row (throughput ratios each time, then the lowest).
+--chart PNG draws test accuracy against wall-clock seconds: the tutorial's pipeline after each of its epochs (the
+last model's; from the start of its pipeline, its imports already done) and imgrec's --budgets runs (each a whole
+command, imports included). --whole-command times the tutorial's script end to end in a fresh Python process
+(its imports: torch, matplotlib.pyplot, numpy, torchvision; then its pipeline for the first model and --epochs)
+against the whole `imgrec train --data DATA --model MODEL --epochs N` process, with where imgrec's time went
+(summary.json's timing). --train-samples N trains both sides on N images (a stratified subset for imgrec, a
+seeded random one for the tutorial): a quick check of a code path, not a result.
+
     python benchmarks/tutorial_vs_imgrec.py --data fashion-mnist --models mlp lenet --epochs 15 --budgets 0.3333 1
     python benchmarks/tutorial_vs_imgrec.py --data cifar10 --models lenet --epochs 15 --budgets 1 2.5
+    python benchmarks/tutorial_vs_imgrec.py --models mlp --epochs 2 --whole-command
+    python benchmarks/tutorial_vs_imgrec.py --models lenet --epochs 5 --tutorial-only --budgets 0.3333 1 \
+        --chart benchmarks/time_to_accuracy-fashion-mnist.png
 """
 
 from __future__ import annotations
@@ -43,6 +55,11 @@ from imgrec.models.registry import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages: how busy the machine was."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def tutorial_data(data: str, data_dir: str, work: Path) -> tuple:
     """The tutorial's training and test datasets, its channels and image size."""
     if data == "fashion-mnist":
@@ -66,17 +83,21 @@ def tutorial_data(data: str, data_dir: str, work: Path) -> tuple:
 
 
 def tutorial_run(model_name: str, data: str, data_dir: str, work: Path, epochs: int, lr: float,
-                 batch_size: int = 100) -> dict:
-    """The tutorial's training loop, as written there (per-sample transforms, .item() per step)."""
+                 batch_size: int = 100, train_samples: int | None = None) -> dict:
+    """The tutorial's training loop, as written there (per-sample transforms, .item() per step); curve: the test
+    accuracy after each epoch against the seconds since the pipeline started."""
     start = time.perf_counter()
     training_dataset, validation_dataset, channels, size = tutorial_data(data, data_dir, work)
+    if train_samples is not None and train_samples < len(training_dataset):  # a quick check, not the tutorial's
+        keep = torch.randperm(len(training_dataset), generator=torch.Generator().manual_seed(0))[:train_samples]
+        training_dataset = torch.utils.data.Subset(training_dataset, keep.tolist())
     training_loader = torch.utils.data.DataLoader(training_dataset, batch_size=batch_size, shuffle=True)
     validation_loader = torch.utils.data.DataLoader(validation_dataset, batch_size=batch_size, shuffle=False)
     torch.manual_seed(0)
     model = build_model(model_name, 10, channels, size)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    train_seconds, val_acc = 0.0, 0.0
+    train_seconds, val_acc, curve = 0.0, 0.0, []
     for _ in range(epochs):
         epoch_start = time.perf_counter()
         model.train()
@@ -99,10 +120,11 @@ def tutorial_run(model_name: str, data: str, data_dir: str, work: Path, epochs: 
                 _, val_preds = torch.max(val_outputs, 1)
                 val_corrects += torch.sum(val_preds == val_labels.data)
         val_acc = float(val_corrects) / len(validation_dataset)
+        curve.append([round(time.perf_counter() - start, 2), val_acc])
     return {
         "train_images": len(training_dataset), "epochs": epochs, "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start, "test_accuracy": val_acc,
-        "images_per_second": epochs * len(training_dataset) / train_seconds,
+        "images_per_second": epochs * len(training_dataset) / train_seconds, "curve": curve,
     }
 
 
@@ -110,8 +132,9 @@ def imgrec_run(args: argparse.Namespace, project: Path, name: str, *flags: str) 
     """One `imgrec train` process on the benchmark's data; its summary.json plus the command's wall time."""
     data = args.data if args.data == "fashion-mnist" else str(Path(args.data_dir) / "cifar10-jpeg.tar.gz")
     cache = project / f"cache-{name}"  # empty: imgrec prepares the data from scratch, inside its total
+    subset = ["--train-samples", str(args.train_samples)] if args.train_samples else []
     cmd = [sys.executable, "-m", "imgrec", "train", "--data", data, "--data-dir", args.data_dir, "--project",
-           str(project), "--name", name, *flags]
+           str(project), "--name", name, *subset, *flags]
     env = {**os.environ, "IMGREC_CACHE": str(cache), "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -120,13 +143,13 @@ def imgrec_run(args: argparse.Namespace, project: Path, name: str, *flags: str) 
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((project / name / "summary.json").read_text())
     keep = ("train_images", "epochs", "best_epoch", "train_seconds", "test_accuracy", "images_per_second",
-            "precision", "train_gflop_per_image", "train_gflops_per_second", "peak_rss_mb")
+            "precision", "train_gflop_per_image", "train_gflops_per_second", "peak_rss_mb", "timing")
     return {"command": " ".join(["imgrec", *cmd[3:]]), "total_seconds": seconds, **{k: summary.get(k) for k in keep}}
 
 
 def compare(args: argparse.Namespace, name: str, work: Path) -> dict:
     """Tutorial and imgrec on one model (and imgrec with each switch off, when asked); prints one line each."""
-    tut = tutorial_run(name, args.data, args.data_dir, work, args.epochs, args.lr)
+    tut = tutorial_run(name, args.data, args.data_dir, work, args.epochs, args.lr, train_samples=args.train_samples)
     if args.tutorial_only:
         print(f"{name}: tutorial {tut['images_per_second']:,.0f} img/s, {tut['total_seconds']:.1f} s total, test "
               f"{tut['test_accuracy']:.2%}", flush=True)
@@ -164,6 +187,89 @@ def budget_runs(args: argparse.Namespace, yardstick: float, work: Path) -> dict:
     return results
 
 
+def tutorial_script(args: argparse.Namespace) -> None:
+    """The tutorial's script in this fresh process (--tutorial-process): its other imports, then its pipeline;
+    prints its result as JSON."""
+    import matplotlib.pyplot  # noqa: F401  (the tutorial's first cell imports these with torch and torchvision)
+    import numpy  # noqa: F401
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = tutorial_run(args.models[0], args.data, args.data_dir, Path(tmp), args.epochs, args.lr,
+                              train_samples=args.train_samples)
+    print(json.dumps(result))
+
+
+def whole_command(args: argparse.Namespace, work: Path) -> dict:
+    """The tutorial's script end to end in a fresh process against the whole `imgrec train` process."""
+    name = args.models[0]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--tutorial-process", "--data", args.data, "--data-dir",
+           args.data_dir, "--models", name, "--epochs", str(args.epochs), "--lr", str(args.lr)]
+    cmd += ["--train-samples", str(args.train_samples)] if args.train_samples else []
+    load = load_average()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    tutorial_seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"the tutorial's script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    tut = json.loads(proc.stdout.splitlines()[-1])
+    imr = imgrec_run(args, work, f"{name}-whole", "--model", name, "--epochs", str(args.epochs), "--lr", str(args.lr))
+    timing = imr.get("timing") or {}
+    rest = imr["total_seconds"] - sum(timing.values()) if timing else None
+    result = {"load_average_before": load, "load_average_after": load_average(),
+              "tutorial": {**tut, "script_seconds": tutorial_seconds}, "imgrec": imr,
+              "ratio": tutorial_seconds / imr["total_seconds"],
+              "imgrec_interpreter_and_exit_seconds": rest}
+    print(f"whole command, {name}, {args.epochs} epochs: tutorial's script {tutorial_seconds:.1f} s (its pipeline "
+          f"{tut['total_seconds']:.1f} s, test {tut['test_accuracy']:.2%}) | imgrec {imr['total_seconds']:.1f} s "
+          f"(start-up to first batch {timing.get('startup_seconds', float('nan')):.2f} s, training "
+          f"{timing.get('training_seconds', float('nan')):.2f} s, last batch to finished run folder "
+          f"{timing.get('after_training_seconds', float('nan')):.2f} s, interpreter start and exit "
+          f"{rest if rest is not None else float('nan'):.2f} s; test {imr['test_accuracy']:.2%}) | "
+          f"x{result['ratio']:.2f} (load average {load} -> {result['load_average_after']})", flush=True)
+    return result
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    """Test accuracy against wall-clock seconds: the tutorial's pipeline after each epoch, imgrec's budgeted runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tutorial_model = list(results["models"])[-1]
+    tut = results["models"][tutorial_model]["tutorial"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs, ys = zip(*tut["curve"])
+    ax.plot(xs, [100 * y for y in ys], "o-", color="#888888",
+            label=f"tutorial's pipeline, {tutorial_model} (test set after each epoch)")
+    budgets = sorted(results.get("budgets", {}).values(), key=lambda r: r["total_seconds"])
+    if budgets:
+        ax.plot([r["total_seconds"] for r in budgets], [100 * r["test_accuracy"] for r in budgets], "s-",
+                color="#1f5fb4", label="imgrec --recipe fast --time-budget T (whole command)")
+        for r in budgets:
+            ax.annotate(f"T = {r['budget_seconds']} s", (r["total_seconds"], 100 * r["test_accuracy"]),
+                        textcoords="offset points", xytext=(6, -12), fontsize=8, color="#1f5fb4")
+    for name, entry in results["models"].items():  # imgrec's plain runs of the same models, when they ran
+        if "imgrec" in entry:
+            run = entry["imgrec"]
+            ax.plot(run["total_seconds"], 100 * run["test_accuracy"], "^", color="#2e8b57",
+                    label=f"imgrec {name}, {run['epochs']} epochs (whole command)")
+    subset = f", {results['train_samples']:,} training images" if results.get("train_samples") else ""
+    ax.set_title(f"{results['data']}{subset}: test accuracy against wall-clock time\n(load average "
+                 f"{results['load_average_before']} at the start, {results['load_average_after']} at the end)",
+                 fontsize=10)
+    ax.set_xlabel("seconds since the start (tutorial: of its pipeline; imgrec: of the command)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.margins(x=0.1, y=0.1)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"chart: {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["fashion-mnist", "cifar10"], default="fashion-mnist")
@@ -176,21 +282,46 @@ def main() -> None:
                         "(the yardstick of --budgets), not imgrec's run of the same model")
     parser.add_argument("--budgets", type=float, nargs="*", default=[], help="time budgets as fractions of the "
                         "tutorial's total time for the last model")
+    parser.add_argument("--repeat", type=int, default=1, help="run the side-by-side comparison this many times")
+    parser.add_argument("--whole-command", action="store_true", help="the tutorial's script and the imgrec command "
+                        "end to end, each a fresh process (the first model, --epochs), instead of the comparison")
+    parser.add_argument("--train-samples", type=int, help="train both sides on this many images (a quick check)")
+    parser.add_argument("--chart", help="draw test accuracy against wall-clock seconds into this PNG")
+    parser.add_argument("--tutorial-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     args.data_dir = str(Path(args.data_dir).resolve())
+    if args.tutorial_process:
+        tutorial_script(args)
+        return
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; 2048^2 matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} "
-          f"bf16; {versions()}", flush=True)
-    results: dict = {"data": args.data, "matmul_peak_gflops": peaks, "models": {}}
+          f"bf16; {versions()}; load average {load_average()}", flush=True)
+    results: dict = {"data": args.data, "matmul_peak_gflops": peaks, "train_samples": args.train_samples,
+                     "load_average_before": load_average(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            results["models"][name] = compare(args, name, Path(tmp))
+        if args.whole_command:
+            results["whole_command"] = whole_command(args, Path(tmp))
+        else:
+            rounds = []
+            for i in range(args.repeat):
+                rounds.append({name: compare(args, name, Path(tmp) / f"round-{i}") for name in args.models})
+            results["models"] = rounds[-1]
+            if args.repeat > 1:
+                results["rounds"] = rounds
+                for name in args.models if not args.tutorial_only else []:
+                    ratios = [r[name]["throughput_ratio"] for r in rounds]
+                    print(f"{name}: throughput x{' x'.join(f'{x:.2f}' for x in ratios)} in {args.repeat} runs "
+                          f"(lowest x{min(ratios):.2f})", flush=True)
         if args.budgets:
             yardstick = results["models"][args.models[-1]]["tutorial"]["total_seconds"]
             results["budgets"] = budget_runs(args, yardstick, Path(tmp))
+    results["load_average_after"] = load_average()
     results["benchmark_peak_rss_mb"] = peak_rss_mb()
+    print(f"load average at the end: {results['load_average_after']}", flush=True)
+    if args.chart:
+        draw_chart(results, Path(args.chart))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

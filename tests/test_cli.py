@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import error_line, make_image_folder, run_main
+from conftest import REPO, error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file, save_atomic
@@ -115,6 +115,30 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and out.strip() == "imgrec 0.1.0"
 
 
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers_alive", [False, True])
+def test_the_command_skips_the_interpreter_shutdown_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch,
+                                                                          workers_alive: bool) -> None:
+    """With torch loaded (as here) the interpreter's shutdown costs about a second: the command ends with
+    os._exit and main()'s code, unless child processes are still alive (a normal exit reaps them)."""
+    import multiprocessing
+
+    from imgrec import cli
+
+    def exit_now(code: int) -> None:
+        raise _Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(multiprocessing, "active_children", lambda: [object()] if workers_alive else [])
+    with pytest.raises(SystemExit if workers_alive else _Exited) as info:
+        cli.run()
+    assert info.value.args[0] == 3
+
+
 def test_help_does_not_import_torch(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import sys
@@ -132,6 +156,38 @@ def test_help_does_not_import_torch(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("light")
+
+
+UNUSED_BY_TRAINING = ("torchvision", "matplotlib", "onnx", "onnxruntime", "onnxscript", "safetensors", "fastapi",
+                      "uvicorn", "starlette", "tensorboard", "scipy", "sklearn", "pandas", "tabulate")
+
+
+def test_training_imports_only_what_it_uses(fake_fashion_mnist: Path, tmp_path: Path) -> None:
+    """Start-up is most of a short command's time: the train path's modules load neither plotting nor
+    export/serving/other libraries, and a whole Fashion-MNIST run loads no torchvision (its import alone takes
+    seconds) and nothing of those but matplotlib, for the report's figures. A new top-level import fails here.
+    The run records where its time went outside its steps."""
+    code = textwrap.dedent(f"""
+        import sys
+        from imgrec.cli import main
+        import imgrec.api, imgrec.workflows, imgrec.reporting
+        loaded = lambda: sorted({{m.split(".")[0] for m in sys.modules}} & set({UNUSED_BY_TRAINING!r}))
+        print(loaded())
+        code = main(["train", "--data", "fashion-mnist", "--data-dir", {str(fake_fashion_mnist)!r}, "--model", "mlp",
+                     "--epochs", "1", "--project", {str(tmp_path / "runs")!r}, "-q", "--threads", "1",
+                     "--workers", "0", "--device", "cpu"])
+        print(code, loaded())
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert (lines[0], lines[-1]) == ("[]", "0 ['matplotlib']")
+    # where the command's time went outside its steps, for benchmarks: summary.json's timing
+    timing = json.loads((tmp_path / "runs" / "fashion-mnist-mlp" / "summary.json").read_text())["timing"]
+    assert set(timing) == {"startup_seconds", "training_seconds", "after_training_seconds"}
+    assert all(value > 0 for value in timing.values())
 
 
 # --- train ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """`python -m imgrec` is the `imgrec` command (and what `torchrun -m imgrec` starts)."""
 
-from imgrec.cli import main
+from imgrec.cli import run
 
-raise SystemExit(main())
+run()

@@ -7,9 +7,11 @@ Torch is imported only once a command runs, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,6 +27,8 @@ from imgrec import __version__
 from imgrec.config import DEVICES, RunConfig, default_cache_dir, default_data_dir, load_yaml
 from imgrec.errors import ImgrecError, Interrupted, UsageError, os_error_cause
 from imgrec.openmp import patient_threads
+
+log = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -334,7 +338,7 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    started = time.perf_counter()  # --time-budget counts from here: importing torch is part of the run
+    started = args.started  # --time-budget counts from main(): importing torch is part of the run
     from imgrec.api import train_run  # imgrec.train's code path: the flags are its settings
     from imgrec.workflows import resume
 
@@ -363,6 +367,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if s.get("test_imbalanced"):
         print(f"balanced accuracy: {s['test_balanced_accuracy']:.2%}, macro-F1 {s['test_macro_f1']:.3f} (the test split "
               f"is imbalanced: accuracy is mostly its large classes')")
+    if s.get("timing") and outcome.last_batch_at is not None:
+        log.debug(
+            f"timing: start-up to first batch {s['timing']['startup_seconds']:.2f}s, training "
+            f"{s['timing']['training_seconds']:.2f}s, last batch to exit {time.perf_counter() - outcome.last_batch_at:.2f}s")
     return 0
 
 
@@ -572,8 +580,10 @@ COMPUTING = {"train", "lr-find", "evaluate", "predict", "explain", "serve", "sho
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `imgrec` console script; returns the exit code."""
+    started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     if not args.command:
         parser.print_help()
         return 2
@@ -620,6 +630,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     group = _group()
     return group.end_process(code) if group is not None else code
+
+
+def run() -> typing.NoReturn:
+    """The `imgrec` command (the console script and `python -m imgrec`): main(), then the process's exit.
+
+    Once torch (and its compiler) is loaded, the interpreter's own shutdown takes about a second (it frees every
+    module's objects one by one) while nothing is left to do: every file the command wrote is closed when main()
+    returns. So such a process ends at once, after flushing what it printed, unless it still has child processes
+    (data-loading workers) that a normal shutdown would reap."""
+    code = main()
+    multiprocessing = sys.modules.get("multiprocessing")
+    if "torch" in sys.modules and not (multiprocessing and multiprocessing.active_children()):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to say
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _group() -> Any:

@@ -95,6 +95,7 @@ class TrainOutcome:
     summary: dict[str, Any]
     already_finished: bool = False  # a resumed run that had nothing left to do
     main_process: bool = True  # False in the other processes of a torchrun group (the main one reports)
+    last_batch_at: float | None = None  # time.perf_counter() once the last training step was done
 
 
 @dataclass
@@ -327,10 +328,24 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         summary.update(weights_source=source.description, feature_cache_seconds=feature_seconds)
     if cfg.time_budget:  # the plan (also on resume: it is in plan.json) and how well the run kept to it
         summary.update(time_budget_seconds=parse_duration(cfg.time_budget), plan=_read_plan(run_dir))
-    if source or cfg.time_budget:
+    timing = _timing(result, started)
+    if timing:
+        summary["timing"] = timing
+    if source or cfg.time_budget or timing:
         write_json(run_dir / "summary.json", summary)
     _clear_partial_writes(run_dir)  # a finished run holds no temporary file, whatever an earlier kill cut short
-    return TrainOutcome(run_dir, summary)
+    return TrainOutcome(run_dir, summary, last_batch_at=result.last_batch_at)
+
+
+def _timing(result: FitResult, started: float) -> dict[str, float] | None:
+    """Where the run's time went outside its training steps: from the start of the command (or of imgrec.train)
+    to its first training batch (imports, data, model), and from its last step to the finished run folder
+    (validation, calibration, the test pass, figures and report.html)."""
+    if result.first_batch_at is None or result.last_batch_at is None:
+        return None
+    return {"startup_seconds": round(result.first_batch_at - started, 3),
+            "training_seconds": round(result.last_batch_at - result.first_batch_at, 3),
+            "after_training_seconds": round(time.perf_counter() - result.last_batch_at, 3)}
 
 
 def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,

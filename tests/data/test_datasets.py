@@ -21,7 +21,15 @@ from PIL import Image
 
 from conftest import REPO, error_line, make_image_folder, write_idx
 from imgrec.data import imageio
-from imgrec.data.datasets import DEFAULT_FOLDER_SIZE, NAMED_DATASETS, DataOptions, load_data, missing_files
+from imgrec.data.datasets import (
+    DEFAULT_FOLDER_SIZE,
+    IDX_CLASSES,
+    NAMED_DATASETS,
+    DataOptions,
+    load_data,
+    missing_files,
+    read_idx,
+)
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit
 from imgrec.data.transforms import channel_stats
 from imgrec.errors import ImgrecError, UsageError
@@ -101,6 +109,16 @@ def test_mnist_from_idx_files(tmp_path: Path) -> None:
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 10, 10)
 
 
+def test_idx_files_read_as_torchvision_reads_them(shared_data: Path) -> None:
+    """The IDX reader (no torchvision import on the way to training) gives torchvision's tensors and class names."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    raw = shared_data / "FashionMNIST" / "raw"
+    for name, read, dims in (("t10k-images-idx3-ubyte", read_image_file, 3), ("t10k-labels-idx1-ubyte", read_label_file, 1)):
+        assert torch.equal(read_idx(raw / name, dims).to(torch.int64), read(str(raw / name)).to(torch.int64))
+    assert {"MNIST": tvd.MNIST.classes, "FashionMNIST": tvd.FashionMNIST.classes} == IDX_CLASSES
+
+
 def test_user_statistics_override_known_ones(fake_fashion_mnist: Path, tmp_path: Path) -> None:
     bundle = load_data("fashion-mnist", options(tmp_path, fake_fashion_mnist, mean=[0.5], std=[0.25]))
     assert bundle.info.mean == [0.5] and bundle.info.std == [0.25]
@@ -134,12 +152,12 @@ def test_corrupt_named_files_are_an_imgrec_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage, fragment", [
     ("label-magic", "train-labels-idx1-ubyte is not a readable IDX label file (its header does not match"),
     ("image-dims", "t10k-images-idx3-ubyte is not a readable IDX image file (its header does not match"),
-    ("image-short", "train-images-idx3-ubyte is not a readable IDX image file (RuntimeError: "),
+    ("image-short", "train-images-idx3-ubyte is not a readable IDX image file (its header promises 60 x 28 x 28 bytes"),
     ("label-count", "holds 20 images but"),
 ])
 def test_damaged_idx_files_are_one_line_naming_the_file(fake_fashion_mnist: Path, tmp_path: Path, damage: str,
                                                         fragment: str) -> None:
-    """torchvision checks IDX headers with bare asserts: the error names the file instead."""
+    """A damaged header or a cut file: the error names the file and what does not match."""
     raw = fake_fashion_mnist / "FashionMNIST" / "raw"
     name = {"label-magic": "train-labels-idx1-ubyte", "image-dims": "t10k-images-idx3-ubyte",
             "image-short": "train-images-idx3-ubyte", "label-count": "t10k-labels-idx1-ubyte"}[damage]

@@ -1,9 +1,10 @@
 """Data sets by name or path -> DataBundle (DatasetInfo + train/val/test splits).
 
-Named sets: mnist, fashion-mnist and cifar10 through torchvision's classes, digits from scikit-learn.
+Named sets: mnist and fashion-mnist read from their IDX files (torchvision only downloads them), cifar10
+through torchvision's class, digits from scikit-learn.
 Anything else is a path to an image folder or an archive of one (see folders.py). Small data ends up as
 one uint8 tensor per split (decoded once, cached); large folders stay files and are streamed.
-Imports: torch, torchvision, numpy and the data package; never a model or the engine.
+Imports: torch, numpy, the data package (torchvision on use); never a model or the engine.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import secrets
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,24 +76,32 @@ def _idx_files(folder: str) -> tuple[str, ...]:
     return tuple(f"{folder}/raw/{n}" for n in names)
 
 
-def _load_torchvision_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
-    def load(opts: DataOptions) -> tuple:
-        import torchvision.datasets as tvd
-        from torchvision.datasets.mnist import read_image_file, read_label_file
+# torchvision's class names for its IDX data sets (runs record them; read here without importing torchvision)
+IDX_CLASSES = {
+    "MNIST": ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+              "8 - eight", "9 - nine"],
+    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"],
+}
 
-        cls = getattr(tvd, cls_name)
+
+def _load_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
+    def load(opts: DataOptions) -> tuple:
         if opts.download and missing_files(cls_name, opts.data_dir, _idx_files(cls_name)):
+            import torchvision.datasets as tvd  # only to download: reading needs no torchvision (seconds to import)
+
+            cls = getattr(tvd, cls_name)
             _named_call(lambda: cls(root=opts.data_dir, train=True, download=True), cls_name, opts.data_dir)
         raw = Path(opts.data_dir) / cls_name / "raw"  # where torchvision keeps them: <root>/<class name>/raw
         splits = []
-        for prefix in ("train", "t10k"):  # torchvision's own readers, one file at a time so that errors name it
-            images = _read_named_file(read_image_file, raw / f"{prefix}-images-idx3-ubyte", "IDX image")
-            labels = _read_named_file(read_label_file, raw / f"{prefix}-labels-idx1-ubyte", "IDX label")
+        for prefix in ("train", "t10k"):  # one file at a time, so that errors name it
+            images = _read_named_file(raw / f"{prefix}-images-idx3-ubyte", "IDX image", dims=3)
+            labels = _read_named_file(raw / f"{prefix}-labels-idx1-ubyte", "IDX label", dims=1)
             if len(images) != len(labels):
                 raise ImgrecError(f"{raw / f'{prefix}-images-idx3-ubyte'} holds {len(images):,} images but "
                                   f"{raw / f'{prefix}-labels-idx1-ubyte'} {len(labels):,} labels; download them again")
             splits.append(ArraySplit(images.unsqueeze(1).contiguous(), labels.to(torch.int64)))
-        return list(cls.classes), splits[0], None, splits[1]
+        return list(IDX_CLASSES[cls_name]), splits[0], None, splits[1]
 
     return load
 
@@ -98,17 +109,33 @@ def _load_torchvision_idx(cls_name: str) -> Callable[[DataOptions], tuple]:
 REPLACE_ADVICE = "copy it again, or delete it and let `imgrec train --download` fetch it"
 
 
-def _read_named_file(read: Callable[[str], torch.Tensor], path: Path, kind: str) -> torch.Tensor:
-    """torchvision's reader on one file; whatever it raises (a bare AssertionError on a bad header) is one line."""
+def read_idx(path: Path, dims: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (MNIST's format: magic 0x0000 0x08 <dims>, then <dims> big-endian sizes, then
+    the bytes) as a uint8 tensor of that shape; ValueError names what does not match."""
+    data = path.read_bytes()
+    header = 4 * (dims + 1)
+    if len(data) < header or data[:3] != b"\x00\x00\x08" or data[3] != dims:
+        raise ValueError(f"its header does not match its contents: not an IDX file of unsigned bytes with {dims} "
+                         f"dimension{'s' if dims > 1 else ''}")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"its header promises {' x '.join(map(str, shape))} bytes, it holds {len(data) - header:,}")
+    return torch.from_numpy(np.frombuffer(bytearray(data[header:]), dtype=np.uint8).reshape(shape))
+
+
+def _read_named_file(path: Path, kind: str, dims: int) -> torch.Tensor:
+    """read_idx on one file; whatever goes wrong is one line naming the file."""
     try:
-        return read(str(path))
+        return read_idx(path, dims)
     except Exception as exc:
         raise ImgrecError(f"{path} is not a readable {kind} file ({_reason(exc)}): {REPLACE_ADVICE}") from None
 
 
 def _reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    if isinstance(exc, AssertionError):  # torchvision checks headers with bare asserts
+    if isinstance(exc, ValueError):  # read_idx's own reasons
+        return text
+    if isinstance(exc, AssertionError):  # torchvision checks files with bare asserts
         return f"its header does not match its contents{f': {text}' if text else ''}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -159,9 +186,9 @@ def _load_digits(opts: DataOptions) -> tuple:
 
 NAMED_DATASETS: dict[str, NamedDataset] = {
     "mnist": NamedDataset("MNIST handwritten digits, 60k/10k, 28x28 grey", _idx_files("MNIST"),
-                          _load_torchvision_idx("MNIST")),
+                          _load_idx("MNIST")),
     "fashion-mnist": NamedDataset("Zalando Fashion-MNIST clothes, 60k/10k, 28x28 grey", _idx_files("FashionMNIST"),
-                                  _load_torchvision_idx("FashionMNIST")),
+                                  _load_idx("FashionMNIST")),
     "cifar10": NamedDataset(
         "CIFAR-10 objects, 50k/10k, 32x32 colour",
         tuple(f"cifar-10-batches-py/{n}" for n in

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import random
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -114,16 +117,26 @@ def set_threads(threads: int | None) -> None:
 
 def versions() -> dict[str, str]:
     """Library versions to stamp into runs and checkpoints."""
-    import torchvision
-
     import imgrec
 
     return {
         "imgrec": imgrec.__version__,
         "torch": str(torch.__version__),  # TorchVersion is not a plain str: weights-only loading refuses it
-        "torchvision": str(torchvision.__version__),
+        "torchvision": torchvision_version(),
         "python": platform.python_version(),
     }
+
+
+def torchvision_version() -> str:
+    """torchvision.__version__ (with its build's tag, e.g. 0.29.1+cu130) without importing torchvision, which
+    takes seconds (it loads torch's compiler): read from its version.py, else the installed distribution's."""
+    spec = importlib.util.find_spec("torchvision")
+    try:
+        text = Path(spec.origin).with_name("version.py").read_text() if spec and spec.origin else ""
+    except OSError:
+        text = ""
+    found = re.search(r"^__version__ = ['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return found.group(1) if found else importlib.metadata.version("torchvision")
 
 
 def git_commit(path: str | Path = ".") -> str | None:

@@ -86,6 +86,8 @@ class FitResult:
     images_per_second: float
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    first_batch_at: float | None = None  # time.perf_counter() as this process's first training batch was drawn
+    last_batch_at: float | None = None  # ... and once its last step was done (None: no step ran)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -188,11 +190,10 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
         board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None,
         compute: Compute | None = None) -> FitResult:
-    """Train for cfg.epochs (or until early stopping), from scratch or from a saved training state; write
-    results.csv, weights/{last,best}.pt and train_state.pt. With a deadline (a --time-budget run), the steps
-    still to run are re-planned at each epoch end from the speed measured so far. With a board, each step and
-    epoch is logged for TensorBoard too (a resumed run from its saved position on). class_weights: the weight of
-    each class in the training loss (--balance weights); compute: the run's (default: from cfg)."""
+    """Train for cfg.epochs (or until early stopping), from scratch or a saved state; write results.csv,
+    weights/{last,best}.pt and train_state.pt. deadline (--time-budget): re-plan at each epoch end from the speed
+    so far; board: TensorBoard's log of each step and epoch; class_weights: each class's weight in the loss
+    (--balance weights); compute: the run's (default: from cfg)."""
     compute = compute or Compute.of(cfg)
     parts = _training_parts(model, train_loader, cfg, compute)
     optimizer, scheduler, averager = parts.optimizer, parts.scheduler, parts.averager
@@ -203,6 +204,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     results = ResultsLog(run_dir / "results.csv", progress.history) if distributed.is_main() else None
     saver = StateSaver(run_dir, cfg, lambda p: _checked_state(parts, p, saver.cfg, weights_meta))
     epochs = run_epochs(cfg, len(train_loader))
+    clock: dict[str, float] = {}  # when the first batch was drawn and the last step done (see _timed)
     if board is not None:
         board.start(progress.epoch, progress.step, progress.loss_sum, progress.seen, len(train_loader))
     with StopSignals() as stop:
@@ -217,14 +219,12 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
-                hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)  # the backbone trains after them
-                if cfg.whiten_bias_epochs:  # a whitened stem's bias trains for its first epochs only
-                    hooks.freeze_whitening_bias(model, epoch > cfg.whiten_bias_epochs)
+                _freeze_for_epoch(model, cfg, epoch)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                train_one_epoch(_step_function(parts, loss_fn, cfg, compute), train_loader, progress, epochs,
-                                after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
+                _timed(clock, train_one_epoch, _step_function(parts, loss_fn, cfg, compute), train_loader, progress,
+                       epochs, after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
                 _check_finite(model, progress)  # before validating or saving: see _check_finite
                 epoch_end_started = time.perf_counter()
                 val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
@@ -245,7 +245,21 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 raise
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
-    return _fit_result(progress, cfg, epochs)
+    return _fit_result(progress, cfg, epochs, clock)
+
+
+def _timed(clock: dict[str, float], train: Callable, *args: Any, **kwargs: Any) -> None:
+    """Run an epoch's steps, noting in clock when the run's first one started ("first") and the last one ended."""
+    clock.setdefault("first", time.perf_counter())
+    train(*args, **kwargs)
+    clock["last"] = time.perf_counter()
+
+
+def _freeze_for_epoch(model: nn.Module, cfg: RunConfig, epoch: int) -> None:
+    """What trains in this epoch: the backbone after the frozen epochs, a whitened stem's bias in its first ones."""
+    hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)
+    if cfg.whiten_bias_epochs:
+        hooks.freeze_whitening_bias(model, epoch > cfg.whiten_bias_epochs)
 
 
 def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, compute: Compute) -> TrainParts:
@@ -321,14 +335,15 @@ def _stop_if_any(stop: StopSignals, save_due: bool = False) -> bool:
     return save_now
 
 
-def _fit_result(progress: Progress, cfg: RunConfig, epochs: int) -> FitResult:
+def _fit_result(progress: Progress, cfg: RunConfig, epochs: int, clock: dict[str, float]) -> FitResult:
     stopped_early = progress.stopped_early(epochs, cfg.patience)
     if stopped_early:
         log.info(f"early stop: no better validation accuracy for {cfg.patience} epochs (best: epoch {progress.best_epoch})")
     rate = progress.images_seen / progress.train_seconds if progress.train_seconds > 0 else 0.0
     return FitResult(best_epoch=progress.best_epoch, best_val_accuracy=progress.best_val_accuracy,
                      epochs_run=len(progress.history), train_seconds=progress.train_seconds, images_per_second=rate,
-                     stopped_early=stopped_early, history=list(progress.history))
+                     stopped_early=stopped_early, history=list(progress.history),
+                     first_batch_at=clock.get("first"), last_batch_at=clock.get("last"))
 
 
 def _checked_state(parts: TrainParts, progress: Progress, cfg: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:

@@ -22,11 +22,17 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     counts = np.asarray(matrix, dtype=np.float64)
     n = len(classes)
     values = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
-    side = min(16.0, max(4.5, 0.42 * n + 2.4))
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    side = min(16.0, max(4.5, 0.42 * n + 2.4)) - 1.4  # inches: the matrix's square
+    label_size = 10 if n <= 20 else 8 if n <= 40 else 5
+    # Margins from the longest class name (DejaVu Sans averages about 0.6 em a character), set once: a tight
+    # layout would measure every text by drawing the figure an extra time (about a third of its cost).
+    label = max((len(c) for c in classes), default=1) * label_size * 0.6 / 72
+    left, bottom, top, right = label + 0.65, 0.71 * label + 0.65, 0.45, 1.1  # right: the colour bar
+    fig, ax = plt.subplots(figsize=(left + side + right, bottom + side + top))
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(values.max(), 1))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    label_size = 10 if n <= 20 else 8 if n <= 40 else 5
     ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right", rotation_mode="anchor", fontsize=label_size)
     ax.set_yticks(range(n), labels=list(classes), fontsize=label_size)
     ax.set_xlabel("predicted class")
@@ -40,7 +46,6 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
                 text = "·"
             ax.text(col, row, text, ha="center", va="center", fontsize=9 if n <= 12 else 7,
                     color="white" if value > threshold else "#222222")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
@@ -52,6 +57,9 @@ def plot_reliability(panels: Sequence[tuple[str, Sequence[dict[str, Any]], float
     plt = pyplot()
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 5.4), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    width = 4.6 * len(panels)  # fixed margins in inches (fixed labels): no layout pass that draws the figure twice
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.6 / 5.4, top=1 - 0.55 / 5.4,
+                        wspace=0.9 * len(panels) / width, hspace=0.08)
     for col, (title, rows, error) in enumerate(panels):
         ax, ax_count = axes[0, col], axes[1, col]
         centres = [(r["low"] + r["high"]) / 2 for r in rows]
@@ -76,7 +84,6 @@ def plot_reliability(panels: Sequence[tuple[str, Sequence[dict[str, Any]], float
         ax_count.set_xlabel("confidence (top softmax probability)")
         ax_count.set_ylabel("images")
         ax_count.grid(alpha=0.25)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

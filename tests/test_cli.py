@@ -102,7 +102,7 @@ def test_train_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> N
                  "--schedule", "--patience", "--device", "--precision", "--seed", "--project", "--name",
                  "--exist-ok", "--no-deterministic", "--train-samples", "--augment", "--mean", "--std"):
         assert flag in out, flag
-    assert "--optimizer {adam,adamw,sgd}" in out and "(default: adam)" in out
+    assert "--optimizer {adam,adamw,sgd,muon}" in out and "(default: adam)" in out
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

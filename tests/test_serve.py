@@ -198,11 +198,11 @@ setTimeout(() => console.log(JSON.stringify({fetched, error: elements["error-tex
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="needs node to run the page's script (the browser test runs it in Chromium)")
 @pytest.mark.parametrize("size", [int(LIMIT_MB * 2**20), int(LIMIT_MB * 2**20) + 1, 5 * 2**20])
 def test_the_page_refuses_a_file_over_the_limit_before_sending_it(client: TestClient, size: int) -> None:
     """The page's own script, with the limit the server wrote into it: a larger file is refused with a message
     and never sent, even while the model card is still on its way; a file at the limit is sent."""
+    assert NODE is not None, "node is needed to run the page's script (.ci/run installs Debian's nodejs)"
     page = client.get("/").text
     script = page[page.index("<script>") + len("<script>"):page.index("</script>")]
     maximum = page.split('name="imgrec-max-upload-bytes" content="', 1)[1].split('"', 1)[0]

@@ -248,7 +248,10 @@ def torchrun(*args: str, cwd: Path, restarts: int = 0, script: list[str] | None 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "--max-restarts", str(restarts), "--monitor-interval", "0.5"]
     target = script or ["-m", "imgrec"]
-    return subprocess.run([*launcher, *target, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+    scratch = cwd.parent / f"{cwd.name}.tmp"  # torchrun's torchelastic_* folders go beside the test's, not in /tmp
+    scratch.mkdir(exist_ok=True)
+    env = {**_env(), "TMPDIR": str(scratch)}
+    return subprocess.run([*launcher, *target, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=GROUP_TIMEOUT)
 
 

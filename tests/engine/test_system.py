@@ -27,6 +27,16 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch: pytes
     assert system.autocast_dtype("fp32", CPU) is None
 
 
+def test_auto_precision_on_a_gpu_without_bf16_is_fp16_except_for_muon(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cuda = torch.device("cuda")
+    assert system.autocast_dtype("auto", cuda) is torch.float16
+    assert system.autocast_dtype("auto", cuda, "sgd") is torch.float16
+    assert system.autocast_dtype("auto", cuda, "muon") is None  # fp16's loss scaling misses Muon's filter views
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert system.autocast_dtype("auto", cuda, "muon") is torch.bfloat16
+
+
 def test_native_bf16_probe_answers_without_failing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(system.cpu_has_native_bf16(), bool)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe

@@ -35,11 +35,14 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for plain fp32."""
+def autocast_dtype(precision: str, device: torch.device, optimizer: str = "") -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for plain fp32. 'auto' on a GPU without bf16 picks fp16,
+    except for --optimizer muon (fp32 there): fp16's loss scaling does not reach Muon's view of the filters."""
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return None if optimizer == "muon" else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
@@ -84,7 +87,7 @@ class Compute:
     def of(cls, cfg: RunConfig) -> Compute:
         """The config's device, precision and memory format (a bad --device or --precision fails here)."""
         device = select_device(cfg.device)
-        return cls(device, autocast_dtype(cfg.precision, device),
+        return cls(device, autocast_dtype(cfg.precision, device, cfg.optimizer),
                    torch.channels_last if cfg.channels_last else torch.contiguous_format, torch.get_num_threads())
 
     def fp32(self) -> Compute:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from imgrec import workflows
+from imgrec import saved_runs
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import weights_transform
 from imgrec.engine import trainer
@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path, ckpt, cfg, model = workflows.load_run(args.run, data_dir=args.data_dir)
-    bundle = workflows.load_run_data(cfg, ckpt, path)
+    path, ckpt, cfg, model = saved_runs.load_run(args.run, data_dir=args.data_dir)
+    bundle = saved_runs.load_run_data(cfg, ckpt, path)
     loader = make_loader(bundle.test, 500, weights_transform(ckpt), train=False, workers=0)
     device = select_device("cpu")
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -71,7 +71,7 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
+from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights, scaled_size
 from imgrec.errors import UsageError
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import calibrate_run
@@ -225,6 +225,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     for note in bundle.notes:
         log.info(note)
     model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
+    check_progressive_resize(cfg, model, spec, info.num_classes)
     found = None
     if cfg.lr == "find":  # a resumed run has the number in its config
         found = find_lr(cfg, bundle, model, spec, compute=compute)
@@ -364,6 +365,40 @@ def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
     if not source and not resumed and isinstance(model, FitsToImages):
         init_from_data(model, bundle, plain, cfg.seed)
     return model, spec, plain
+
+
+def check_progressive_resize(cfg: RunConfig, model: torch.nn.Module, spec: InputSpec, num_classes: int) -> None:
+    """--progressive-resize: every size below the model's input, and a model that takes the smaller images (one
+    forward pass of two blank images at each size, in evaluation mode with the random generators left as they
+    were: nothing of the model or the run changes). A model with a fixed-size layer (a Linear after a flatten) is
+    a one-line usage error."""
+    sizes = cfg.progressive_resize or []
+    if not sizes:
+        return
+    flag = "--progressive-resize " + " ".join(map(str, sizes))
+    shape = f"{spec.size[0]}x{spec.size[1]}"
+    if max(sizes) >= min(spec.size):
+        raise UsageError(f"{flag}: the model's input is {shape}; give sizes below {min(spec.size)} (the shorter side "
+                         f"in pixels)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for side in sorted(set(sizes)):
+                size = scaled_size(spec.size, side)
+                try:
+                    out = model(torch.zeros(2, spec.channels, *size))
+                except Exception as exc:  # a shape mismatch, or a user model's own check of the size
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise UsageError(f"{flag}: model {cfg.model!r} takes only {shape} images ({first}); use a model "
+                                     f"with global pooling (airnet, airnet-small, resnet8, speednet) or drop "
+                                     f"--progressive-resize") from None
+                if tuple(out.shape) != (2, num_classes):
+                    raise UsageError(f"{flag}: model {cfg.model!r} gives outputs of shape {tuple(out.shape)} for "
+                                     f"{size[0]}x{size[1]} images instead of (2, {num_classes}); use a model with "
+                                     f"global pooling or drop --progressive-resize")
+    finally:
+        model.train(was_training)
 
 
 LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss diverges)

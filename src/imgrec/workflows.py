@@ -32,7 +32,7 @@ from imgrec.data.transforms import BatchMix, BatchTransform, parse_augment
 from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.board import TensorBoardLog, summary_writer_class
-from imgrec.engine.budget import Deadline
+from imgrec.engine.budget import Deadline, StepCosts
 from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
@@ -278,9 +278,10 @@ def _budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: In
     fit() keeps to."""
     if distributed.context().distributed:
         raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
+    costs = StepCosts.of(cfg, spec.size)  # --progressive-resize: its first epochs' steps cost less
     cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
-                                 time.perf_counter() - started, compute)
-    return cfg, Deadline.from_plan(plan, started)
+                                 time.perf_counter() - started, compute, costs)
+    return cfg, Deadline.from_plan(plan, started, costs)
 
 
 def _log_start(cfg: RunConfig, run_dir: Path, bundle: DataBundle, model: torch.nn.Module, source: Any,

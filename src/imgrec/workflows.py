@@ -391,9 +391,10 @@ def check_progressive_resize(cfg: RunConfig, model: torch.nn.Module, spec: Input
                     out = model(torch.zeros(2, spec.channels, *size))
                 except Exception as exc:  # a shape mismatch, or a user model's own check of the size
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise UsageError(f"{flag}: model {cfg.model!r} takes only {shape} images ({first}); use a model "
-                                     f"with global pooling (airnet, airnet-small, resnet8, speednet) or drop "
-                                     f"--progressive-resize") from None
+                    raise UsageError(f"{flag}: model {cfg.model!r} built for {shape} images does not take "
+                                     f"{size[0]}x{size[1]} ones ({first}); use larger sizes, a model with global "
+                                     f"pooling (airnet, airnet-small, resnet8, speednet), or drop --progressive-resize"
+                                     ) from None
                 if tuple(out.shape) != (2, num_classes):
                     raise UsageError(f"{flag}: model {cfg.model!r} gives outputs of shape {tuple(out.shape)} for "
                                      f"{size[0]}x{size[1]} images instead of (2, {num_classes}); use a model with "

@@ -14,6 +14,7 @@ import numbers
 import os
 import stat
 import typing
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -385,24 +386,30 @@ def _checked_value(f: Field[Any], kind: Any, value: Any) -> Any:
         if meta.get("choices") and value not in meta["choices"]:
             refuse(f"one of {', '.join(meta['choices'])}")
         return value
-    if typing.get_origin(kind) is list and typing.get_args(kind) == (int,):  # list[int]; a single one is a list of one
-        low, high = meta.get("lengths", (1, None))
-        items = [value] if isinstance(value, numbers.Integral) else value
+    if typing.get_origin(kind) is list:
+        return _checked_list(typing.get_args(kind)[0], meta, flag, value, refuse)
+    raise TypeError(f"RunConfig.{f.name}: no check for {kind}")  # a new field of a new type: add its check above
+
+
+def _checked_list(item_kind: type, meta: Any, flag: str, value: Any, refuse: Callable[[str], typing.NoReturn],
+                  ) -> list[Any]:
+    """A list[float] of finite numbers, or a list[int] (a single integer: a list of one) each in the field's range;
+    its length within the field's lengths."""
+    low, high = meta.get("lengths", (1, None))
+    count = f"{low} or {high}" if high else f"at least {low}"
+    if item_kind is int:
+        items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
         if (not isinstance(items, (list, tuple)) or not low <= len(items) <= (high or len(items))
                 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items)):
-            refuse(f"a list of {f'{low} or {high}' if high else f'at least {low}'} integers")
+            refuse(f"a list of {count} integers")
         for item in items:
             _check_range(int(item), meta, flag, INT_MAX)
         return [int(i) for i in items]
-    if typing.get_origin(kind) is list:  # list[float]
-        low, high = meta.get("lengths", (1, None))
-        count = f"{low} or {high}" if high else f"at least {low}"
-        items = list(value) if isinstance(value, (list, tuple)) else None
-        converted = [_finite(item) for item in items] if items is not None else []
-        if items is None or not low <= len(items) <= (high or len(items)) or None in converted:
-            refuse(f"a list of {count} finite numbers")
-        return converted
-    raise TypeError(f"RunConfig.{f.name}: no check for {kind}")  # a new field of a new type: add its check above
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    converted = [_finite(item) for item in items] if items is not None else []
+    if items is None or not low <= len(items) <= (high or len(items)) or None in converted:
+        refuse(f"a list of {count} finite numbers")
+    return converted
 
 
 def _float_or_none(text: str) -> float | None:

@@ -245,13 +245,12 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
-                _freeze_for_epoch(model, cfg, epoch)
+                side = _start_epoch(model, cfg, epoch, epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                step = _step_function(parts, loss_fn, cfg, compute, resized_side(cfg, epoch, epochs))
-                _timed(clock, train_one_epoch, step, train_loader, progress, epochs, after_step,
-                       max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
+                _timed(clock, train_one_epoch, _step_function(parts, loss_fn, cfg, compute, side), train_loader,
+                       progress, epochs, after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
                 _check_finite(model, progress)  # before validating or saving: see _check_finite
                 epoch_end_started = time.perf_counter()
                 val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
@@ -282,11 +281,13 @@ def _timed(clock: dict[str, float], train: Callable, *args: Any, **kwargs: Any) 
     clock["last"] = time.perf_counter()
 
 
-def _freeze_for_epoch(model: nn.Module, cfg: RunConfig, epoch: int) -> None:
-    """What trains in this epoch: the backbone after the frozen epochs, a whitened stem's bias in its first ones."""
+def _start_epoch(model: nn.Module, cfg: RunConfig, epoch: int, epochs: int) -> int | None:
+    """What trains in this epoch: the backbone after the frozen epochs, a whitened stem's bias in its first ones;
+    returns the shorter side its images are scaled down to (None: full size)."""
     hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)
     if cfg.whiten_bias_epochs:
         hooks.freeze_whitening_bias(model, epoch > cfg.whiten_bias_epochs)
+    return resized_side(cfg, epoch, epochs)
 
 
 def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, compute: Compute) -> TrainParts:

@@ -48,6 +48,10 @@ def test_each_epoch_trains_at_its_size_and_evaluation_stays_at_full_size(tmp_pat
     evaluated = [size for training, _, size in Recorder.seen[first_step:] if not training]
     assert evaluated and set(evaluated) == {(16, 16)}
     assert run.summary["epochs"] == 4 and "progressive_resize:\n- 8\n- 12\n" in (run.dir / "config.yaml").read_text()
+    # the FLOPs done per second count epochs 1 and 2 at a quarter and 9/16 of the full size's work
+    summary, share = run.summary, (0.25 + 0.5625 + 1 + 1) / 4
+    done = summary["train_gflop_per_image"] * summary["images_per_second"] * share
+    assert summary["train_gflops_per_second"] == pytest.approx(done, rel=0.05, abs=0.006)
 
 
 def test_the_last_epoch_is_always_at_full_size() -> None:

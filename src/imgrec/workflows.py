@@ -526,10 +526,12 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
 
 def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult,
                      compute: Compute) -> dict[str, Any]:
-    """Precision, FLOPs per training image, achieved GFLOP/s and peak memory of the run."""
+    """Precision, FLOPs per (full-size) training image, achieved GFLOP/s and peak memory of the run."""
     flops = training_flops_per_image(model, best["input_channels"], best["input_size"])
+    epochs = max(result.epochs_run, 1)  # --progressive-resize: the smaller epochs did their share of the pixels' work
+    done = flops * StepCosts.of(cfg, best["input_size"]).steps(0, epochs, 1) / epochs
     # a feature-cache run trains only the head on precomputed features: the model's FLOPs would overstate it
-    rate = None if cfg.cache_features else round(flops * result.images_per_second / 1e9, 2)
+    rate = None if cfg.cache_features else round(done * result.images_per_second / 1e9, 2)
     return {"precision": precision_name(compute.dtype),
             "train_gflop_per_image": round(flops / 1e9, 6), "train_gflops_per_second": rate,
             "peak_rss_mb": round(peak_rss_mb(), 1)}

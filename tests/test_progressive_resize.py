@@ -109,3 +109,16 @@ def test_the_command_refuses_a_model_of_one_size_in_one_line(tmp_path: Path) -> 
     assert "a model with global pooling (airnet, airnet-small, resnet8, speednet)" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
     assert (earlier / "config.yaml").read_text() == "model: lenet\n"
+
+
+def test_a_scaled_down_epoch_is_never_the_best_and_early_stopping_waits_for_full_size() -> None:
+    """Validated at full size, a net trained on smaller images reads low (its BatchNorm statistics are the small
+    images'): such an epoch neither becomes best.pt nor counts toward --patience."""
+    from imgrec.engine.state import Progress
+
+    progress = Progress()
+    row = {"val_acc": 0.9}
+    assert not progress.end_epoch(row, 0.9, candidate=False) and not progress.end_epoch(row, 0.5, candidate=False)
+    assert progress.stale == 0 and progress.best_epoch == 0 and not progress.finished(5, patience=1)
+    assert progress.end_epoch({"val_acc": 0.6}, 0.6) and progress.best_epoch == 3
+    assert not progress.end_epoch({"val_acc": 0.55}, 0.55) and progress.finished(5, patience=1)

@@ -255,8 +255,9 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 epoch_end_started = time.perf_counter()
                 val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
                 row, rate = _epoch_row(progress, epoch, val)
-                # without validation, or with --select last, the last epoch is the best
-                improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
+                # without validation, or with --select last, the last epoch is the best; a scaled-down epoch never is
+                improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch),
+                                              candidate=side is None)
                 _record_epoch(row, improved, board, results, evaluated, weights_meta, run_dir)
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
                     # the new plan: the state saved next records it, and the loop runs to it

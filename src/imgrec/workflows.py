@@ -212,6 +212,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     if restarted is not None:
         return restarted
     here = distributed.context()
+    # the report's figures: a worker loads matplotlib now, beside this process's single-threaded start
+    drawer = owned.enter_context(FigureDrawer(workers=None if here.is_main else 0))
     set_threads(cfg.threads)
     compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
@@ -247,7 +249,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
         return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
-                             source, started, board, compute)
+                             source, started, board, compute, drawer)
     finally:
         if board is not None:
             board.close()
@@ -307,7 +309,7 @@ def _check_resumed(resumed: ResumePoint, meta: dict[str, Any], train_images: int
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
                   deadline: Deadline | None, source: Any, started: float,
-                  board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
+                  board: TensorBoardLog | None, compute: Compute, drawer: FigureDrawer) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
     try:
@@ -321,11 +323,10 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
-    with FigureDrawer() as drawer:  # its workers load matplotlib while this process calibrates and tests
-        drawer.draw(plot_results, read_results(run_dir / "results.csv"), run_dir / "results.png")
-        # temperature, OOD threshold and training-image background, for the report and `predict`
-        calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
-        summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute, drawer)
+    drawer.draw(plot_results, read_results(run_dir / "results.csv"), run_dir / "results.png")
+    # temperature, OOD threshold and training-image background, for the report and `predict`
+    calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute, drawer)
     if board is not None:
         log_final(board, cfg, summary, run_dir)
     if source:

@@ -1,11 +1,12 @@
 """The report's figures drawn beside the main process, so that drawing them holds nobody up.
 
-A `FigureDrawer` forks worker processes (on Linux) when it starts, one for each CPU but the one the main process
-keeps (two at most): they load matplotlib while the main process is still calibrating and testing, and draw each
-figure as soon as it is asked for, beside what the main process has left to do. `finish()` waits for every figure
-and raises the first error a figure met (a full disk, say) in the main process, as drawing it there would have.
-A worker that dies has its figures drawn in the main process; workers end when the main process ends, however
-it ends. Elsewhere, with one usable CPU, or with `workers=0`, each figure is drawn at once in the calling process.
+A `FigureDrawer` forks worker processes (on Linux) when it is made, one for each CPU but the one the main process
+keeps (two at most). `train` makes it first thing: the worker loads matplotlib while the main process is still
+loading the data and building the model (work of one CPU), and draws each figure as soon as it is asked for,
+beside what the main process has left to do. `finish()` waits for every figure and raises the first error a
+figure met (a full disk, say) in the main process, as drawing it there would have. A worker that dies has its
+figures drawn in the main process; workers end when the main process ends, however it ends. Elsewhere, with one
+usable CPU, or with `workers=0`, each figure is drawn at once in the calling process.
 
 Figure functions and their arguments are plain values (numbers, lists, numpy arrays, paths): they cross to a
 worker by pickling. Imports: the standard library and the figure modules only.

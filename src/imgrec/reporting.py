@@ -65,6 +65,13 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
                  source: DataSource | None = None) -> dict[str, Any]:
     """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
     the figures and report.html into out (default: the run folder). source: the data when it has no name."""
+    with FigureDrawer() as drawer:  # its worker loads matplotlib while the weights and the data load
+        return _evaluate_run(run_or_weights, data, split, out, device, data_dir, source, drawer)
+
+
+def _evaluate_run(run_or_weights: str | Path, data: str | None, split: str, out: str | Path | None,
+                  device: str | None, data_dir: str | None, source: DataSource | None,
+                  drawer: FigureDrawer) -> dict[str, Any]:
     path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
     if data:
         cfg.data = data
@@ -77,9 +84,10 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
     out_dir = Path(out) if out else run_dir_of(path)
     with own_run_folder(path, out_dir):
-        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle), drawer=drawer)
         metrics.update(data=cfg.data, weights=str(path))
         write_json(out_dir / "metrics.json", metrics)
+        drawer.finish()
         report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)

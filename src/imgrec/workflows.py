@@ -73,6 +73,8 @@ from imgrec.engine.system import (
 )
 from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights, scaled_size
 from imgrec.errors import UsageError
+from imgrec.evaluation.drawing import FigureDrawer
+from imgrec.evaluation.plots import plot_results
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import calibrate_run
 from imgrec.models.hooks import FitsToImages
@@ -210,6 +212,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     if restarted is not None:
         return restarted
     here = distributed.context()
+    # the report's figures: a worker loads matplotlib now, beside this process's single-threaded start
+    drawer = owned.enter_context(FigureDrawer(workers=None if here.is_main else 0))
     set_threads(cfg.threads)
     compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
@@ -246,7 +250,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
         return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
-                             source, started, board, compute)
+                             source, started, board, compute, drawer)
     finally:
         if board is not None:
             board.close()
@@ -307,7 +311,7 @@ def _check_resumed(resumed: ResumePoint, meta: dict[str, Any], train_images: int
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
                   deadline: Deadline | None, source: Any, started: float,
-                  board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
+                  board: TensorBoardLog | None, compute: Compute, drawer: FigureDrawer) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
     try:
@@ -321,9 +325,10 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
+    drawer.draw(plot_results, read_results(run_dir / "results.csv"), run_dir / "results.png")
     # temperature, OOD threshold and training-image background, for the report and `predict`
     calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
-    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute, drawer)
     if board is not None:
         log_final(board, cfg, summary, run_dir)
     if source:
@@ -496,12 +501,13 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
-                     started: float, compute: Compute) -> dict[str, Any]:
-    """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
+                     started: float, compute: Compute, drawer: FigureDrawer) -> dict[str, Any]:
+    """Test the best weights; write metrics.json, summary.json, the figures (drawer's, with results.png already
+    asked of it) and report.html."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
-    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute)
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute, drawer)
     metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {
@@ -517,9 +523,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result, compute),
     }
     write_json(run_dir / "summary.json", summary)
-    from imgrec.evaluation.plots import plot_results
-
-    plot_results(read_results(run_dir / "results.csv"), run_dir / "results.png")
+    drawer.finish()
     write_html_report(run_dir, run_dir, metrics)
     return summary
 

@@ -255,9 +255,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
                 epoch_end_started = time.perf_counter()
                 val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
                 row, rate = _epoch_row(progress, epoch, val)
-                # without validation, or with --select last, the last epoch is the best; a scaled-down epoch never is
-                improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch),
-                                              candidate=side is None)
+                improved = progress.end_epoch(row, _selection_metric(cfg, epoch, val), candidate=side is None)
                 _record_epoch(row, improved, board, results, evaluated, weights_meta, run_dir)
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
                     # the new plan: the state saved next records it, and the loop runs to it
@@ -273,6 +271,12 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
             # StopRequested at a safe point, or the data loader failing because the signal reached its workers
             raise _interrupted(saver, progress, stop.requested) from (None if isinstance(exc, StopRequested) else exc)
     return _fit_result(progress, cfg, epochs, clock)
+
+
+def _selection_metric(cfg: RunConfig, epoch: int, val: EvalResult | None) -> float:
+    """What best.pt is chosen by: the validation accuracy; without validation, or with --select last, the epoch
+    number (the last epoch is the best). An epoch on scaled-down images is never a candidate (see fit)."""
+    return val.accuracy if val and cfg.select == "val" else float(epoch)
 
 
 def _timed(clock: dict[str, float], train: Callable, *args: Any, **kwargs: Any) -> None:

@@ -153,7 +153,7 @@ class RunConfig:
               "shorter side in pixels, e.g. 24 28: epoch 1 at 24, epoch 2 at 28, then full size; the run's last epoch "
               "is always at full size): fewer FLOPs early; needs a model that takes any image size (global pooling: "
               "airnet, airnet-small, resnet8, speednet); validation, test and prediction stay at full size",
-        lengths=(1, None), min=4)
+        lengths=(1, None), min=4, metavar="PX")
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")

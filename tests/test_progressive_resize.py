@@ -16,6 +16,7 @@ import imgrec
 from conftest import error_line, make_image_folder, run_main
 from imgrec.config import RunConfig
 from imgrec.engine.trainer import downscale, resized_side, scaled_size
+from imgrec.errors import UsageError
 
 
 class Recorder(nn.Module):
@@ -59,6 +60,12 @@ def test_the_last_epoch_is_always_at_full_size() -> None:
     assert [resized_side(cfg, epoch, 3) for epoch in (1, 2, 3)] == [20, 24, None]
     assert [resized_side(cfg, epoch, 5) for epoch in (1, 2, 3, 4, 5)] == [20, 24, 28, None, None]
     assert scaled_size((32, 48), 24) == (24, 36)  # the shorter side, the other alike
+
+
+def test_features_computed_once_cannot_be_scaled_down() -> None:
+    with pytest.raises(UsageError, match="--cache-features trains on features computed once from full-size images: "
+                                         "drop --progressive-resize"):
+        RunConfig(model="resnet18", pretrained=True, freeze=True, cache_features=True, progressive_resize=[16])
 
 
 def test_downscaling_is_antialiased_and_keeps_the_layout() -> None:

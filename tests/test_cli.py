@@ -31,6 +31,7 @@ from conftest import REPO, error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file, save_atomic
+from imgrec.evaluation.drawing import usable_cpus
 
 SUMMARY_KEYS = {"data", "model", "epochs", "test_accuracy", "test_loss", "best_epoch", "params", "train_seconds",
                 "images_per_second", "versions", "git_commit"}
@@ -165,7 +166,7 @@ UNUSED_BY_TRAINING = ("torchvision", "matplotlib", "onnx", "onnxruntime", "onnxs
 def test_training_imports_only_what_it_uses(fake_fashion_mnist: Path, tmp_path: Path) -> None:
     """Start-up is most of a short command's time: the train path's modules load neither plotting nor
     export/serving/other libraries, and a whole Fashion-MNIST run loads no torchvision (its import alone takes
-    seconds) and nothing of those but matplotlib, for the report's figures. A new top-level import fails here.
+    seconds) and nothing of those but matplotlib, for the report's figures, where it draws them itself. A new top-level import fails here.
     The run records where its time went outside its steps."""
     code = textwrap.dedent(f"""
         import sys
@@ -183,7 +184,8 @@ def test_training_imports_only_what_it_uses(fake_fashion_mnist: Path, tmp_path: 
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert (lines[0], lines[-1]) == ("[]", "0 ['matplotlib']")
+    # with a CPU to spare, the figures are drawn in a worker process: this one never loads matplotlib at all
+    assert (lines[0], lines[-1]) == ("[]", "0 []" if usable_cpus() > 1 else "0 ['matplotlib']")
     # where the command's time went outside its steps, for benchmarks: summary.json's timing
     timing = json.loads((tmp_path / "runs" / "fashion-mnist-mlp" / "summary.json").read_text())["timing"]
     assert set(timing) == {"startup_seconds", "training_seconds", "after_training_seconds"}

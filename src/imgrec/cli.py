@@ -112,7 +112,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if base is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(base) is list:
-            group.add_argument(*flags, type=typing.get_args(base)[0], nargs="+", metavar="X", **options)
+            group.add_argument(*flags, type=typing.get_args(base)[0], nargs="+", metavar=f.metadata.get("metavar", "X"),
+                               **options)
         elif "words" in f.metadata:  # a number or a word: --lr 0.01, --lr find
             group.add_argument(*flags, type=str, metavar=f"{f.name.upper()}|{'|'.join(f.metadata['words'])}", **options)
         else:

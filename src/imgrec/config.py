@@ -14,6 +14,7 @@ import numbers
 import os
 import stat
 import typing
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,12 @@ class RunConfig:
                      note="0: off; 0.99 averages about the last 100 steps")
     whiten_bias_epochs: int = _opt(0, "models with a whitening stem (airnet, airnet-small): train its bias for this "
                                       "many epochs, then keep it fixed (airbench: 3; 0: trained throughout)", min=0)
+    progressive_resize: list[int] | None = _opt(
+        None, "progressive resizing: train the first epochs on images scaled down to these sizes, one per epoch (the "
+              "shorter side in pixels, e.g. 24 28: epoch 1 at 24, epoch 2 at 28, then full size; the run's last epoch "
+              "is always at full size): fewer FLOPs early; needs a model that takes any image size (global pooling: "
+              "airnet, airnet-small, resnet8, speednet); validation, test and prediction stay at full size",
+        lengths=(1, None), min=4, metavar="PX")
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")
@@ -201,6 +208,12 @@ class RunConfig:
                                                                            "fp32 or bf16, not fp16")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        resized = len(self.progressive_resize or [])
+        _check(self.time_budget is not None or resized < self.epochs,
+               f"--progressive-resize gives {resized} epoch(s) at smaller sizes but the run has {self.epochs}: leave "
+               f"at least the last epoch at full size (fewer sizes or more --epochs)")
+        _check(not (resized and self.cache_features), "--cache-features trains on features computed once from "
+                                                      "full-size images: drop --progressive-resize")
         _check((self.mean is None) == (self.std is None), "give --mean and --std together")
         _check(self.std is None or all(s > 0 for s in self.std), "--std values must be positive")
         _check(self.mean is None or len(self.mean) == len(self.std or []), "--mean and --std need as many values")
@@ -373,15 +386,30 @@ def _checked_value(f: Field[Any], kind: Any, value: Any) -> Any:
         if meta.get("choices") and value not in meta["choices"]:
             refuse(f"one of {', '.join(meta['choices'])}")
         return value
-    if typing.get_origin(kind) is list:  # list[float]
-        low, high = meta.get("lengths", (1, None))
-        count = f"{low} or {high}" if high else f"at least {low}"
-        items = list(value) if isinstance(value, (list, tuple)) else None
-        converted = [_finite(item) for item in items] if items is not None else []
-        if items is None or not low <= len(items) <= (high or len(items)) or None in converted:
-            refuse(f"a list of {count} finite numbers")
-        return converted
+    if typing.get_origin(kind) is list:
+        return _checked_list(typing.get_args(kind)[0], meta, flag, value, refuse)
     raise TypeError(f"RunConfig.{f.name}: no check for {kind}")  # a new field of a new type: add its check above
+
+
+def _checked_list(item_kind: type, meta: Any, flag: str, value: Any, refuse: Callable[[str], typing.NoReturn],
+                  ) -> list[Any]:
+    """A list[float] of finite numbers, or a list[int] (a single integer: a list of one) each in the field's range;
+    its length within the field's lengths."""
+    low, high = meta.get("lengths", (1, None))
+    count = f"{low} or {high}" if high else f"at least {low}"
+    if item_kind is int:
+        items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+        if (not isinstance(items, (list, tuple)) or not low <= len(items) <= (high or len(items))
+                or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items)):
+            refuse(f"a list of {count} integers")
+        for item in items:
+            _check_range(int(item), meta, flag, INT_MAX)
+        return [int(i) for i in items]
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    converted = [_finite(item) for item in items] if items is not None else []
+    if items is None or not low <= len(items) <= (high or len(items)) or None in converted:
+        refuse(f"a list of {count} finite numbers")
+    return converted
 
 
 def _float_or_none(text: str) -> float | None:

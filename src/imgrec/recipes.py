@@ -20,7 +20,7 @@ from imgrec.config import RunConfig, flag_name
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
-from imgrec.engine.budget import BudgetPlan, measure_speed, plan_budget
+from imgrec.engine.budget import BudgetPlan, StepCosts, measure_speed, plan_budget
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.errors import UsageError
 from imgrec.inference.calibrate import calibration_split
@@ -101,8 +101,9 @@ def apply_recipe(cfg: RunConfig, info: DatasetInfo, explicit: set[str]) -> RunCo
 
 def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, train_transform: BatchTransform,
                      eval_transform: BatchTransform, elapsed: float, compute: Compute | None = None,
-                     ) -> tuple[RunConfig, BudgetPlan]:
-    """Measure the speed of this run and plan its steps to end within cfg.time_budget (elapsed: seconds gone)."""
+                     costs: StepCosts | None = None) -> tuple[RunConfig, BudgetPlan]:
+    """Measure the speed of this run and plan its steps to end within cfg.time_budget (elapsed: seconds gone);
+    costs: its epochs' step costs relative to the measured full-size steps (progressive resizing)."""
     from imgrec.config import parse_duration
 
     loader = make_loader(bundle.train, cfg.batch_size, train_transform, train=True, seed=cfg.seed, workers=cfg.workers)
@@ -117,7 +118,7 @@ def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module,
     # best.pt and last.pt hold different epochs the first two run twice, which the margin covers (val is small)
     final_images = val_images + calibration + len(bundle.test)
     plan = plan_budget(parse_duration(cfg.time_budget or ""), elapsed + speed.measure_seconds, speed, len(loader),
-                       val_images, final_images)
+                       val_images, final_images, costs)
     cut = plan.total_steps < plan.epochs * plan.steps_per_epoch
     log.info(plan.describe())
     return replace(cfg, epochs=plan.epochs, max_steps=plan.total_steps if cut else None), plan

@@ -28,6 +28,7 @@ from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import Loader, evaluate
 from imgrec.errors import ImgrecError
 from imgrec.evaluation.calibration import apply_temperature, calibration_summary
+from imgrec.evaluation.drawing import FigureDrawer
 from imgrec.evaluation.metrics import classification_report, worst_mistakes
 from imgrec.saved_runs import DataSource, load_run, load_run_data, own_run_folder
 
@@ -64,6 +65,13 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
                  source: DataSource | None = None) -> dict[str, Any]:
     """Evaluate saved weights on a split of their data set (or another with the same classes); write metrics.json,
     the figures and report.html into out (default: the run folder). source: the data when it has no name."""
+    with FigureDrawer() as drawer:  # its worker loads matplotlib while the weights and the data load
+        return _evaluate_run(run_or_weights, data, split, out, device, data_dir, source, drawer)
+
+
+def _evaluate_run(run_or_weights: str | Path, data: str | None, split: str, out: str | Path | None,
+                  device: str | None, data_dir: str | None, source: DataSource | None,
+                  drawer: FigureDrawer) -> dict[str, Any]:
     path, ckpt, cfg, model = load_run(run_or_weights, data_dir)
     if data:
         cfg.data = data
@@ -76,9 +84,10 @@ def evaluate_run(run_or_weights: str | Path, data: str | None = None, split: str
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
     out_dir = Path(out) if out else run_dir_of(path)
     with own_run_folder(path, out_dir):
-        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle))
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle), drawer=drawer)
         metrics.update(data=cfg.data, weights=str(path))
         write_json(out_dir / "metrics.json", metrics)
+        drawer.finish()
         report = write_html_report(out_dir, run_dir_of(path), metrics, config=ckpt.get("config"))
     metrics["written_to"] = str(out_dir / "metrics.json")
     metrics["report"] = str(report)
@@ -93,9 +102,10 @@ def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
 
 
 def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, split_name: str, cfg: RunConfig,
-                 out_dir: Path, dataset: dict[str, Any], compute: Compute | None = None) -> dict[str, Any]:
+                 out_dir: Path, dataset: dict[str, Any], compute: Compute | None = None,
+                 drawer: FigureDrawer | None = None) -> dict[str, Any]:
     """Run the model over a split (compute: default from cfg); return its metrics and write the figures into
-    out_dir."""
+    out_dir: with a drawer, asked of it (its finish() waits for them), else drawn before this returns."""
     classes = ckpt["classes"]
     loader = make_loader(split, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False, workers=cfg.workers)
     p = predict(model, loader, cfg, compute)
@@ -107,31 +117,38 @@ def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, spl
     metrics["timing"] = {"seconds": round(p.seconds, 3), "images_per_second": round(len(p.targets) / max(p.seconds, 1e-9), 1),
                          "device": p.device}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_figures(metrics, p, split, ckpt, out_dir)
+    if drawer is not None:
+        _write_figures(metrics, p, split, ckpt, out_dir, drawer)
+        return metrics
+    with FigureDrawer() as own:
+        _write_figures(metrics, p, split, ckpt, out_dir, own)
+        own.finish()
     return metrics
 
 
-def _write_figures(metrics: dict[str, Any], p: Predictions, split: Split, ckpt: dict[str, Any], out_dir: Path) -> None:
+def _write_figures(metrics: dict[str, Any], p: Predictions, split: Split, ckpt: dict[str, Any], out_dir: Path,
+                   drawer: FigureDrawer) -> None:
     from imgrec.evaluation.charts import plot_confusion_matrix, plot_reliability
     from imgrec.evaluation.plots import plot_prediction_grid
 
     classes = ckpt["classes"]
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix_normalized.png", normalize=True)
+    drawer.draw(plot_confusion_matrix, metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png")
+    drawer.draw(plot_confusion_matrix, metrics["confusion_matrix"], classes, out_dir / "confusion_matrix_normalized.png",
+                normalize=True)
     cal = metrics["calibration"]
     panels = [("before temperature scaling" if cal["temperature"] else "softmax probabilities", metrics["reliability"],
                metrics["ece"])]
     if cal["temperature"]:
         panels.append((f"after temperature scaling (T = {cal['temperature']:.3f})", cal["reliability_after"], cal["ece_after"]))
-    plot_reliability(panels, out_dir / "calibration.png")
+    drawer.draw(plot_reliability, panels, out_dir / "calibration.png")
     probs = torch.softmax(apply_temperature(p.logits.double(), ckpt.get("temperature")), dim=1)
     wrong_idx = worst_mistakes(p.logits, p.targets, MISTAKE_IMAGES)
     heading = f"{len(wrong_idx)} most confident mistakes of {int((p.logits.argmax(1) != p.targets).sum()):,}"
     titles = [f"true: {classes[int(p.targets[i])]}\npred: {classes[int(probs[i].argmax())]} {float(probs[i].max()):.0%}"
               for i in wrong_idx]
     if len(wrong_idx):
-        plot_prediction_grid(display_images(split, wrong_idx, ckpt), titles, [True] * len(titles),
-                             out_dir / "mistakes.png", heading=heading)
+        drawer.draw(plot_prediction_grid, display_images(split, wrong_idx, ckpt), titles, [True] * len(titles),
+                    out_dir / "mistakes.png", heading=heading)
     else:
         (out_dir / "mistakes.png").unlink(missing_ok=True)  # no mistakes: no stale figure from an earlier run
     generator = torch.Generator().manual_seed(0)
@@ -139,8 +156,8 @@ def _write_figures(metrics: dict[str, Any], p: Predictions, split: Split, ckpt: 
     wrong = [bool(probs[i].argmax() != p.targets[i]) for i in sample_idx]
     titles = [f"{classes[int(probs[i].argmax())]} {float(probs[i].max()):.0%}"
               + (f"\ntrue: {classes[int(p.targets[i])]}" if w else "") for i, w in zip(sample_idx, wrong)]
-    plot_prediction_grid(display_images(split, sample_idx, ckpt), titles, wrong, out_dir / "samples.png",
-                         heading=f"{sum(wrong)} of {len(wrong)} sample predictions wrong (framed in red)")
+    drawer.draw(plot_prediction_grid, display_images(split, sample_idx, ckpt), titles, wrong, out_dir / "samples.png",
+                heading=f"{sum(wrong)} of {len(wrong)} sample predictions wrong (framed in red)")
 
 
 def model_inputs(split: Split, indices: torch.Tensor, ckpt: dict[str, Any]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from imgrec.data.transforms import BatchMix, BatchTransform, parse_augment
 from imgrec.data.verify import skipped_table, skipped_warning
 from imgrec.engine import distributed
 from imgrec.engine.board import TensorBoardLog, summary_writer_class
-from imgrec.engine.budget import Deadline
+from imgrec.engine.budget import Deadline, StepCosts
 from imgrec.engine.checkpoint import (
     load_model_state,
     load_weights_file,
@@ -71,8 +71,10 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights
+from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights, scaled_size
 from imgrec.errors import UsageError
+from imgrec.evaluation.drawing import FigureDrawer
+from imgrec.evaluation.plots import plot_results
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
 from imgrec.inference.calibrate import calibrate_run
 from imgrec.models.hooks import FitsToImages
@@ -210,6 +212,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     if restarted is not None:
         return restarted
     here = distributed.context()
+    # the report's figures: a worker loads matplotlib now, beside this process's single-threaded start
+    drawer = owned.enter_context(FigureDrawer(workers=None if here.is_main else 0))
     set_threads(cfg.threads)
     compute = Compute.of(cfg)  # a bad --device fails before any data is loaded
     if cfg.log == "tensorboard":
@@ -225,6 +229,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     for note in bundle.notes:
         log.info(note)
     model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
+    check_progressive_resize(cfg, model, spec, info.num_classes)
     found = None
     if cfg.lr == "find":  # a resumed run has the number in its config
         found = find_lr(cfg, bundle, model, spec, compute=compute)
@@ -245,7 +250,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     board = TensorBoardLog(run_dir) if cfg.log == "tensorboard" and here.is_main else None
     try:
         return _fit_and_test(cfg, bundle, model, spec, plain, val_loader, run_dir, meta, resumed, deadline,
-                             source, started, board, compute)
+                             source, started, board, compute, drawer)
     finally:
         if board is not None:
             board.close()
@@ -277,9 +282,10 @@ def _budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: In
     fit() keeps to."""
     if distributed.context().distributed:
         raise UsageError("--time-budget plans one process's speed: run it without torchrun, or give --epochs")
+    costs = StepCosts.of(cfg, spec.size)  # --progressive-resize: its first epochs' steps cost less
     cfg, plan = plan_time_budget(cfg, bundle, model, train_transform(cfg, bundle, model, spec), plain,
-                                 time.perf_counter() - started, compute)
-    return cfg, Deadline.from_plan(plan, started)
+                                 time.perf_counter() - started, compute, costs)
+    return cfg, Deadline.from_plan(plan, started, costs)
 
 
 def _log_start(cfg: RunConfig, run_dir: Path, bundle: DataBundle, model: torch.nn.Module, source: Any,
@@ -305,7 +311,7 @@ def _check_resumed(resumed: ResumePoint, meta: dict[str, Any], train_images: int
 def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec, plain: BatchTransform,
                   val_loader: Any, run_dir: Path, meta: dict[str, Any], resumed: ResumePoint | None,
                   deadline: Deadline | None, source: Any, started: float,
-                  board: TensorBoardLog | None, compute: Compute) -> TrainOutcome:
+                  board: TensorBoardLog | None, compute: Compute, drawer: FigureDrawer) -> TrainOutcome:
     """Train, then (in the main process) calibrate, test and report; the end of train()."""
     here = distributed.context()
     try:
@@ -319,9 +325,10 @@ def _fit_and_test(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, sp
         return TrainOutcome(run_dir, {}, main_process=False)
     if here.distributed and bundle.val:  # the whole validation split now, not this process's shard
         val_loader = make_loader(bundle.val, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
+    drawer.draw(plot_results, read_results(run_dir / "results.csv"), run_dir / "results.png")
     # temperature, OOD threshold and training-image background, for the report and `predict`
     calibrate_run(model, val_loader, run_dir, bundle, cfg, plain, compute)
-    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute)
+    summary = _test_and_report(model, bundle, cfg, run_dir, result, started, compute, drawer)
     if board is not None:
         log_final(board, cfg, summary, run_dir)
     if source:
@@ -364,6 +371,41 @@ def _start_model(cfg: RunConfig, bundle: DataBundle, source: Any, resumed: bool,
     if not source and not resumed and isinstance(model, FitsToImages):
         init_from_data(model, bundle, plain, cfg.seed)
     return model, spec, plain
+
+
+def check_progressive_resize(cfg: RunConfig, model: torch.nn.Module, spec: InputSpec, num_classes: int) -> None:
+    """--progressive-resize: every size below the model's input, and a model that takes the smaller images (one
+    forward pass of two blank images at each size, in evaluation mode with the random generators left as they
+    were: nothing of the model or the run changes). A model with a fixed-size layer (a Linear after a flatten) is
+    a one-line usage error."""
+    sizes = cfg.progressive_resize or []
+    if not sizes:
+        return
+    flag = "--progressive-resize " + " ".join(map(str, sizes))
+    shape = f"{spec.size[0]}x{spec.size[1]}"
+    if max(sizes) >= min(spec.size):
+        raise UsageError(f"{flag}: the model's input is {shape}; give sizes below {min(spec.size)} (the shorter side "
+                         f"in pixels)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for side in sorted(set(sizes)):
+                size = scaled_size(spec.size, side)
+                try:
+                    out = model(torch.zeros(2, spec.channels, *size))
+                except Exception as exc:  # a shape mismatch, or a user model's own check of the size
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise UsageError(f"{flag}: model {cfg.model!r} built for {shape} images does not take "
+                                     f"{size[0]}x{size[1]} ones ({first}); use larger sizes, a model with global "
+                                     f"pooling (airnet, airnet-small, resnet8, speednet), or drop --progressive-resize"
+                                     ) from None
+                if tuple(out.shape) != (2, num_classes):
+                    raise UsageError(f"{flag}: model {cfg.model!r} gives outputs of shape {tuple(out.shape)} for "
+                                     f"{size[0]}x{size[1]} images instead of (2, {num_classes}); use a model with "
+                                     f"global pooling or drop --progressive-resize")
+    finally:
+        model.train(was_training)
 
 
 LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss diverges)
@@ -459,12 +501,13 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
-                     started: float, compute: Compute) -> dict[str, Any]:
-    """Test the best weights; write metrics.json, summary.json, results.png, the figures and report.html."""
+                     started: float, compute: Compute, drawer: FigureDrawer) -> dict[str, Any]:
+    """Test the best weights; write metrics.json, summary.json, the figures (drawer's, with results.png already
+    asked of it) and report.html."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
-    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute)
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute, drawer)
     metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {
@@ -480,19 +523,19 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result, compute),
     }
     write_json(run_dir / "summary.json", summary)
-    from imgrec.evaluation.plots import plot_results
-
-    plot_results(read_results(run_dir / "results.csv"), run_dir / "results.png")
+    drawer.finish()
     write_html_report(run_dir, run_dir, metrics)
     return summary
 
 
 def _compute_summary(model: torch.nn.Module, best: dict[str, Any], cfg: RunConfig, result: FitResult,
                      compute: Compute) -> dict[str, Any]:
-    """Precision, FLOPs per training image, achieved GFLOP/s and peak memory of the run."""
+    """Precision, FLOPs per (full-size) training image, achieved GFLOP/s and peak memory of the run."""
     flops = training_flops_per_image(model, best["input_channels"], best["input_size"])
+    epochs = max(result.epochs_run, 1)  # --progressive-resize: the smaller epochs did their share of the pixels' work
+    done = flops * StepCosts.of(cfg, best["input_size"]).steps(0, epochs, 1) / epochs
     # a feature-cache run trains only the head on precomputed features: the model's FLOPs would overstate it
-    rate = None if cfg.cache_features else round(flops * result.images_per_second / 1e9, 2)
+    rate = None if cfg.cache_features else round(done * result.images_per_second / 1e9, 2)
     return {"precision": precision_name(compute.dtype),
             "train_gflop_per_image": round(flops / 1e9, 6), "train_gflops_per_second": rate,
             "peak_rss_mb": round(peak_rss_mb(), 1)}

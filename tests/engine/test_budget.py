@@ -17,6 +17,7 @@ from imgrec.engine.budget import (
     REPORT_SECONDS,
     Deadline,
     Speed,
+    StepCosts,
     measure_speed,
     plan_budget,
 )
@@ -157,3 +158,42 @@ def test_a_deadline_from_a_plan_ends_before_the_final_evaluation_and_records_its
     assert deadline.steps_per_epoch == 50 and deadline.record() == plan.to_dict()  # no revision: the plan alone
     deadline.revisions.append({"after_steps": 50, "total_steps": 80, "was": plan.total_steps})
     assert deadline.record() == {**plan.to_dict(), "revisions": deadline.revisions}
+
+
+def test_progressive_resizings_epochs_cost_their_share_of_the_pixels_except_the_last() -> None:
+    costs = StepCosts.of(RunConfig(progressive_resize=[16, 24], epochs=3), (32, 32))
+    assert costs.early == (0.25, 0.5625) and costs.cheapest == 0.25
+    assert costs.steps(0, 30, 10) == pytest.approx(10 * 0.25 + 10 * 0.5625 + 10)
+    assert costs.steps(0, 20, 10) == pytest.approx(10 * 0.25 + 10)  # epoch 2 ends the run: at full size
+    assert costs.steps(0, 20, 10, ends=False) == pytest.approx(10 * 0.25 + 10 * 0.5625)
+    assert costs.steps(15, 30, 10) == pytest.approx(5 * 0.5625 + 10)
+    assert StepCosts().steps(3, 30, 10) == 27
+
+
+def test_a_plan_with_cheaper_early_epochs_fills_the_budget_and_no_more() -> None:
+    speed = Speed(step_seconds=1.0, eval_image_seconds=0.0, measure_seconds=1.0)
+    costs = StepCosts((0.25, 0.5))
+    plan = plan_budget(100, elapsed=0, speed=speed, steps_per_epoch=20, epoch_eval_images=0, final_eval_images=0,
+                       costs=costs)
+    plain = plan_budget(100, elapsed=0, speed=speed, steps_per_epoch=20, epoch_eval_images=0, final_eval_images=0)
+    available = 100 * (1 - MARGIN) - REPORT_SECONDS
+
+    def cost(steps: int) -> float:
+        return costs.steps(0, steps, 20) + math.ceil(steps / 20) * EPOCH_END_SECONDS
+
+    assert plan.total_steps > plain.total_steps + 20  # epochs 1 and 2 cost 15 s instead of 40
+    assert cost(plan.total_steps) <= available < cost(plan.total_steps + 1)
+    assert plan.predicted_seconds == pytest.approx(cost(plan.total_steps) + REPORT_SECONDS)
+
+
+def test_the_deadline_turns_the_speed_of_small_epochs_into_a_full_size_steps() -> None:
+    from imgrec.engine.state import Progress
+
+    cfg = RunConfig(epochs=6, schedule="linear", lr=0.1, optimizer="sgd")
+    progress = Progress(epoch=2, train_seconds=2.5)  # epoch 1: 10 steps at a quarter of the pixels, 0.25 s each
+    deadline = Deadline(end=time.perf_counter() + 30.0, steps_per_epoch=10, costs=StepCosts((0.25, 0.25)))
+    deadline.replan(cfg, progress, 10, 0.0, None, None)
+    revision = deadline.revisions[-1]
+    assert revision["step_seconds"] == pytest.approx(1.0)  # a full-size step: 1 s, not 0.25 s
+    # 30 s left: epoch 2 at 0.25 s a step (2.5 s), then 27 full-size steps; counted at 0.25 s it would be 120
+    assert 10 + 10 + 26 <= revision["total_steps"] <= 10 + 10 + 27

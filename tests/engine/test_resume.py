@@ -413,3 +413,18 @@ def test_the_whitening_bias_trains_for_its_epochs_then_stays_and_alternate_flips
         run = run_stopped_at(reference, at[position], tmp_path / f"resumed-{position[0]}")
         workflows.resume(run, {})
         assert_same_run(run, reference)
+
+
+def test_progressive_resizing_resumes_exactly_at_each_size(image_folder: Path, tmp_path: Path,
+                                                           snapshots: list[Path]) -> None:
+    """--progressive-resize 13 14: a run resumed within epoch 1 (13 px), at the end of epoch 1, within epoch 2 (14 px)
+    and within epoch 3 (full size) ends with the same weights and results as one never stopped."""
+    extra = dict(model="airnet-small", optimizer="sgd", lr=0.05, momentum=0.85, schedule="linear",
+                 augment="translate,flip", progressive_resize=[13, 14])
+    reference = train_run(image_folder, tmp_path / "runs", "reference", **extra)
+    saved = list(snapshots)
+    at = {(p.epoch, p.step): s for s, p in ((s, Progress.from_dict(load_state(s)["progress"])) for s in saved)}
+    for position in ((1, 2), (2, 0), (2, 3), (3, 1)):
+        run = run_stopped_at(reference, at[position], tmp_path / f"resumed-{position[0]}-{position[1]}")
+        workflows.resume(run, {})
+        assert_same_run(run, reference)

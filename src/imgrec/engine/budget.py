@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -30,6 +30,7 @@ from imgrec.engine.trainer import (
     make_step,
     optimizer_kernels,
     parameter_groups,
+    scaled_size,
     schedule_factor,
     total_steps,
     tta_logits,
@@ -88,22 +89,69 @@ class BudgetPlan:
                 f"planned end at {self.predicted_seconds:.0f}s")
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """What a training step costs in each epoch, relative to a step at full size: the first epochs of progressive
+    resizing (--progressive-resize) their share of the full size's pixels (a conv net's work goes with the pixels;
+    the fixed cost of a step makes the real share a little higher, so a plan from full-size steps errs on the side of
+    time, and one from small steps on the short side); every later epoch, and the run's last, 1."""
+
+    early: tuple[float, ...] = ()  # epochs 1, 2, ...
+
+    @classmethod
+    def of(cls, cfg: RunConfig, input_size: tuple[int, int] | list[int]) -> StepCosts:
+        """The costs of cfg's epochs for a model taking images of input_size (H, W)."""
+        height, width = int(input_size[0]), int(input_size[1])
+        return cls(tuple(math.prod(scaled_size((height, width), side)) / (height * width)
+                         for side in cfg.progressive_resize or []))
+
+    def steps(self, first: int, last: int, steps_per_epoch: int, ends: bool = True) -> float:
+        """The run's steps first+1 .. last (counted from its start) in full-size steps; ends: the run ends with step
+        `last`, so that step's epoch is at full size."""
+        total = float(last - first)
+        last_epoch = math.ceil(last / steps_per_epoch) if ends else 0
+        for epoch, cost in enumerate(self.early, start=1):
+            if epoch == last_epoch:
+                break
+            overlap = min(last, epoch * steps_per_epoch) - max(first, (epoch - 1) * steps_per_epoch)
+            total -= max(0, overlap) * (1 - cost)
+        return total
+
+    @property
+    def cheapest(self) -> float:
+        return min((1.0, *self.early))
+
+
+def most_steps(cost: Callable[[int], float], available: float, least_step_seconds: float) -> int:
+    """The most steps n whose cost(n) fits in `available` seconds (0 when none does), by bisection; a step costs at
+    least least_step_seconds (so more than available / least_step_seconds never fit)."""
+    low, high = 0, max(0, math.floor(available / max(least_step_seconds, 1e-9))) + 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        if cost(middle) <= available:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: int, epoch_eval_images: int,
-                final_eval_images: int) -> BudgetPlan:
+                final_eval_images: int, costs: StepCosts | None = None) -> BudgetPlan:
     """The most training steps whose cost, with each started epoch's validation and end, fits in what is left of
-    the budget after the final evaluation, the report and the margin."""
+    the budget after the final evaluation, the report and the margin. costs: the epochs' step costs relative to
+    the measured (full-size) step's (progressive resizing)."""
     steps_per_epoch = max(1, steps_per_epoch)
+    costs = costs or StepCosts()
     epoch_end = epoch_eval_images * speed.epoch_image_seconds + EPOCH_END_SECONDS
     final = final_eval_images * speed.eval_image_seconds + REPORT_SECONDS
     margin = MARGIN * budget
     available = budget - elapsed - final - margin
 
-    def cost(steps: int) -> float:
-        return steps * speed.step_seconds + math.ceil(steps / steps_per_epoch) * epoch_end
+    def cost(steps: int) -> float:  # a cut last epoch still pays a whole validation
+        return (costs.steps(0, steps, steps_per_epoch) * speed.step_seconds
+                + math.ceil(steps / steps_per_epoch) * epoch_end)
 
-    steps = max(0, math.floor(available / (speed.step_seconds + epoch_end / steps_per_epoch)))
-    while steps > 0 and cost(steps) > available:  # a cut last epoch still pays a whole validation
-        steps -= 1
+    steps = most_steps(cost, available, speed.step_seconds * costs.cheapest)
     if steps < 1:
         least = elapsed + final + margin + cost(1)
         raise UsageError(f"--time-budget {budget:g}s is too short: preparing the data, measuring, one training step, "
@@ -123,12 +171,14 @@ class Deadline:
     steps_per_epoch: int
     revisions: list[dict[str, Any]] = field(default_factory=list)  # what changed, for plan.json
     plan: BudgetPlan | None = None  # the plan made at the start
+    costs: StepCosts = field(default_factory=StepCosts)  # each epoch's step cost relative to a full-size step's
 
     @classmethod
-    def from_plan(cls, plan: BudgetPlan, started: float) -> Deadline:
-        """The deadline of a run planned by plan_budget that started at time.perf_counter() `started`."""
+    def from_plan(cls, plan: BudgetPlan, started: float, costs: StepCosts | None = None) -> Deadline:
+        """The deadline of a run planned by plan_budget (with these step costs) that started at time.perf_counter()
+        `started`."""
         return cls(started + plan.budget_seconds - plan.final_seconds - plan.margin_seconds, plan.steps_per_epoch,
-                   plan=plan)
+                   plan=plan, costs=costs or StepCosts())
 
     def record(self) -> dict[str, Any]:
         """plan.json: the plan, and the revisions made to it at epoch ends (when there were any)."""
@@ -145,7 +195,8 @@ class Deadline:
             return cfg
         done = (progress.epoch - 1) * steps_per_epoch
         planned = total_steps(cfg, steps_per_epoch)
-        step_seconds = progress.train_seconds / max(done, 1)
+        full_size_steps = self.costs.steps(0, done, steps_per_epoch, ends=False)  # the epochs done were not its last
+        step_seconds = progress.train_seconds / (full_size_steps if full_size_steps > 0 else 1)
         new = self.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
         if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
             return cfg  # on time: a fraction of a second either way is noise
@@ -164,18 +215,15 @@ class Deadline:
 
     def total_steps(self, steps_done: int, step_seconds: float, epoch_end_seconds: float, now: float) -> int:
         """Steps done plus the most further steps whose cost, with the epoch ends they reach, fits before `end`
-        (none when time is up: the run ends here)."""
+        (none when time is up: the run ends here); step_seconds: a full-size step's (see StepCosts)."""
         per_epoch = max(1, self.steps_per_epoch)
         available = self.end - now
 
         def cost(extra: int) -> float:
             ends = math.ceil((steps_done + extra) / per_epoch) - steps_done // per_epoch  # epoch ends still to pay
-            return extra * step_seconds + ends * epoch_end_seconds
+            return self.costs.steps(steps_done, steps_done + extra, per_epoch) * step_seconds + ends * epoch_end_seconds
 
-        extra = max(0, math.floor(available / (step_seconds + epoch_end_seconds / per_epoch)))
-        while extra > 0 and cost(extra) > available:
-            extra -= 1
-        return steps_done + extra
+        return steps_done + most_steps(cost, available, step_seconds * self.costs.cheapest)
 
 
 def measure_speed(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_images: torch.Tensor,

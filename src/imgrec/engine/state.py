@@ -69,15 +69,17 @@ class Progress:
         """Fresh running sums for the epoch in self.epoch."""
         self.step, self.loss_sum, self.correct, self.seen, self.lr, self.seconds = 0, 0.0, 0, 0, lr, 0.0
 
-    def end_epoch(self, row: dict[str, Any], metric: float) -> bool:
-        """Record the finished epoch's row; returns True when it is the best so far. Moves on to the next epoch."""
+    def end_epoch(self, row: dict[str, Any], metric: float, candidate: bool = True) -> bool:
+        """Record the finished epoch's row; returns True when it is the best so far. Moves on to the next epoch.
+        candidate False (an epoch on scaled-down images, validated at full size): never the best, and not counted
+        by early stopping."""
         self.history.append(row)
         self.train_seconds += self.seconds
         self.images_seen += self.seen
-        improved = metric > self.best
+        improved = candidate and metric > self.best
         if improved:
             self.best, self.best_epoch, self.best_val_accuracy, self.stale = metric, self.epoch, row["val_acc"], 0
-        else:
+        elif candidate:
             self.stale += 1
         self.epoch, self.step = self.epoch + 1, 0
         return improved

@@ -186,6 +186,32 @@ def run_epochs(cfg: RunConfig, steps_per_epoch: int) -> int:
     return math.ceil(total_steps(cfg, steps_per_epoch) / max(1, steps_per_epoch))
 
 
+def resized_side(cfg: RunConfig, epoch: int, epochs: int) -> int | None:
+    """The shorter side training images are scaled down to in this epoch (--progressive-resize: the sizes given for
+    the first epochs), or None for full size: after those epochs, and always in the run's last epoch, which then
+    trains at the size the run is evaluated at."""
+    sizes = cfg.progressive_resize or []
+    return sizes[epoch - 1] if epoch <= len(sizes) and epoch < epochs else None
+
+
+def scaled_size(size: tuple[int, int] | torch.Size, side: int) -> tuple[int, int]:
+    """(H, W) scaled so that the shorter side is `side` pixels (as torchvision's Resize(int)), at least 1 each."""
+    height, width = int(size[0]), int(size[1])
+    shorter = min(height, width)
+    return max(1, round(height * side / shorter)), max(1, round(width * side / shorter))
+
+
+def downscale(x: torch.Tensor, side: int | None) -> torch.Tensor:
+    """A float batch scaled down to a shorter side of `side` pixels: bilinear, antialiased (each pixel averages the
+    ones it covers, as Pillow's resize does); as it is when side is None or not smaller. Deterministic."""
+    if side is None or side >= min(x.shape[-2:]):
+        return x
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    small = nn.functional.interpolate(x, size=scaled_size(x.shape[-2:], side), mode="bilinear", align_corners=False,
+                                      antialias=True)
+    return small.contiguous(memory_format=layout)
+
+
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: RunConfig, run_dir: Path,
         weights_meta: dict[str, Any], state: dict[str, Any] | None = None, deadline: Deadline | None = None,
         board: TensorBoardLog | None = None, class_weights: torch.Tensor | None = None,
@@ -219,18 +245,17 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
         try:
             while not progress.finished(epochs, cfg.patience):
                 epoch = progress.epoch
-                _freeze_for_epoch(model, cfg, epoch)
+                side = _start_epoch(model, cfg, epoch, epochs)
                 if progress.step == 0:  # a new epoch; a resumed one goes on from its loader's saved position
                     train_loader.set_epoch(epoch)
                     progress.start_epoch(optimizer.param_groups[0]["lr"])
-                _timed(clock, train_one_epoch, _step_function(parts, loss_fn, cfg, compute), train_loader, progress,
-                       epochs, after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
+                _timed(clock, train_one_epoch, _step_function(parts, loss_fn, cfg, compute, side), train_loader,
+                       progress, epochs, after_step, max_steps=_steps_in_epoch(cfg, epoch, len(train_loader)))
                 _check_finite(model, progress)  # before validating or saving: see _check_finite
                 epoch_end_started = time.perf_counter()
                 val = _validate(evaluated, val_loader, compute, stop) if val_loader else None
                 row, rate = _epoch_row(progress, epoch, val)
-                # without validation, or with --select last, the last epoch is the best
-                improved = progress.end_epoch(row, val.accuracy if val and cfg.select == "val" else float(epoch))
+                improved = progress.end_epoch(row, _selection_metric(cfg, epoch, val), candidate=side is None)
                 _record_epoch(row, improved, board, results, evaluated, weights_meta, run_dir)
                 if deadline is not None and not progress.finished(epochs, cfg.patience):
                     # the new plan: the state saved next records it, and the loop runs to it
@@ -248,6 +273,12 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, cfg: 
     return _fit_result(progress, cfg, epochs, clock)
 
 
+def _selection_metric(cfg: RunConfig, epoch: int, val: EvalResult | None) -> float:
+    """What best.pt is chosen by: the validation accuracy; without validation, or with --select last, the epoch
+    number (the last epoch is the best). An epoch on scaled-down images is never a candidate (see fit)."""
+    return val.accuracy if val and cfg.select == "val" else float(epoch)
+
+
 def _timed(clock: dict[str, float], train: Callable, *args: Any, **kwargs: Any) -> None:
     """Run an epoch's steps, noting in clock when the run's first one started ("first") and the last one ended."""
     clock.setdefault("first", time.perf_counter())
@@ -255,11 +286,13 @@ def _timed(clock: dict[str, float], train: Callable, *args: Any, **kwargs: Any) 
     clock["last"] = time.perf_counter()
 
 
-def _freeze_for_epoch(model: nn.Module, cfg: RunConfig, epoch: int) -> None:
-    """What trains in this epoch: the backbone after the frozen epochs, a whitened stem's bias in its first ones."""
+def _start_epoch(model: nn.Module, cfg: RunConfig, epoch: int, epochs: int) -> int | None:
+    """What trains in this epoch: the backbone after the frozen epochs, a whitened stem's bias in its first ones;
+    returns the shorter side its images are scaled down to (None: full size)."""
     hooks.set_frozen(model, cfg.freeze or epoch <= cfg.freeze_epochs)
     if cfg.whiten_bias_epochs:
         hooks.freeze_whitening_bias(model, epoch > cfg.whiten_bias_epochs)
+    return resized_side(cfg, epoch, epochs)
 
 
 def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, compute: Compute) -> TrainParts:
@@ -273,11 +306,12 @@ def _training_parts(model: nn.Module, train_loader: Loader, cfg: RunConfig, comp
     return TrainParts(model, optimizer, scheduler, scaler, train_loader, averager)
 
 
-def _step_function(parts: TrainParts, loss_fn: nn.Module, cfg: RunConfig, compute: Compute) -> Callable:
+def _step_function(parts: TrainParts, loss_fn: nn.Module, cfg: RunConfig, compute: Compute,
+                   side: int | None = None) -> Callable:
     """An epoch's training step on the model as data-parallel training wraps it (itself in one process), then the
-    weight average's update."""
+    weight average's update; side: its batches scaled down to this shorter side first (--progressive-resize)."""
     step = make_step(distributed.wrap_model(parts.model, cfg.sync_bn), parts.optimizer, parts.scheduler, parts.scaler,
-                     loss_fn, cfg.grad_clip, compute.device, compute.dtype, compute.memory_format)
+                     loss_fn, cfg.grad_clip, compute.device, compute.dtype, compute.memory_format, side=side)
     return averaged_step(step, parts.averager)
 
 
@@ -372,12 +406,13 @@ def _check_finite(model: nn.Module, progress: Progress) -> None:
                                f"{progress.step}; lower --lr or add --grad-clip")
 
 
-def make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format):
+def make_step(model, optimizer, scheduler, scaler, loss_fn, grad_clip, device, dtype, memory_format, side=None):
     """One optimisation step on a batch: returns (loss, correct predictions) as tensors. The targets are labels,
-    or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both)."""
+    or probabilities (B, num_classes) for a mixed batch (the cross-entropy takes both). side: the (augmented,
+    normalised) batch is scaled down to this shorter side on the device first (--progressive-resize)."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        x = downscale(x.to(device, non_blocking=True, memory_format=memory_format), side)
         y = y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)  # (B, C, H, W) -> (B, num_classes)

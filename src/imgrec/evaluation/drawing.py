@@ -1,0 +1,119 @@
+"""The report's figures drawn beside the main process, so that drawing them holds nobody up.
+
+A `FigureDrawer` forks worker processes (on Linux) when it is made, one for each CPU but the one the main process
+keeps (two at most). `train` makes it first thing: the worker loads matplotlib while the main process is still
+loading the data and building the model (work of one CPU), and draws each figure as soon as it is asked for,
+beside what the main process has left to do. `finish()` waits for every figure and raises the first error a
+figure met (a full disk, say) in the main process, as drawing it there would have. A worker that dies has its
+figures drawn in the main process; workers end when the main process ends, however it ends. Elsewhere, with one
+usable CPU, or with `workers=0`, each figure is drawn at once in the calling process.
+
+Figure functions and their arguments are plain values (numbers, lists, numpy arrays, paths): they cross to a
+worker by pickling. Imports: the standard library and the figure modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from imgrec.evaluation.plots import pyplot
+
+log = logging.getLogger(__name__)
+
+WORKERS = 2  # at most two figures at a time: the report has five to six, each a few tenths of a second
+WATCH_SECONDS = 0.2  # how often a worker checks that the main process is still there
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _worker_start(main_pid: int) -> None:
+    """A worker leaves Ctrl-C to the main process, which stops the workers itself, and ends with the main process
+    however that ends (a worker waits for work on a pipe it holds both ends of: it would wait for ever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(main_pid,), daemon=True, name="imgrec-figures-watch").start()
+
+
+def _end_with(main_pid: int) -> None:
+    while os.getppid() == main_pid:
+        time.sleep(WATCH_SECONDS)
+    os._exit(1)
+
+
+def _warm_up() -> None:
+    """A worker's first job: load matplotlib (a third of a second) before any figure needs it."""
+    pyplot()
+
+
+class FigureDrawer:
+    """Draws figures in worker processes; use as a context manager, call finish() before reading the figures."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is None:  # a CPU stays with this process, whose own work goes on beside the figures
+            workers = min(WORKERS, usable_cpus() - 1)
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]] = []
+        if workers > 0 and sys.platform.startswith("linux"):
+            # fork (Linux's default, as for data-loading workers): a worker needs none of the caller's modules
+            # re-imported (spawn would re-run a user's script); macOS's fork is unsafe, and there figures are
+            # drawn in the main process
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_worker_start, initargs=(os.getpid(),))
+            try:
+                for _ in range(workers):  # the first submission starts every worker
+                    self._pool.submit(_warm_up)
+            except (OSError, BrokenProcessPool) as exc:  # no process to spare (a limit on processes): draw here
+                log.debug(f"figures drawn in this process: {exc}")
+                self.close()
+
+    @property
+    def parallel(self) -> bool:
+        """Whether figures are drawn in worker processes."""
+        return self._pool is not None
+
+    def draw(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Draw one figure: in a worker when there are workers (its errors come out of finish()), else now."""
+        if self._pool is None:
+            function(*args, **kwargs)
+            return
+        try:
+            future = self._pool.submit(function, *args, **kwargs)
+        except BrokenProcessPool:  # a worker died (killed for memory, say): the rest are drawn here
+            self.close()
+            function(*args, **kwargs)
+            return
+        self._jobs.append((function, args, kwargs, future))
+
+    def finish(self) -> None:
+        """Wait for every figure asked for so far; raise the first error a figure met."""
+        jobs, self._jobs = self._jobs, []
+        for function, args, kwargs, future in jobs:
+            try:
+                future.result()
+            except BrokenProcessPool:  # the worker died under this figure: draw it here instead
+                self.close()
+                function(*args, **kwargs)
+
+    def close(self) -> None:
+        """Stop the workers (figures not yet drawn are dropped: call finish() first to keep them)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> FigureDrawer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,130 @@
+"""FigureDrawer: figures drawn in a worker process beside the main one, their errors raised in the main process,
+and a dead worker's figures drawn in the main process instead."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from imgrec.evaluation.charts import plot_confusion_matrix
+from imgrec.evaluation.drawing import FigureDrawer, usable_cpus
+from imgrec.evaluation.plots import plot_image_grid
+
+needs_two_cpus = pytest.mark.skipif(usable_cpus() < 2, reason="a worker needs a second CPU (CI has two)")
+
+
+def _write_pid(path: Path) -> None:
+    path.write_text(str(os.getpid()))
+
+
+def _full_disk(path: Path) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _killed_in_a_worker(path: Path, main_pid: int) -> None:
+    if os.getpid() != main_pid:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _write_pid(path)
+
+
+@needs_two_cpus
+def test_figures_are_drawn_in_a_worker_and_finish_waits_for_them(tmp_path: Path) -> None:
+    with FigureDrawer() as drawer:
+        assert drawer.parallel
+        drawer.draw(_write_pid, tmp_path / "pid")
+        drawer.draw(plot_confusion_matrix, [[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "cm.png")
+        drawer.draw(plot_image_grid, np.random.default_rng(0).random((4, 3, 8, 8)), list("abcd"), tmp_path / "grid.png")
+        drawer.finish()
+        assert int((tmp_path / "pid").read_text()) != os.getpid()
+        assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_workers_each_figure_is_drawn_at_once(tmp_path: Path) -> None:
+    with FigureDrawer(workers=0) as drawer:
+        assert not drawer.parallel
+        drawer.draw(_write_pid, tmp_path / "pid")
+        assert int((tmp_path / "pid").read_text()) == os.getpid()  # before finish(): drawn already
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_figures_error_comes_out_in_the_main_process(tmp_path: Path, workers: int) -> None:
+    if workers and usable_cpus() < 2:
+        pytest.skip("a worker needs a second CPU (CI has two)")
+    with FigureDrawer(workers=workers) as drawer, pytest.raises(OSError) as caught:
+        drawer.draw(_full_disk, tmp_path / "cm.png")
+        drawer.finish()
+    assert caught.value.errno == errno.ENOSPC
+
+
+@needs_two_cpus
+def test_a_dead_workers_figures_are_drawn_in_the_main_process(tmp_path: Path) -> None:
+    with FigureDrawer(workers=1) as drawer:
+        drawer.draw(_killed_in_a_worker, tmp_path / "first", os.getpid())
+        drawer.draw(_write_pid, tmp_path / "second")
+        drawer.finish()
+        assert not drawer.parallel  # no more workers: what comes next is drawn here
+        drawer.draw(_write_pid, tmp_path / "third")
+    for name in ("first", "second", "third"):
+        assert int((tmp_path / name).read_text()) == os.getpid()
+
+
+@needs_two_cpus
+def test_the_workers_are_gone_when_the_drawer_closes(tmp_path: Path) -> None:
+    import multiprocessing
+
+    with FigureDrawer() as drawer:
+        drawer.draw(_write_pid, tmp_path / "pid")
+        drawer.finish()
+        assert multiprocessing.active_children()
+    assert not multiprocessing.active_children()
+
+
+KILLED_MID_FIGURE = """
+import os, signal, sys, time
+from pathlib import Path
+from imgrec.evaluation.drawing import FigureDrawer
+
+def slow_figure(path):
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+drawer = FigureDrawer(workers=1)
+drawer.draw(slow_figure, sys.argv[1])
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\\nState:\\tZ" not in status  # a zombie has ended; only its exit status waits to be read
+
+
+@needs_two_cpus
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux, where workers are forked)")
+def test_a_worker_ends_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    """Killed mid-figure, the main process leaves no worker behind, and none holding its output pipes open (a
+    caller reading them would wait for ever)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_FIGURE, str(tmp_path / "pid")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == -signal.SIGKILL
+    worker = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker)

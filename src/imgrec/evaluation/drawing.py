@@ -1,8 +1,9 @@
 """The report's figures drawn beside the main process, so that drawing them holds nobody up.
 
-A `FigureDrawer` forks worker processes (on Linux) when it is made, one for each CPU but the one the main process
-keeps (two at most). `train` makes it first thing: the worker loads matplotlib while the main process is still
-loading the data and building the model (work of one CPU), and draws each figure as soon as it is asked for,
+A `FigureDrawer` forks worker processes (on Linux) when it is made: two where there are two CPUs or more (on the
+idle 2-core machine, 0.8 s from the last batch to the exit instead of 1.2 s with one worker and 1.6 s drawing in
+the main process). `train` makes it first thing: the workers load matplotlib while the main process is still
+loading the data and building the model, and draw each figure as soon as it is asked for,
 beside what the main process has left to do. `finish()` waits for every figure and raises the first error a
 figure met (a full disk, say) in the main process, as drawing it there would have. A worker that dies has its
 figures drawn in the main process; workers end when the main process ends, however it ends. Elsewhere, with one
@@ -61,8 +62,9 @@ class FigureDrawer:
     """Draws figures in worker processes; use as a context manager, call finish() before reading the figures."""
 
     def __init__(self, workers: int | None = None) -> None:
-        if workers is None:  # a CPU stays with this process, whose own work goes on beside the figures
-            workers = min(WORKERS, usable_cpus() - 1)
+        if workers is None:  # with one CPU, a worker would only take turns with this process
+            cpus = usable_cpus()
+            workers = min(WORKERS, cpus) if cpus > 1 else 0
         self._pool: ProcessPoolExecutor | None = None
         self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]] = []
         if workers > 0 and sys.platform.startswith("linux"):

@@ -31,7 +31,7 @@ from conftest import REPO, error_line, make_image_folder, run_main
 from imgrec.cli import main
 from imgrec.config import RunConfig
 from imgrec.engine.checkpoint import load_weights_file, save_atomic
-from imgrec.evaluation.drawing import usable_cpus
+from imgrec.openmp import usable_cpus
 
 SUMMARY_KEYS = {"data", "model", "epochs", "test_accuracy", "test_loss", "best_epoch", "params", "train_seconds",
                 "images_per_second", "versions", "git_commit"}

@@ -9,6 +9,11 @@ import sys
 import time
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def patient_threads() -> None:
     """On a busy machine, let torch's OpenMP threads sleep instead of spin while they wait, unless the user chose.
 

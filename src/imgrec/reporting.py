@@ -84,7 +84,7 @@ def _evaluate_run(run_or_weights: str | Path, data: str | None, split: str, out:
         raise ImgrecError(f"{cfg.data} has no {split} split") from None
     out_dir = Path(out) if out else run_dir_of(path)
     with own_run_folder(path, out_dir):
-        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle), drawer=drawer)
+        metrics = report_split(model, ckpt, chosen, split, cfg, out_dir, dataset_summary(bundle), drawer)
         metrics.update(data=cfg.data, weights=str(path))
         write_json(out_dir / "metrics.json", metrics)
         drawer.finish()
@@ -102,10 +102,10 @@ def dataset_summary(bundle: DataBundle) -> dict[str, Any]:
 
 
 def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, split_name: str, cfg: RunConfig,
-                 out_dir: Path, dataset: dict[str, Any], compute: Compute | None = None,
-                 drawer: FigureDrawer | None = None) -> dict[str, Any]:
-    """Run the model over a split (compute: default from cfg); return its metrics and write the figures into
-    out_dir: with a drawer, asked of it (its finish() waits for them), else drawn before this returns."""
+                 out_dir: Path, dataset: dict[str, Any], drawer: FigureDrawer,
+                 compute: Compute | None = None) -> dict[str, Any]:
+    """Run the model over a split (compute: default from cfg); return its metrics and ask the drawer for the
+    figures in out_dir (its finish() waits for them)."""
     classes = ckpt["classes"]
     loader = make_loader(split, EVAL_BATCH_SIZE, weights_transform(ckpt), train=False, workers=cfg.workers)
     p = predict(model, loader, cfg, compute)
@@ -117,12 +117,7 @@ def report_split(model: torch.nn.Module, ckpt: dict[str, Any], split: Split, spl
     metrics["timing"] = {"seconds": round(p.seconds, 3), "images_per_second": round(len(p.targets) / max(p.seconds, 1e-9), 1),
                          "device": p.device}
     out_dir.mkdir(parents=True, exist_ok=True)
-    if drawer is not None:
-        _write_figures(metrics, p, split, ckpt, out_dir, drawer)
-        return metrics
-    with FigureDrawer() as own:
-        _write_figures(metrics, p, split, ckpt, out_dir, own)
-        own.finish()
+    _write_figures(metrics, p, split, ckpt, out_dir, drawer)
     return metrics
 
 

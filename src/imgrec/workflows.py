@@ -507,7 +507,7 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
-    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), compute, drawer)
+    metrics = report_split(model, best, bundle.test, "test", cfg, run_dir, dataset_summary(bundle), drawer, compute)
     metrics.update(data=cfg.data, weights=str(best_path))
     write_json(run_dir / "metrics.json", metrics)
     summary = {

@@ -16,10 +16,11 @@ import pytest
 
 from conftest import REPO
 from imgrec.evaluation.charts import plot_confusion_matrix
-from imgrec.evaluation.drawing import FigureDrawer, usable_cpus
+from imgrec.evaluation.drawing import FigureDrawer
 from imgrec.evaluation.plots import plot_image_grid
+from imgrec.openmp import usable_cpus
 
-needs_two_cpus = pytest.mark.skipif(usable_cpus() < 2, reason="a worker needs a second CPU (CI has two)")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
 
 
 def _write_pid(path: Path) -> None:
@@ -36,9 +37,9 @@ def _killed_in_a_worker(path: Path, main_pid: int) -> None:
     _write_pid(path)
 
 
-@needs_two_cpus
+@linux_only
 def test_figures_are_drawn_in_a_worker_and_finish_waits_for_them(tmp_path: Path) -> None:
-    with FigureDrawer() as drawer:
+    with FigureDrawer(workers=2) as drawer:
         assert drawer.parallel
         drawer.draw(_write_pid, tmp_path / "pid")
         drawer.draw(plot_confusion_matrix, [[3, 1], [0, 4]], ["cat", "dog"], tmp_path / "cm.png")
@@ -47,6 +48,11 @@ def test_figures_are_drawn_in_a_worker_and_finish_waits_for_them(tmp_path: Path)
         assert int((tmp_path / "pid").read_text()) != os.getpid()
         assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
         assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_workers_only_where_there_is_a_second_cpu() -> None:
+    with FigureDrawer() as drawer:
+        assert drawer.parallel == (sys.platform.startswith("linux") and usable_cpus() > 1)
 
 
 def test_without_workers_each_figure_is_drawn_at_once(tmp_path: Path) -> None:
@@ -58,15 +64,13 @@ def test_without_workers_each_figure_is_drawn_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_figures_error_comes_out_in_the_main_process(tmp_path: Path, workers: int) -> None:
-    if workers and usable_cpus() < 2:
-        pytest.skip("a worker needs a second CPU (CI has two)")
     with FigureDrawer(workers=workers) as drawer, pytest.raises(OSError) as caught:
         drawer.draw(_full_disk, tmp_path / "cm.png")
         drawer.finish()
     assert caught.value.errno == errno.ENOSPC
 
 
-@needs_two_cpus
+@linux_only
 def test_a_dead_workers_figures_are_drawn_in_the_main_process(tmp_path: Path) -> None:
     with FigureDrawer(workers=1) as drawer:
         drawer.draw(_killed_in_a_worker, tmp_path / "first", os.getpid())
@@ -78,11 +82,11 @@ def test_a_dead_workers_figures_are_drawn_in_the_main_process(tmp_path: Path) ->
         assert int((tmp_path / name).read_text()) == os.getpid()
 
 
-@needs_two_cpus
+@linux_only
 def test_the_workers_are_gone_when_the_drawer_closes(tmp_path: Path) -> None:
     import multiprocessing
 
-    with FigureDrawer() as drawer:
+    with FigureDrawer(workers=2) as drawer:
         drawer.draw(_write_pid, tmp_path / "pid")
         drawer.finish()
         assert multiprocessing.active_children()
@@ -114,8 +118,7 @@ def _running(pid: int) -> bool:
     return "\\nState:\\tZ" not in status  # a zombie has ended; only its exit status waits to be read
 
 
-@needs_two_cpus
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux, where workers are forked)")
+@linux_only
 def test_a_worker_ends_when_the_main_process_is_killed(tmp_path: Path) -> None:
     """Killed mid-figure, the main process leaves no worker behind, and none holding its output pipes open (a
     caller reading them would wait for ever)."""

@@ -10,7 +10,7 @@ figures drawn in the main process; workers end when the main process ends, howev
 usable CPU, or with `workers=0`, each figure is drawn at once in the calling process.
 
 Figure functions and their arguments are plain values (numbers, lists, numpy arrays, paths): they cross to a
-worker by pickling. Imports: the standard library and the figure modules only.
+worker by pickling. Imports: the standard library, the figure modules and imgrec.openmp only.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from imgrec.evaluation.plots import pyplot
+from imgrec.openmp import usable_cpus
 
 log = logging.getLogger(__name__)
 
 WORKERS = 2  # at most two figures at a time: the report has five to six, each a few tenths of a second
 WATCH_SECONDS = 0.2  # how often a worker checks that the main process is still there
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the platform tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _worker_start(main_pid: int) -> None:

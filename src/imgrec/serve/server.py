@@ -13,12 +13,12 @@ import errno
 import importlib
 import logging
 import math
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
 from imgrec.errors import ImgrecError, UsageError
+from imgrec.openmp import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def check_limits(max_upload_mb: float, workers_threads: int) -> None:
 
 def torch_threads(workers_threads: int) -> int:
     """CPU threads per prediction: the cores this process may use, shared by the predictions running at once."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers_threads)
+    return max(1, usable_cpus() // workers_threads)
 
 
 def build(run: str | Path, max_upload_mb: float = 10, workers_threads: int = 1, device: str = "auto") -> Any:

@@ -118,11 +118,10 @@ HOLDER = textwrap.dedent("""
     import os, sys, time
     from imgrec.engine.runs import RunLock
     with RunLock(sys.argv[1]):
-        child = os.fork()
-        if child == 0:
+        if os.fork() == 0:  # the child says its id once its fork handlers have run (closed its copy of the lock)
+            print(os.getpid(), flush=True)
             time.sleep(120)
             os._exit(0)
-        print(child, flush=True)
         time.sleep(120)
 """)
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,8 +52,23 @@ def test_figures_are_drawn_in_a_worker_and_finish_waits_for_them(tmp_path: Path)
 
 
 def test_workers_only_where_there_is_a_second_cpu() -> None:
+    expected = sys.platform.startswith("linux") and usable_cpus() > 1 and threading.active_count() == 1
     with FigureDrawer() as drawer:
-        assert drawer.parallel == (sys.platform.startswith("linux") and usable_cpus() > 1)
+        assert drawer.parallel == expected
+
+
+def test_no_worker_is_forked_from_a_process_with_other_threads(tmp_path: Path) -> None:
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # as a Jupyter kernel's threads are
+    other.start()
+    try:
+        with FigureDrawer() as drawer:
+            assert not drawer.parallel
+            drawer.draw(plot_image_grid, np.zeros((1, 1, 8, 8)), ["a"], tmp_path / "grid.png")
+            assert (tmp_path / "grid.png").is_file()  # drawn at once, here
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_without_workers_each_figure_is_drawn_at_once(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ loading the data and building the model, and draw each figure as soon as it is a
 beside what the main process has left to do. `finish()` waits for every figure and raises the first error a
 figure met (a full disk, say) in the main process, as drawing it there would have. A worker that dies has its
 figures drawn in the main process; workers end when the main process ends, however it ends. Elsewhere, with one
-usable CPU, or with `workers=0`, each figure is drawn at once in the calling process.
+usable CPU, in a process with other threads (a notebook's kernel), or with `workers=0`, each figure is drawn at
+once in the calling process.
 
 Figure functions and their arguments are plain values (numbers, lists, numpy arrays, paths): they cross to a
 worker by pickling. Imports: the standard library, the figure modules and imgrec.openmp only.
@@ -54,13 +55,21 @@ def _warm_up() -> None:
     pyplot()
 
 
+def default_workers() -> int:
+    """Two workers, or none: with one CPU (a worker would only take turns with this process), or in a process
+    that runs other threads (a Jupyter kernel's, a progress bar's), whose locks a fork could copy held for ever."""
+    cpus = usable_cpus()
+    if cpus < 2 or threading.active_count() > 1:
+        return 0
+    return min(WORKERS, cpus)
+
+
 class FigureDrawer:
     """Draws figures in worker processes; use as a context manager, call finish() before reading the figures."""
 
     def __init__(self, workers: int | None = None) -> None:
-        if workers is None:  # with one CPU, a worker would only take turns with this process
-            cpus = usable_cpus()
-            workers = min(WORKERS, cpus) if cpus > 1 else 0
+        if workers is None:
+            workers = default_workers()
         self._pool: ProcessPoolExecutor | None = None
         self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]] = []
         if workers > 0 and sys.platform.startswith("linux"):

@@ -192,6 +192,18 @@ def test_training_imports_only_what_it_uses(fake_fashion_mnist: Path, tmp_path: 
     assert all(value > 0 for value in timing.values())
 
 
+def test_verbose_shows_imgrec_details_not_other_libraries_debug_lines(fake_fashion_mnist: Path,
+                                                                     tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "imgrec", "-v", "train", "--data", "fashion-mnist", "--data-dir",
+                           str(fake_fashion_mnist), "--model", "mlp", "--epochs", "1", "--project",
+                           str(tmp_path / "runs"), "--threads", "1", "--workers", "0", "--device", "cpu"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "timing: start-up to first batch" in proc.stderr  # imgrec's own debug line
+    assert "findfont" not in proc.stderr and "matplotlib data path" not in proc.stderr  # matplotlib's, at DEBUG
+
+
 # --- train ----------------------------------------------------------------------------------------------------
 
 

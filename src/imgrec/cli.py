@@ -590,8 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.verbose and args.quiet:
         _subparsers(parser).choices[args.command].error("-v/--verbose and -q/--quiet exclude each other: give one")
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.verbose:  # imgrec's own details; other libraries' debug lines (matplotlib's font search) stay out
+        logging.getLogger("imgrec").setLevel(logging.DEBUG)
     for note in getattr(args, "renamed", []):
         print(f"note: {note}", file=sys.stderr)
     if args.command in COMPUTING:

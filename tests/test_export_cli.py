@@ -66,7 +66,8 @@ def test_onnx_export_of_a_run_is_checked_on_its_validation_images(run: Path, tmp
     assert [p.name for p in (tmp_path / "shipped").iterdir()] == ["best.onnx"]  # and no temporary file
     ckpt = load_weights_file(run / "weights" / "best.pt")
     meta = read_onnx_metadata(str(path))
-    assert meta["classes"] == ckpt["classes"] and meta["temperature"] == ckpt["temperature"]
+    # 3 validation images are too few for a temperature: none in the weights, none in the model file
+    assert meta["classes"] == ckpt["classes"] and ckpt["temperature"] is None and meta.get("temperature") is None
     assert meta["ood_threshold"] == ckpt["ood"]["threshold"] and meta["data"] == ckpt["data"]
 
 
@@ -117,7 +118,7 @@ def test_safetensors_export_round_trips(run: Path, tmp_path: Path, capsys: pytes
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model.eval()(x))
-    assert loaded["ood"] == ckpt["ood"] and loaded["temperature"] == ckpt["temperature"]
+    assert loaded["ood"] == ckpt["ood"] and loaded.get("temperature") == ckpt["temperature"]  # None: 3 val images
     assert json.loads((tmp_path / "model.json").read_text())["tensors"] == "model.safetensors"
 
 

@@ -7,9 +7,11 @@ import torch
 
 from imgrec.evaluation.calibration import (
     MAX_TEMPERATURE,
+    MIN_FIT_IMAGES,
     MIN_TEMPERATURE,
     apply_temperature,
     calibration_summary,
+    choose_temperature,
     fit_temperature,
 )
 from imgrec.evaluation.metrics import ece
@@ -95,3 +97,37 @@ def test_calibration_summary() -> None:
     assert scaled["loss_after"] < scaled["loss_before"]
     assert len(scaled["reliability_after"]) == 15
     assert sum(row["count"] for row in scaled["reliability_after"]) == len(labels)
+
+
+def test_no_temperature_from_a_handful_of_images_or_a_split_without_mistakes() -> None:
+    model, x, labels = _overconfident_model(scale=4.0)
+    with torch.no_grad():
+        logits = model(x)
+    temperature, why = choose_temperature(logits[:3000], labels[:3000])
+    assert temperature == pytest.approx(4.0, rel=0.15) and why == ""
+    # two images (a small photo folder's 2% validation split): one temperature would fit their noise
+    temperature, why = choose_temperature(logits[:2], labels[:2])
+    assert temperature is None and "2 validation images are too few" in why
+    assert choose_temperature(logits[:MIN_FIT_IMAGES], labels[:MIN_FIT_IMAGES])[0] is not None
+    # every image right: the fit only drives T to its floor, which makes every later score a certainty
+    right = logits[:500].argmax(1)
+    temperature, why = choose_temperature(logits[:500], right)
+    assert temperature is None and "every validation image right" in why
+
+
+def test_a_temperature_that_would_raise_the_validation_ece_is_not_kept() -> None:
+    # a model calibrated to within noise, on few images: whatever T minimises their loss, keep it only if it lowers
+    # their ECE; check the rule on every seed rather than trusting one case to show it
+    kept = dropped = 0
+    for seed in range(20):
+        model, x, labels = _overconfident_model(scale=1.0, seed=seed)
+        with torch.no_grad():
+            logits = model(x[:60])
+        temperature, why = choose_temperature(logits, labels[:60])
+        if temperature is None:
+            dropped += 1
+            assert "would raise the validation ECE" in why
+        else:
+            kept += 1
+            assert ece(logits / temperature, labels[:60]) <= ece(logits, labels[:60])
+    assert kept and dropped  # both happen among these seeds

@@ -4,7 +4,8 @@ the weights files.
 `calibrate_run` is the one post-fit step of `workflows.train`. It rewrites weights/best.pt and weights/last.pt once
 each (atomically, through engine.checkpoint.save_atomic), adding to each:
   temperature  the temperature of that file's weights, fitted on the validation split with the run's precision and
-               test-time augmentation (evaluation.calibration; none without a validation split)
+               test-time augmentation (evaluation.calibration; none without a validation split, with fewer
+               than 50 images or no mistake in it, or where it would not lower the split's ECE)
   ood          {score, threshold, keep, split, count}: the out-of-distribution threshold of that file's own
                weights, set so that `keep` of the validation images score above it (with fewer than
                MIN_CALIBRATION validation images, up to MAX_CALIBRATION_TRAIN training images count too)
@@ -33,7 +34,7 @@ from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import WEIGHTS_NAMES, load_model_state, load_weights_file, save_atomic
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import evaluate
-from imgrec.evaluation.calibration import fit_temperature
+from imgrec.evaluation.calibration import choose_temperature
 from imgrec.evaluation.metrics import ece
 from imgrec.evaluation.ood import DEFAULT_KEEP, DEFAULT_SCORE, OOD_SCORES, ood_threshold
 from imgrec.models.registry import build_model
@@ -60,7 +61,8 @@ def calibrate_run(model: torch.nn.Module, val_loader: Any, run_dir: str | Path, 
     foreground = measure_foreground(training_sample(bundle.train))
     split_name, split = calibration_split(bundle)
     loader = make_loader(split, EVAL_BATCH_SIZE, transform, train=False, workers=cfg.workers)
-    fitted: dict[Any, tuple[float, float, float]] = {}  # best.pt and last.pt often hold the same epoch's weights
+    # best.pt and last.pt often hold the same epoch's weights
+    fitted: dict[Any, tuple[float | None, float, float, str]] = {}
     by_epoch: dict[Any, dict[str, Any]] = {}
     for name in WEIGHTS_NAMES:
         path = weights_dir / name
@@ -81,21 +83,25 @@ def calibrate_run(model: torch.nn.Module, val_loader: Any, run_dir: str | Path, 
 
 
 def fit_file_temperature(model: torch.nn.Module, ckpt: dict[str, Any], val_loader: Any, tta: str, compute: Compute,
-                         source: Path) -> tuple[float, float, float]:
-    """The temperature of a weights file's model on the validation split, and the split's ECE before and after it."""
+                         source: Path) -> tuple[float | None, float, float, str]:
+    """The temperature of a weights file's model on the validation split (None where none is worth keeping), the
+    split's ECE before and after it, and why there is none."""
     load_model_state(model, ckpt["state_dict"], source)
     model.to(device=compute.device, memory_format=compute.memory_format)
     p = evaluate(model, val_loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=tta)
     assert p.logits is not None and p.targets is not None
-    t = fit_temperature(p.logits, p.targets)
-    return t, ece(p.logits, p.targets), ece(p.logits / t, p.targets)
+    t, why_not = choose_temperature(p.logits, p.targets)
+    before = ece(p.logits, p.targets)
+    return t, before, before if t is None else ece(p.logits / t, p.targets), why_not
 
 
-def _log_calibration(fitted: tuple[float, float, float] | None, best: dict[str, Any] | None,
+def _log_calibration(fitted: tuple[float | None, float, float, str] | None, best: dict[str, Any] | None,
                      foreground: dict[str, Any], split_name: str) -> None:
     """The temperature (or why there is none) and what prediction will use, as the log shows them."""
     if fitted is None:
         log.info("no validation split: no temperature fitted (calibration is reported uncorrected)")
+    elif fitted[0] is None:
+        log.info(f"no temperature: {fitted[3]} (calibration is reported uncorrected)")
     else:
         log.info(f"temperature scaling: T = {fitted[0]:.3f} (validation ECE {fitted[1]:.2%} -> {fitted[2]:.2%})")
     if best is not None:

@@ -20,7 +20,7 @@ from imgrec.config import RunConfig, flag_name
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
 from imgrec.data.transforms import BatchTransform
-from imgrec.engine.budget import BudgetPlan, StepCosts, measure_speed, plan_budget
+from imgrec.engine.budget import BudgetPlan, StepCosts, fit_budget_epochs, measure_speed, plan_budget
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.errors import UsageError
 from imgrec.inference.calibrate import calibration_split
@@ -119,6 +119,5 @@ def plan_time_budget(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module,
     final_images = val_images + calibration + len(bundle.test)
     plan = plan_budget(parse_duration(cfg.time_budget or ""), elapsed + speed.measure_seconds, speed, len(loader),
                        val_images, final_images, costs)
-    cut = plan.total_steps < plan.epochs * plan.steps_per_epoch
     log.info(plan.describe())
-    return replace(cfg, epochs=plan.epochs, max_steps=plan.total_steps if cut else None), plan
+    return fit_budget_epochs(cfg, plan.total_steps, plan.steps_per_epoch), plan

@@ -18,6 +18,7 @@ from imgrec.engine.budget import (
     Deadline,
     Speed,
     StepCosts,
+    fit_budget_epochs,
     measure_speed,
     plan_budget,
 )
@@ -197,3 +198,24 @@ def test_the_deadline_turns_the_speed_of_small_epochs_into_a_full_size_steps() -
     assert revision["step_seconds"] == pytest.approx(1.0)  # a full-size step: 1 s, not 0.25 s
     # 30 s left: epoch 2 at 0.25 s a step (2.5 s), then 27 full-size steps; counted at 0.25 s it would be 120
     assert 10 + 10 + 26 <= revision["total_steps"] <= 10 + 10 + 27
+
+
+def test_a_re_plan_shorter_than_the_warm_up_shortens_the_warm_up_instead_of_stopping_the_run() -> None:
+    from imgrec.engine.state import Progress
+    from imgrec.engine.trainer import build_scheduler, warmup_steps
+
+    model = nn.Linear(2, 2)
+    cfg = RunConfig(epochs=8, schedule="linear", lr=0.1, optimizer="sgd", warmup_epochs=3)
+    scheduler = build_scheduler(cfg, torch.optim.SGD(model.parameters(), lr=0.1), 80)
+    progress = Progress(epoch=2, train_seconds=10.0)  # 1 epoch of 10 steps done, at 1 s a step
+    deadline = Deadline(end=time.perf_counter() + 12.0, steps_per_epoch=10)  # time for about 12 more steps
+    new = deadline.replan(cfg, progress, 10, 0.0, scheduler, None)
+    total = deadline.revisions[-1]["total_steps"]
+    assert new.epochs == 3 and 20 <= total < 30
+    assert new.warmup_epochs is not None and new.warmup_epochs < new.epochs  # a valid config, not a usage error
+    warmup = warmup_steps(new, 10)
+    assert warmup is not None and warmup <= total // 2  # the rate still peaks and decays within the run
+    assert scheduler.lr_lambdas[0](total - 1) < scheduler.lr_lambdas[0](warmup)
+    # a plan at the start does the same: 2 epochs in the budget, a warm-up of 3 given
+    planned = fit_budget_epochs(RunConfig(epochs=8, warmup_epochs=3), total_steps=20, steps_per_epoch=10)
+    assert planned.epochs == 2 and planned.warmup_epochs == 1.0 and planned.max_steps is None

@@ -160,6 +160,21 @@ def plan_budget(budget: float, elapsed: float, speed: Speed, steps_per_epoch: in
                       math.ceil(steps / steps_per_epoch), epoch_end, final, margin, elapsed + cost(steps) + final)
 
 
+def fit_budget_epochs(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> RunConfig:
+    """cfg for a budgeted run of total_steps: its epochs, the last cut by max_steps where the steps end mid-epoch, and
+    a --warmup-epochs longer than half the run cut to half of it (a warm-up of 3 epochs in a run the budget shortens to
+    2 would leave the rate rising to the end, and is no valid setting)."""
+    per_epoch = max(1, steps_per_epoch)
+    epochs = max(1, math.ceil(total_steps / per_epoch))
+    warmup = cfg.warmup_epochs
+    if warmup is not None and warmup * per_epoch > total_steps / 2:
+        warmup = round(max(total_steps, 1) / per_epoch / 2, 3)
+        log.info(f"time budget: --warmup-epochs {cfg.warmup_epochs:g} cut to {warmup:g}, half the "
+                 f"{total_steps / per_epoch:.2f} epochs that fit")
+    return replace(cfg, epochs=epochs, max_steps=total_steps if total_steps < epochs * per_epoch else None,
+                   warmup_epochs=warmup)
+
+
 @dataclass
 class Deadline:
     """Keeps a budgeted run on time: at each epoch end fit() asks it to re-plan (replan), from the speed the run
@@ -200,8 +215,7 @@ class Deadline:
         new = self.total_steps(done, step_seconds, epoch_end_seconds, time.perf_counter())
         if new > done and abs(new - planned) * step_seconds < REPLAN_SECONDS:
             return cfg  # on time: a fraction of a second either way is noise
-        epochs = max(1, math.ceil(new / steps_per_epoch))
-        cfg = replace(cfg, epochs=epochs, max_steps=new if new < epochs * steps_per_epoch else None)
+        cfg = fit_budget_epochs(cfg, new, steps_per_epoch)
         if scheduler is not None:
             factor = schedule_factor(cfg.schedule, max(new, 1), warmup_steps(cfg, steps_per_epoch), cfg.linear_ends)
             scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)

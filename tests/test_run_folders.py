@@ -297,6 +297,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_resume_is_exact_once_there_is
 @pytest.mark.parametrize("errno_name, part, cause", [
     ("ENOSPC", "metrics.json", "no space left on device (it needs about"),
     ("EROFS", "summary.json", "read-only file system"),
+    ("ENOSPC", "report.html", "no space left on device (it needs about"),
     ("ENAMETOOLONG", "results.csv", "file name too long"),
     ("EACCES", "config.yaml", "permission denied"),
 ])
@@ -306,10 +307,11 @@ def test_a_refused_text_write_is_one_line_naming_the_file(image_folder: Path, tm
     proc = imgrec("train", "--data", str(image_folder), *SETTINGS, "--epochs", "1", "--project", str(project),
                   "--name", "x", **refusing(errno_name, project / "x", part))
     assert f"cannot write {project / 'x' / part}: {cause}" in one_error_line(proc, logged=True)
-    if part in ("metrics.json", "summary.json"):  # after training: what it saved stays, and resuming finishes it
-        assert load_weights_file(project / "x" / "weights" / "best.pt")["epoch"] == 1
+    if part in ("metrics.json", "summary.json", "report.html"):  # after training: what it saved stays, and resuming
+        assert load_weights_file(project / "x" / "weights" / "best.pt")["epoch"] == 1  # finishes it, report and all
+        assert not (project / "x" / "summary.json").exists()  # the finished run's mark is written last
         assert imgrec("train", "--resume", str(project / "x")).returncode == 0
-        assert (project / "x" / "summary.json").is_file()
+        assert (project / "x" / "summary.json").is_file() and (project / "x" / "report.html").is_file()
     else:  # before anything of training was saved: the folder is gone
         assert not (project / "x").exists()
 

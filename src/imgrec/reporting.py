@@ -167,13 +167,14 @@ def display_images(split: Split, indices: torch.Tensor, ckpt: dict[str, Any]) ->
     return denormalize(model_inputs(split, indices, ckpt), ckpt["mean"], ckpt["std"]).numpy()
 
 
-def write_html_report(out_dir: Path, run_dir: Path, metrics: dict[str, Any],
-                      config: dict[str, Any] | None = None) -> Path:
+def write_html_report(out_dir: Path, run_dir: Path, metrics: dict[str, Any], config: dict[str, Any] | None = None,
+                      summary: dict[str, Any] | None = None) -> Path:
     """report.html in out_dir from the metrics, the figures in out_dir and the run's files in run_dir
-    (config: what the weights file records, for weights outside a run folder)."""
+    (config: what the weights file records, for weights outside a run folder; summary: the run's, when its
+    summary.json is not written yet)."""
     from imgrec.evaluation.html import render_report
 
-    summary = _read_json(run_dir / "summary.json")
+    summary = summary or _read_json(run_dir / "summary.json")
     config = _read_yaml(run_dir / "config.yaml") or config
     results = read_results(run_dir / "results.csv") if (run_dir / "results.csv").is_file() else None
     images = {name: _read_bytes(out_dir / f"{name}.png") for name in FIGURES}

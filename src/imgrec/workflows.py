@@ -502,8 +502,8 @@ def train_transform(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, 
 
 def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig, run_dir: Path, result: FitResult,
                      started: float, compute: Compute, drawer: FigureDrawer) -> dict[str, Any]:
-    """Test the best weights; write metrics.json, summary.json, the figures (drawer's, with results.png already
-    asked of it) and report.html."""
+    """Test the best weights; write metrics.json, the figures (drawer's, with results.png already asked of it),
+    report.html and, last, summary.json."""
     best_path = run_dir / "weights" / "best.pt"
     best = load_weights_file(best_path)
     load_model_state(model, best["state_dict"], best_path)
@@ -522,9 +522,10 @@ def _test_and_report(model: torch.nn.Module, bundle: DataBundle, cfg: RunConfig,
         "train_images": len(bundle.train), "test_images": len(bundle.test), "classes": bundle.info.classes,
         "versions": versions(), "git_commit": git_commit(), **_compute_summary(model, best, cfg, result, compute),
     }
-    write_json(run_dir / "summary.json", summary)
     drawer.finish()
-    write_html_report(run_dir, run_dir, metrics)
+    write_html_report(run_dir, run_dir, metrics, summary=summary)
+    # last: summary.json marks the run finished (a resume returns it); killed before it, a resume writes the report
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -33,7 +33,7 @@ def test_the_recipe_picks_by_shape(channels: int, size: tuple[int, int], model: 
         if key != "val_fraction":
             assert getattr(cfg, key) == value, key
     assert cfg.model == model and cfg.tta == "unsure" and cfg.schedule == "linear"
-    assert cfg.optimizer == ("muon" if channels == 1 else "sgd")  # Muon for grey images' conv filters
+    assert cfg.optimizer == "muon" and cfg.muon_lr == 0.1  # Muon for the conv filters, grey and colour
     assert cfg.precision == "auto"  # bf16 where the hardware computes it natively (engine.system)
 
 
@@ -43,7 +43,7 @@ def test_explicit_settings_win_and_are_logged(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.INFO, logger="imgrec.recipes"):
         cfg = apply_recipe(given, _info(3, (32, 32)), explicit)
     assert (cfg.lr, cfg.model, cfg.augment) == (0.05, "lenet", "crop")
-    assert cfg.optimizer == "sgd" and cfg.batch_size == RECIPES["colour"]["batch_size"]
+    assert cfg.optimizer == "muon" and cfg.batch_size == RECIPES["colour"]["batch_size"]
     assert cfg.tta == "none"  # no flip among the augmentations given: no flip TTA
     assert cfg.lookahead  # the colour recipe's weight average ...
     line = caplog.records[-1].getMessage()

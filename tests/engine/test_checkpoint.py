@@ -79,7 +79,7 @@ def test_weights_file_of_a_real_run_loads_weights_only(run_dir: Path, image_fold
         assert set(raw) == WEIGHTS_KEYS | PREDICTION_KEYS
         assert _plain(raw)
         assert raw["format_version"] == FORMAT_VERSION
-        assert type(raw["temperature"]) is float and raw["temperature"] > 0
+        assert raw["temperature"] is None  # a few validation images fit none (a fitted one: test_reporting)
         assert raw["kind"] == "imgrec-weights"
         assert raw["model"] == {"name": "mlp", "num_classes": 3, "in_channels": 3, "image_size": [16, 16]}
         assert raw["classes"] == ["cat", "dog", "fox"]

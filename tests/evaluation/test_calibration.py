@@ -103,15 +103,15 @@ def test_no_temperature_from_a_handful_of_images_or_a_split_without_mistakes() -
     model, x, labels = _overconfident_model(scale=4.0)
     with torch.no_grad():
         logits = model(x)
-    temperature, why = choose_temperature(logits[:3000], labels[:3000])
+    temperature, _, _, why = choose_temperature(logits[:3000], labels[:3000])
     assert temperature == pytest.approx(4.0, rel=0.15) and why == ""
     # two images (a small photo folder's 2% validation split): one temperature would fit their noise
-    temperature, why = choose_temperature(logits[:2], labels[:2])
+    temperature, _, _, why = choose_temperature(logits[:2], labels[:2])
     assert temperature is None and "2 validation images are too few" in why
     assert choose_temperature(logits[:MIN_FIT_IMAGES], labels[:MIN_FIT_IMAGES])[0] is not None
     # every image right: the fit only drives T to its floor, which makes every later score a certainty
     right = logits[:500].argmax(1)
-    temperature, why = choose_temperature(logits[:500], right)
+    temperature, _, _, why = choose_temperature(logits[:500], right)
     assert temperature is None and "every validation image right" in why
 
 
@@ -123,7 +123,7 @@ def test_a_temperature_that_would_raise_the_validation_ece_is_not_kept() -> None
         model, x, labels = _overconfident_model(scale=1.0, seed=seed)
         with torch.no_grad():
             logits = model(x[:60])
-        temperature, why = choose_temperature(logits, labels[:60])
+        temperature, _, _, why = choose_temperature(logits, labels[:60])
         if temperature is None:
             dropped += 1
             assert "would raise the validation ECE" in why

@@ -34,8 +34,7 @@ from imgrec.data.transforms import BatchTransform
 from imgrec.engine.checkpoint import WEIGHTS_NAMES, load_model_state, load_weights_file, save_atomic
 from imgrec.engine.system import EVAL_BATCH_SIZE, Compute
 from imgrec.engine.trainer import evaluate
-from imgrec.evaluation.calibration import choose_temperature
-from imgrec.evaluation.metrics import ece
+from imgrec.evaluation.calibration import TemperatureChoice, choose_temperature
 from imgrec.evaluation.ood import DEFAULT_KEEP, DEFAULT_SCORE, OOD_SCORES, ood_threshold
 from imgrec.models.registry import build_model
 
@@ -62,7 +61,7 @@ def calibrate_run(model: torch.nn.Module, val_loader: Any, run_dir: str | Path, 
     split_name, split = calibration_split(bundle)
     loader = make_loader(split, EVAL_BATCH_SIZE, transform, train=False, workers=cfg.workers)
     # best.pt and last.pt often hold the same epoch's weights
-    fitted: dict[Any, tuple[float | None, float, float, str]] = {}
+    fitted: dict[Any, TemperatureChoice] = {}
     by_epoch: dict[Any, dict[str, Any]] = {}
     for name in WEIGHTS_NAMES:
         path = weights_dir / name
@@ -75,7 +74,7 @@ def calibrate_run(model: torch.nn.Module, val_loader: Any, run_dir: str | Path, 
                 fitted[key] = fit_file_temperature(model, ckpt, val_loader, cfg.tta, compute, path)
             by_epoch[key] = ood_entry(ckpt, loader, compute.fp32(), split_name, str(path))
         if val_loader is not None:
-            ckpt["temperature"] = fitted[key][0]
+            ckpt["temperature"] = fitted[key].temperature
         ckpt.update(ood=by_epoch[key], **foreground)
         save_atomic(ckpt, path)
     _log_calibration(next(iter(fitted.values()), None), next(iter(by_epoch.values()), None), foreground, split_name)
@@ -83,27 +82,26 @@ def calibrate_run(model: torch.nn.Module, val_loader: Any, run_dir: str | Path, 
 
 
 def fit_file_temperature(model: torch.nn.Module, ckpt: dict[str, Any], val_loader: Any, tta: str, compute: Compute,
-                         source: Path) -> tuple[float | None, float, float, str]:
-    """The temperature of a weights file's model on the validation split (None where none is worth keeping), the
-    split's ECE before and after it, and why there is none."""
+                         source: Path) -> TemperatureChoice:
+    """The temperature of a weights file's model on the validation split (None where none is worth keeping), with
+    the split's ECE before and after it."""
     load_model_state(model, ckpt["state_dict"], source)
     model.to(device=compute.device, memory_format=compute.memory_format)
     p = evaluate(model, val_loader, compute.device, compute.dtype, compute.memory_format, collect=True, tta=tta)
     assert p.logits is not None and p.targets is not None
-    t, why_not = choose_temperature(p.logits, p.targets)
-    before = ece(p.logits, p.targets)
-    return t, before, before if t is None else ece(p.logits / t, p.targets), why_not
+    return choose_temperature(p.logits, p.targets)
 
 
-def _log_calibration(fitted: tuple[float | None, float, float, str] | None, best: dict[str, Any] | None,
-                     foreground: dict[str, Any], split_name: str) -> None:
+def _log_calibration(fitted: TemperatureChoice | None, best: dict[str, Any] | None, foreground: dict[str, Any],
+                     split_name: str) -> None:
     """The temperature (or why there is none) and what prediction will use, as the log shows them."""
     if fitted is None:
         log.info("no validation split: no temperature fitted (calibration is reported uncorrected)")
-    elif fitted[0] is None:
-        log.info(f"no temperature: {fitted[3]} (calibration is reported uncorrected)")
+    elif fitted.temperature is None:
+        log.info(f"no temperature: {fitted.why_not} (calibration is reported uncorrected)")
     else:
-        log.info(f"temperature scaling: T = {fitted[0]:.3f} (validation ECE {fitted[1]:.2%} -> {fitted[2]:.2%})")
+        log.info(f"temperature scaling: T = {fitted.temperature:.3f} (validation ECE {fitted.ece_before:.2%} -> "
+                 f"{fitted.ece_after:.2%})")
     if best is not None:
         log.info(f"prediction: {foreground['background']} background, objects span {foreground['object_extent']:.0%} "
                  f"of the frame{'' if foreground['object_centred'] else ' (not centred)'}; "

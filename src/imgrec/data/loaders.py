@@ -21,6 +21,7 @@ Imports: torch and the data package.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -289,8 +290,11 @@ def file_loader(dataset: Dataset, workers: int | None, **options: Any) -> DataLo
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    """Ctrl-C reaches every process of the terminal's group: the main process saves and stops the workers itself."""
+    """Ctrl-C reaches every process of the terminal's group: the main process saves and stops the workers itself.
+    What the fork copied is never finalised here (another loader's iterator left as garbage would try to stop
+    workers that are not this worker's children)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()
 
 
 def _collate_uint8(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ worker by pickling. Imports: the standard library, the figure modules and imgrec
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -41,6 +42,7 @@ def _worker_start(main_pid: int) -> None:
     """A worker leaves Ctrl-C to the main process, which stops the workers itself, and ends with the main process
     however that ends (a worker waits for work on a pipe it holds both ends of: it would wait for ever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()  # what the fork copied is the main process's to finalise (see FigureDrawer)
     threading.Thread(target=_end_with, args=(main_pid,), daemon=True, name="imgrec-figures-watch").start()
 
 
@@ -76,6 +78,9 @@ class FigureDrawer:
             # fork (Linux's default, as for data-loading workers): a worker needs none of the caller's modules
             # re-imported (spawn would re-run a user's script); macOS's fork is unsafe, and there figures are
             # drawn in the main process
+            # the main process's garbage is finalised here, not in a worker's copy: a data loader's iterator
+            # finalised there would try to stop worker processes that are not its children
+            gc.collect()
             self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                              initializer=_worker_start, initargs=(os.getpid(),))
             try:

@@ -50,6 +50,14 @@ from imgrec.engine.runs import (
     write_json,
     write_text,
 )
+from imgrec.engine.selection import (
+    PROXY_BATCH,
+    SELECTION_FILE,
+    Selection,
+    choose_hardest,
+    proxy_input,
+    read_selection,
+)
 from imgrec.engine.state import (
     PREVIOUS_STATE_FILE,
     STATE_FILE,
@@ -230,6 +238,7 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
         log.info(note)
     model, spec, plain = _start_model(cfg, bundle, source, resumed is not None)
     check_progressive_resize(cfg, model, spec, info.num_classes)
+    selection = keep_hardest(cfg, bundle, plain, compute, resumed.path.parent if resumed else None)
     found = None
     if cfg.lr == "find":  # a resumed run has the number in its config
         found = find_lr(cfg, bundle, model, spec, compute=compute)
@@ -238,6 +247,8 @@ def _train(cfg: RunConfig, resumed: ResumePoint | None, given: Collection[str] |
     if cfg.time_budget and not resumed:  # a new budgeted run keeps to its budget; a resumed one to its saved plan
         cfg, deadline = _budget(cfg, bundle, model, spec, plain, started, compute)
     run_dir = _run_folder(cfg, bundle, resumed, owned)
+    if selection is not None and not resumed and here.is_main:
+        write_json(run_dir / SELECTION_FILE, selection.to_dict())
     if found is not None:
         _plot_lr_find(found, run_dir / "lr_find.png")
     distributed.seed_processes(cfg.seed)  # the model is built: each process its own dropout from here on
@@ -409,6 +420,32 @@ def check_progressive_resize(cfg: RunConfig, model: torch.nn.Module, spec: Input
 
 
 LR_FIND_STEPS = 200  # steps of the range test (at most: it stops when the loss diverges)
+
+
+def keep_hardest(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform, compute: Compute,
+                 run_dir: Path | None) -> Selection | None:
+    """--keep-hardest: the training split cut to the images a proxy finds hardest (chosen now, or for a resumed
+    run read from its run_dir's selection.json); None when every image trains."""
+    if cfg.keep_hardest >= 1:
+        return None
+    if distributed.context().distributed:
+        raise UsageError("--keep-hardest chooses its images in one process: run it without torchrun")
+    labels = bundle.train.labels
+    if run_dir is not None:
+        selection = read_selection(run_dir / SELECTION_FILE, len(labels), cfg.keep_hardest)
+    else:
+        info = bundle.info
+        size = proxy_input(info.image_size)
+        pool = [torch.nn.AdaptiveAvgPool2d(size)] if size != tuple(info.image_size) else []
+        def proxy() -> torch.nn.Module:
+            return torch.nn.Sequential(*pool, build_model("mlp", info.num_classes, info.channels, size))
+
+        train_loader = make_loader(bundle.train, PROXY_BATCH, plain, train=True, seed=cfg.seed, workers=cfg.workers)
+        score_loader = make_loader(bundle.train, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
+        selection = choose_hardest(proxy, train_loader, score_loader, labels, cfg.keep_hardest, compute, cfg.seed)
+        log.info(selection.describe())
+    bundle.train = bundle.train.subset(selection.kept)
+    return selection
 
 
 def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,

@@ -272,3 +272,31 @@ def serving(command: list[str], port: int, log_path: Path, env: dict[str, str] |
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# A data loader left as garbage in a reference cycle, its worker process still running (the garbage collector is
+# held off, as it would be between two of its runs); the script that follows forks a worker beside it.
+LOADER_LEFT_IN_A_CYCLE = """
+import gc
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+gc.disable()
+loader = DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4, num_workers=1, persistent_workers=True)
+for _ in loader:
+    pass
+cycle = [loader]
+cycle.append(cycle)
+del loader, cycle
+"""
+
+
+def assert_no_worker_finalises_it(script: str) -> None:
+    """Run LOADER_LEFT_IN_A_CYCLE then `script` (which forks a worker that collects its garbage, then prints
+    "done") in a subprocess: a worker finalising its copy of the loader prints "can only test a child process"."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, "-c", LOADER_LEFT_IN_A_CYCLE + script], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert "Traceback" not in done.stderr and "child process" not in done.stderr, done.stderr
+

@@ -6,8 +6,6 @@ import gc
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_image_folder
+from conftest import assert_no_worker_finalises_it, make_image_folder
 from imgrec.data import imageio, loaders
 from imgrec.data.imageio import read_image
 from imgrec.data.info import ArraySplit, FileSplit
@@ -430,10 +428,8 @@ def test_training_never_ends_on_a_lone_image(n: int, train: bool, sizes: list[in
     assert [len(y) for _, y in loader] == sizes
 
 
-LOADER_WORKER_AMONG_GARBAGE = """
-import gc
-import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+NEXT_LOADER_WORKER_COLLECTS = """
+from torch.utils.data import Dataset
 from imgrec.data.loaders import file_loader
 
 class Collecting(Dataset):
@@ -444,13 +440,6 @@ class Collecting(Dataset):
         gc.collect()  # a worker's own garbage collection
         return torch.zeros(1, 2, 2, dtype=torch.uint8), 0
 
-gc.disable()  # the garbage collector would not have run yet: make sure of it
-old = DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4, num_workers=1, persistent_workers=True)
-for _ in old:
-    pass
-cycle = [old]
-cycle.append(cycle)
-del old, cycle  # a loader and its worker's iterator left as garbage in a reference cycle
 for _ in file_loader(Collecting(), 1, batch_size=2):
     pass
 gc.enable()
@@ -461,8 +450,4 @@ print("done")
 def test_a_file_loader_worker_never_finalises_the_main_process_garbage() -> None:
     """A loader left in a reference cycle, its worker still running, is copied into the next loader's forked
     worker; collected there, it tried to stop a worker that is not that worker's child (a traceback on stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-c", LOADER_WORKER_AMONG_GARBAGE], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
-    assert "Traceback" not in done.stderr and "child process" not in done.stderr, done.stderr
+    assert_no_worker_finalises_it(NEXT_LOADER_WORKER_COLLECTS)

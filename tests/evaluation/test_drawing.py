@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_no_worker_finalises_it
 from imgrec.evaluation.charts import plot_confusion_matrix
 from imgrec.evaluation.drawing import FigureDrawer
 from imgrec.evaluation.plots import plot_image_grid
@@ -149,22 +149,12 @@ def test_a_worker_ends_when_the_main_process_is_killed(tmp_path: Path) -> None:
     assert not _running(worker)
 
 
-LOADER_LEFT_AS_GARBAGE = """
-import gc
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+FIGURE_WORKER_COLLECTS = """
 from imgrec.evaluation.drawing import FigureDrawer
 
 def collect():
     gc.collect()
 
-gc.disable()  # the garbage collector would not have run yet: make sure of it
-loader = DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4, num_workers=1, persistent_workers=True)
-for _ in loader:
-    pass
-cycle = [loader]
-cycle.append(cycle)
-del loader, cycle  # the loader and its worker's iterator are garbage in a reference cycle
 with FigureDrawer(workers=1) as drawer:
     drawer.draw(collect)  # a worker's own garbage collection
     drawer.finish()
@@ -178,8 +168,4 @@ def test_a_worker_never_finalises_the_main_process_garbage() -> None:
     """A data loader left in a reference cycle, its workers still running, is copied into a forked figure worker;
     that copy, collected there, tried to stop workers that are not the figure worker's children (a traceback,
     "can only test a child process", on the command's stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
-    done = subprocess.run([sys.executable, "-c", LOADER_LEFT_AS_GARBAGE], env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
-    assert "Traceback" not in done.stderr and "child process" not in done.stderr, done.stderr
+    assert_no_worker_finalises_it(FIGURE_WORKER_COLLECTS)

@@ -55,7 +55,11 @@ def test_the_tutorial_notebook_runs_top_to_bottom(shared_data: Path, tmp_path: P
     runs = tmp_path / "runs"
     assert {p.name for p in runs.iterdir()} >= {"classifier", "lenet", "fast", "compare"}
     summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("classifier", "lenet", "fast")}
-    assert all(s["train_images"] == TEST_SUBSET for s in summaries.values())  # the subset it was given
+    # the subset it was given; the fast recipe trains on the hardest 70% of each class of it (--keep-hardest)
+    assert summaries["classifier"]["train_images"] == summaries["lenet"]["train_images"] == TEST_SUBSET
+    selection = json.loads((runs / "fast" / "selection.json").read_text())
+    assert selection["train_images"] == TEST_SUBSET and summaries["fast"]["train_images"] == selection["kept"]
+    assert abs(selection["kept"] - 0.7 * TEST_SUBSET) <= 10
     assert all(s["test_images"] == 10000 and s["test_accuracy"] > 0.7 for s in summaries.values())  # chance: 0.1
     assert (tmp_path / "lenet.onnx").is_file()
     assert sorted(p.relative_to(REPO) for p in (REPO / "docs").rglob("*")) == before  # nothing written beside it

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,7 +25,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_busy_cpus_make_waiting_threads_sleep(fresh: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    fresh.setattr(openmp, "busy_cpus", lambda: 1.3)
+    fresh.setattr(openmp, "busy_cpus", lambda **_: 1.3)
     with caplog.at_level(logging.DEBUG, logger="imgrec"):
         openmp.patient_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
@@ -33,7 +34,7 @@ def test_busy_cpus_make_waiting_threads_sleep(fresh: pytest.MonkeyPatch, caplog:
 
 @pytest.mark.parametrize("busy", [0.0, 0.3, None])  # idle, lightly used, unknown (no /proc/stat)
 def test_an_idle_machine_keeps_openmps_spinning_default(fresh: pytest.MonkeyPatch, busy: float | None) -> None:
-    fresh.setattr(openmp, "busy_cpus", lambda: busy)
+    fresh.setattr(openmp, "busy_cpus", lambda **_: busy)
     openmp.patient_threads()
     assert "OMP_WAIT_POLICY" not in os.environ
 
@@ -41,7 +42,7 @@ def test_an_idle_machine_keeps_openmps_spinning_default(fresh: pytest.MonkeyPatc
 @pytest.mark.parametrize("chosen", ["ACTIVE", ""])  # set but empty: OpenMP's own default
 def test_a_policy_the_user_chose_is_kept(fresh: pytest.MonkeyPatch, chosen: str) -> None:
     fresh.setenv("OMP_WAIT_POLICY", chosen)
-    fresh.setattr(openmp, "busy_cpus", lambda: 2.0)
+    fresh.setattr(openmp, "busy_cpus", lambda **_: 2.0)
     openmp.patient_threads()
     assert os.environ["OMP_WAIT_POLICY"] == chosen
 
@@ -51,7 +52,7 @@ def test_nothing_changes_once_torch_is_imported(monkeypatch: pytest.MonkeyPatch)
     import torch  # noqa: F401
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(openmp, "busy_cpus", lambda: 2.0)
+    monkeypatch.setattr(openmp, "busy_cpus", lambda **_: 2.0)
     openmp.patient_threads()
     assert "OMP_WAIT_POLICY" not in os.environ
 
@@ -67,6 +68,25 @@ def test_busy_cpus_sees_a_process_spinning_beside_it() -> None:
         hog.kill()
         hog.wait()
     assert max(readings) >= 0.8, readings
+
+
+def test_busy_cpus_leaves_out_what_this_process_does_meanwhile() -> None:
+    """The window holds this process's own work (an import, at the start of a command): half a second of spinning here
+    reads as no CPU taken by others, and the same beside a spinning process still reads as about one CPU."""
+    def spin() -> None:
+        end = time.process_time() + 0.5
+        while time.process_time() < end:
+            pass
+
+    assert openmp.busy_cpus(window=0.1, meanwhile=spin) < 0.4  # the machine may have a little other work
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        readings = [openmp.busy_cpus(window=0.1, meanwhile=spin) for _ in range(3)]
+    finally:
+        hog.kill()
+        hog.wait()
+    assert max(readings) >= 0.6, readings
 
 
 def _busy_command(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +124,7 @@ def test_only_commands_that_compute_measure_the_cpus(monkeypatch: pytest.MonkeyP
     from imgrec import cli
 
     calls: list[str] = []
-    monkeypatch.setattr(cli, "patient_threads", lambda: calls.append("measured"))
+    monkeypatch.setattr(cli, "patient_threads", lambda **_: calls.append("measured"))
     monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)  # the command itself is not the point here
     argv = {"predict": ["predict", "run", "x.png"]}.get(command, [command])
     assert cli.main(argv) == 0

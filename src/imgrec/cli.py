@@ -339,6 +339,13 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgrec.evaluation.drawing import workers_ahead
+
+    with workers_ahead():  # the figure workers, forked before torch loads: the run's drawer takes them over
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     started = args.started  # --time-budget counts from main(): importing torch is part of the run
     from imgrec.api import train_run  # imgrec.train's code path: the flags are its settings
     from imgrec.workflows import resume
@@ -596,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in getattr(args, "renamed", []):
         print(f"note: {note}", file=sys.stderr)
     if args.command in COMPUTING:
-        patient_threads()
+        patient_threads(meanwhile=_load_numpy)
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM acts like Ctrl-C: training saves its state and says how to resume; anything else just stops
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
@@ -632,6 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     group = _group()
     return group.end_process(code) if group is not None else code
+
+
+def _load_numpy() -> None:
+    """What every computing command loads first (torch needs it), loaded while the CPUs are measured."""
+    import numpy  # noqa: F401
 
 
 def run() -> typing.NoReturn:

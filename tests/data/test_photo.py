@@ -3,6 +3,8 @@ measurement it relies on; and the grid of model inputs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,8 @@ from PIL import Image
 
 from imgrec.data.photo import (
     CAPTION_HEIGHT,
+    _border_rings,
+    _foreground_boxes,
     border_ring,
     foreground_box,
     measure_foreground,
@@ -84,6 +88,51 @@ def test_measure_foreground_on_mnist_like_and_on_scans() -> None:
     assert measure_foreground(colour)["background"] == "dark"
     with pytest.raises(ValueError):
         measure_foreground(np.zeros((0, 1, 8, 8), np.uint8))
+
+
+def _one_at_a_time(images: np.ndarray) -> dict[str, object]:
+    """measure_foreground as normalize_foreground and foreground_box give it, image by image."""
+    grey = images.astype(np.float32).mean(axis=1)
+    levels = [float(np.median(border_ring(g))) for g in grey]
+    boxes = [foreground_box(normalize_foreground(g)[0]) for g in grey]
+    found = [b for b in boxes if b is not None]
+    size = grey.shape[1:]
+    offsets = [max(abs((t + b) / 2 / size[0] - 0.5), abs((le + r) / 2 / size[1] - 0.5)) for t, b, le, r in found]
+    return {"background": "light" if float(np.median(levels)) > 127.5 else "dark",
+            "object_extent": round(float(np.median([object_extent(b, size) for b in found])), 4) if found else 1.0,
+            "object_centred": bool(float(np.median(offsets)) < 0.1) if found else True}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_measure_foreground_gives_the_numbers_of_the_image_by_image_conversion(seed: int) -> None:
+    """Batched for speed, it must still measure each image as the photo conversion does: random sizes (a ring as
+    wide as the image included), dark and light backgrounds, noise, blank and colour images, objects anywhere."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(3, 40, 2))
+    channels = int(rng.choice([1, 3]))
+    images = rng.normal(rng.uniform(0, 255), rng.uniform(0, 30), (60, channels, height, width))
+    for image in images[: 45]:
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        image[:, top:top + int(rng.integers(1, height + 1)), left:left + int(rng.integers(1, width + 1))] = \
+            rng.uniform(0, 255)
+    images[45:50] = rng.uniform(0, 255)  # blank
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    for sample in (images, images[:1], images[45:50]):
+        assert measure_foreground(sample) == _one_at_a_time(sample)
+    grey = images.astype(np.float32).mean(axis=1)
+    boxes = _foreground_boxes(grey, np.median(_border_rings(grey), axis=1))
+    for image, box in zip(grey, boxes):
+        expected = foreground_box(normalize_foreground(image)[0])
+        assert (np.isnan(box).all() if expected is None else tuple(box) == expected), (box, expected)
+
+
+def test_measure_foreground_gives_the_numbers_of_the_image_by_image_conversion_on_fashion_mnist(
+        shared_data: Path) -> None:
+    from imgrec.data.datasets import read_idx
+
+    images = read_idx(shared_data / "FashionMNIST" / "raw" / "train-images-idx3-ubyte", 3).numpy()[::60, None]
+    assert measure_foreground(images) == _one_at_a_time(images) == {
+        "background": "dark", "object_extent": 1.0, "object_centred": True}
 
 
 def test_prepare_photo_crops_centres_and_scales_to_the_extent() -> None:

@@ -89,7 +89,7 @@ def test_each_epochs_validation_is_planned_at_one_view_and_the_final_evaluation_
 
 def test_too_short_a_budget_is_one_usage_error() -> None:
     speed = Speed(step_seconds=0.5, eval_image_seconds=0.001, measure_seconds=3.0)
-    with pytest.raises(UsageError, match="--time-budget 20s is too short: .* about 28s"):
+    with pytest.raises(UsageError, match="--time-budget 20s is too short: .* about 25s"):
         plan_budget(20, elapsed=15, speed=speed, steps_per_epoch=100, epoch_eval_images=1000, final_eval_images=5000)
 
 

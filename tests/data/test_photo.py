@@ -15,6 +15,7 @@ from imgrec.data.photo import (
     CAPTION_HEIGHT,
     _border_rings,
     _foreground_boxes,
+    _normalize_foregrounds,
     border_ring,
     foreground_box,
     measure_foreground,
@@ -120,7 +121,7 @@ def test_measure_foreground_gives_the_numbers_of_the_image_by_image_conversion(s
     for sample in (images, images[:1], images[45:50]):
         assert measure_foreground(sample) == _one_at_a_time(sample)
     grey = images.astype(np.float32).mean(axis=1)
-    boxes = _foreground_boxes(grey, np.median(_border_rings(grey), axis=1))
+    boxes = _foreground_boxes(_normalize_foregrounds(grey, np.median(_border_rings(grey), axis=1))[0])
     for image, box in zip(grey, boxes):
         expected = foreground_box(normalize_foreground(image)[0])
         assert (np.isnan(box).all() if expected is None else tuple(box) == expected), (box, expected)

@@ -29,12 +29,17 @@ SHRINK_TO = 16  # photos larger than 16x the model's size are box-reduced first 
 
 def border_ring(image: np.ndarray) -> np.ndarray:
     """The pixels of the outer ring of a (H, W) image, flattened."""
-    height, width = image.shape
+    return _border_rings(image[None])[0]
+
+
+def _border_rings(images: np.ndarray) -> np.ndarray:
+    """border_ring of each of (n, H, W) images: (n, ring pixels)."""
+    n, height, width = images.shape
     k = max(1, round(min(height, width) * BORDER_FRACTION))
     if 2 * k >= min(height, width):
-        return image.ravel()
-    parts = (image[:k, :], image[-k:, :], image[k:-k, :k], image[k:-k, -k:])
-    return np.concatenate([p.ravel() for p in parts])
+        return images.reshape(n, -1)
+    parts = (images[:, :k, :], images[:, -k:, :], images[:, k:-k, :k], images[:, k:-k, -k:])
+    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
 
 
 def normalize_foreground(image: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -44,23 +49,26 @@ def normalize_foreground(image: np.ndarray) -> tuple[np.ndarray, bool]:
     NOISE_SIGMAS of the background (a robust deviation of the ring) becomes 0, and the brightest 1% of the
     object becomes 255.
     """
-    a = image.astype(np.float32, copy=True)
-    ring = border_ring(a)
-    level = float(np.median(ring))
+    a = image.astype(np.float32)
+    mass, inverted = _normalize_foregrounds(a[None], np.median(border_ring(a))[None])
+    return mass[0], bool(inverted[0])
+
+
+def _normalize_foregrounds(grey: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """normalize_foreground of each of (n, H, W) float32 images, given the medians of their border rings."""
+    level = levels.astype(np.float64)
     inverted = level > 127.5
-    if inverted:
-        a = 255.0 - a
-        ring = 255.0 - ring
-        level = 255.0 - level
-    noise = 1.4826 * float(np.median(np.abs(ring - level)))
+    a = np.where(inverted[:, None, None], np.float32(255.0) - grey, grey)
+    level = np.where(inverted, 255.0 - level, level)
+    noise = 1.4826 * np.median(np.abs(_border_rings(a) - level.astype(np.float32)[:, None]), axis=1).astype(np.float64)
     floor = level + NOISE_SIGMAS * noise
-    above = a[a > floor]
-    if above.size == 0:
-        return np.zeros_like(a), inverted
-    peak = max(float(np.percentile(above, 99.0)), floor + 1.0)
-    np.subtract(a, floor, out=a)
-    np.multiply(a, 255.0 / (peak - floor), out=a)
-    return np.clip(a, 0.0, 255.0, out=a), inverted
+    above = a > floor.astype(np.float32)[:, None, None]
+    scales = np.zeros(len(a), np.float32)  # 0 for an image with nothing above the noise: all black
+    for i in np.flatnonzero(above.any(axis=(1, 2))):
+        peak = max(float(np.percentile(a[i][above[i]], 99.0)), floor[i] + 1.0)
+        scales[i] = 255.0 / (peak - floor[i])
+    mass = np.clip((a - floor.astype(np.float32)[:, None, None]) * scales[:, None, None], 0.0, 255.0)
+    return mass, inverted
 
 
 def foreground_box(mass: np.ndarray, trim: float = TRIM) -> tuple[float, float, float, float] | None:
@@ -68,22 +76,28 @@ def foreground_box(mass: np.ndarray, trim: float = TRIM) -> tuple[float, float, 
 
     Rows and columns holding the outermost `trim` of the mass on each side are left out. None for a blank image.
     """
-    rows, cols = mass.sum(axis=1, dtype=np.float64), mass.sum(axis=0, dtype=np.float64)
-    if rows.sum() <= 0:
-        return None
-    top, bottom = _bounds(rows, trim)
-    left, right = _bounds(cols, trim)
-    return top, bottom, left, right
+    box = _foreground_boxes(mass[None], trim)[0]
+    return None if np.isnan(box[0]) else (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
 
 
-def _bounds(profile: np.ndarray, trim: float) -> tuple[float, float]:
-    """First and one-past-last index of a profile once `trim` of its mass is cut from each end."""
-    cumulative = np.cumsum(profile)
-    total = cumulative[-1]  # compared with the cumulative sum's own last value: exact for trim=0
-    start = int(np.searchsorted(cumulative, trim * total, side="right"))
-    end = int(np.searchsorted(cumulative, (1.0 - trim) * total, side="left")) + 1
-    start = min(start, len(profile) - 1)
-    return float(start), float(min(max(end, start + 1), len(profile)))
+def _foreground_boxes(mass: np.ndarray, trim: float = TRIM) -> np.ndarray:
+    """foreground_box of each of (n, H, W) images: (n, 4) float64, NaN rows for blank images."""
+    rows, cols = mass.sum(axis=2, dtype=np.float64), mass.sum(axis=1, dtype=np.float64)
+    boxes = np.full((len(mass), 4), np.nan)
+    found = rows.sum(axis=1) > 0
+    boxes[found, 0], boxes[found, 1] = _bounds(rows[found], trim)
+    boxes[found, 2], boxes[found, 3] = _bounds(cols[found], trim)
+    return boxes
+
+
+def _bounds(profiles: np.ndarray, trim: float) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last index of each of (n, L) non-negative profiles once `trim` of its mass is cut from
+    each end."""
+    cumulative = np.cumsum(profiles, axis=1)  # never decreasing: a count of the values below is a sorted search
+    total = cumulative[:, -1:]  # compared with the cumulative sum's own last value: exact for trim=0
+    start = np.minimum((cumulative <= trim * total).sum(axis=1), profiles.shape[1] - 1)
+    end = (cumulative < (1.0 - trim) * total).sum(axis=1) + 1
+    return start.astype(np.float64), np.minimum(np.maximum(end, start + 1), profiles.shape[1]).astype(np.float64)
 
 
 def object_extent(box: tuple[float, float, float, float], size: tuple[int, int]) -> float:
@@ -98,8 +112,8 @@ def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> di
     background: "dark" or "light" (the median border level); object_extent: the median fraction of the frame the
     object spans; object_centred: whether objects sit in the middle of the frame (median offset of their box
     centre under CENTRED_OFFSET of the frame). Data whose classes differ by where things are is not centred, and
-    prediction must not move its objects. Each image is measured as normalize_foreground and foreground_box would
-    (a test holds them to the same numbers), all at once: a training run spends 0.03 s here, not 0.12 s.
+    prediction must not move its objects. Each image is measured as normalize_foreground and foreground_box measure
+    a photo, all in one batch: 0.05 s for 1,000 images, not 0.12 s one by one.
     """
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, C, H, W) array, got shape {images.shape}")
@@ -107,7 +121,7 @@ def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> di
     grey = images[::step].astype(np.float32).mean(axis=1)  # (n, H, W)
     size = grey.shape[1:]
     levels = np.median(_border_rings(grey), axis=1)
-    boxes = _foreground_boxes(grey, levels)
+    boxes = _foreground_boxes(_normalize_foregrounds(grey, levels)[0])
     found = ~np.isnan(boxes[:, 0])
     top, bottom, left, right = boxes[found].T
     extents = np.maximum((bottom - top) / size[0], (right - left) / size[1])
@@ -117,49 +131,6 @@ def measure_foreground(images: np.ndarray, samples: int = MEASURE_SAMPLES) -> di
         "object_extent": round(float(np.median(extents)), 4) if found.any() else 1.0,
         "object_centred": bool(float(np.median(offsets)) < CENTRED_OFFSET) if found.any() else True,
     }
-
-
-def _border_rings(images: np.ndarray) -> np.ndarray:
-    """border_ring of each of (n, H, W) images: (n, ring pixels)."""
-    n, height, width = images.shape
-    k = max(1, round(min(height, width) * BORDER_FRACTION))
-    if 2 * k >= min(height, width):
-        return images.reshape(n, -1)
-    parts = (images[:, :k, :], images[:, -k:, :], images[:, k:-k, :k], images[:, k:-k, -k:])
-    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
-
-
-def _foreground_boxes(grey: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """foreground_box(normalize_foreground(image)[0]) of each (H, W) float32 image of `grey`, given its ring's
-    median: (n, 4) float64, NaN rows for blank images. The same arithmetic in the same precision, batched."""
-    level = levels.astype(np.float64)
-    inverted = level > 127.5
-    a = np.where(inverted[:, None, None], np.float32(255.0) - grey, grey)
-    level = np.where(inverted, 255.0 - level, level)
-    rings = _border_rings(a)
-    noise = 1.4826 * np.median(np.abs(rings - level.astype(np.float32)[:, None]), axis=1).astype(np.float64)
-    floor = level + NOISE_SIGMAS * noise
-    boxes = np.full((len(a), 4), np.nan)
-    scales = np.zeros(len(a), np.float32)
-    above = a > floor.astype(np.float32)[:, None, None]  # as a float32 image against a Python float
-    for i in np.flatnonzero(above.any(axis=(1, 2))):
-        peak = max(float(np.percentile(a[i][above[i]], 99.0)), floor[i] + 1.0)
-        scales[i] = 255.0 / (peak - floor[i])
-    mass = np.clip((a - floor.astype(np.float32)[:, None, None]) * scales[:, None, None], 0.0, 255.0)
-    rows, cols = mass.sum(axis=2, dtype=np.float64), mass.sum(axis=1, dtype=np.float64)
-    found = (scales > 0) & (rows.sum(axis=1) > 0)
-    boxes[found, 0], boxes[found, 1] = _batched_bounds(rows[found], TRIM)
-    boxes[found, 2], boxes[found, 3] = _batched_bounds(cols[found], TRIM)
-    return boxes
-
-
-def _batched_bounds(profiles: np.ndarray, trim: float) -> tuple[np.ndarray, np.ndarray]:
-    """_bounds of each row of (n, L) profiles."""
-    cumulative = np.cumsum(profiles, axis=1)
-    total = cumulative[:, -1:]
-    start = np.minimum((cumulative <= trim * total).sum(axis=1), profiles.shape[1] - 1)
-    end = (cumulative < (1.0 - trim) * total).sum(axis=1) + 1
-    return start.astype(np.float64), np.minimum(np.maximum(end, start + 1), profiles.shape[1]).astype(np.float64)
 
 
 def prepare_photo(image: Image.Image, size: tuple[int, int], extent: float, centre: bool = True) -> Image.Image:

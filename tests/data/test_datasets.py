@@ -20,7 +20,7 @@ import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
 from conftest import REPO, error_line, make_image_folder, write_idx
-from imgrec.data import imageio
+from imgrec.data import datasets, folders, imageio
 from imgrec.data.datasets import (
     DEFAULT_FOLDER_SIZE,
     IDX_CLASSES,
@@ -577,3 +577,85 @@ def test_too_small_folder_drops_val_and_refuses_an_empty_test_split(tmp_path: Pa
     lonely = make_image_folder(tmp_path / "lonely", per_class=1)
     with pytest.raises(ImgrecError, match="no images left for the test split"):
         load_data(str(lonely), options(tmp_path))
+
+
+# --- archives: read into memory, or extracted when too large ------------------------------------------------
+
+
+def _tar_gz(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_archive_is_decoded_from_memory_not_extracted(image_folder: Path, tmp_path: Path, workers: int) -> None:
+    archive = _tar_gz(image_folder, tmp_path / "photos.tar.gz")
+    cache = tmp_path / "cache"
+    opts = DataOptions(str(tmp_path), str(cache), workers=workers)
+    bundle = load_data(str(archive), opts)
+    assert not (cache / "extracted").exists()  # not one file written for the archive's images
+    assert sorted(p.parent.name for p in cache.rglob("*.pt")) == ["decoded"] * 3  # the decoded splits are cached
+    folder = load_data(str(image_folder), options(tmp_path))
+    for name in ("train", "val", "test"):
+        assert torch.equal(bundle.split(name).images, folder.split(name).images)
+    # The second load takes the decoded images from the cache.
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again")
+    real = datasets.decode_checked
+    datasets.decode_checked = no_decoding  # type: ignore[assignment]
+    try:
+        again = load_data(str(archive), opts)
+    finally:
+        datasets.decode_checked = real
+    assert torch.equal(again.train.images, bundle.train.images) and again.manifest == bundle.manifest
+
+
+def test_changed_archive_content_is_decoded_again(image_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = load_data(str(_tar_gz(image_folder, tmp_path / "photos.tar.gz")), DataOptions(str(tmp_path), str(cache)))
+    flipped = image_folder / "cat" / "000.png"
+    Image.open(flipped).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    second = load_data(str(_tar_gz(image_folder, tmp_path / "photos.tar.gz")), DataOptions(str(tmp_path), str(cache)))
+    assert first.manifest == second.manifest
+    assert not all(torch.equal(first.split(s).images, second.split(s).images) for s in ("train", "val", "test"))
+
+
+def test_archive_too_large_to_hold_is_extracted(image_folder: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = _tar_gz(image_folder, tmp_path / "photos.tar.gz")
+    in_memory = load_data(str(archive), DataOptions(str(tmp_path), str(tmp_path / "a"), workers=0))
+    monkeypatch.setattr(folders, "ARCHIVE_IN_MEMORY_BYTES", 100)  # its files: more bytes than that
+    extracted = load_data(str(archive), DataOptions(str(tmp_path), str(tmp_path / "b"), workers=0))
+    assert (tmp_path / "b" / "extracted").is_dir()
+    assert extracted.manifest == in_memory.manifest
+    assert torch.equal(extracted.train.images, in_memory.train.images)
+
+
+@pytest.mark.parametrize("loader", ["stream", "auto"])
+def test_streamed_archive_is_extracted(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       loader: str) -> None:
+    """--loader stream, or images too many to hold once decoded: streamed from the extracted files."""
+    archive = _tar_gz(image_folder, tmp_path / "photos.tar.gz")
+    if loader == "auto":
+        monkeypatch.setattr(datasets, "MEMORY_LIMIT_BYTES", 1000)
+    bundle = load_data(str(archive), DataOptions(str(tmp_path), str(tmp_path / "cache"), workers=0, loader=loader))
+    assert isinstance(bundle.train, FileSplit) and bundle.train.contents is None
+    extracted = tmp_path / "cache" / "extracted"
+    assert all(Path(p).is_file() and extracted in Path(p).parents for p in bundle.train.paths)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_image_in_an_archive_is_skipped_and_named(image_folder: Path, tmp_path: Path, workers: int) -> None:
+    bad = image_folder / "dog" / "005.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    (image_folder / "fox" / "002.png").write_bytes(b"")
+    archive = _tar_gz(image_folder, tmp_path / "photos.tar.gz")
+    bundle = load_data(str(archive), DataOptions(str(tmp_path), str(tmp_path / "cache"), workers=workers))
+    skipped = {path: reason for path, _, reason in bundle.skipped}
+    inside = str(archive.resolve())
+    assert set(skipped) == {f"{inside}/photos/dog/005.png", f"{inside}/photos/fox/002.png"}
+    assert "truncated" in skipped[f"{inside}/photos/dog/005.png"] and skipped[f"{inside}/photos/fox/002.png"] == imageio.EMPTY_FILE
+    assert {row[0]: row[3] for row in bundle.manifest if row[3]} == {"dog/005.png": skipped[f"{inside}/photos/dog/005.png"],
+                                                                    "fox/002.png": imageio.EMPTY_FILE}
+    assert sum(len(bundle.split(s)) for s in ("train", "val", "test")) == 34

@@ -1,4 +1,5 @@
-"""Image folders: layouts, class scanning, seeded stratified splits, and safe, once-only archive extraction."""
+"""Image folders: layouts, class scanning, seeded stratified splits, safe once-only archive extraction, and
+archives read into memory with the same checks."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ import pytest
 
 from conftest import error_line, make_image_folder
 from imgrec.data import folders
-from imgrec.data.folders import extract_archive, find_root, is_archive, scan_folder, stratified_split
+from imgrec.data.folders import (
+    extract_archive,
+    find_root,
+    is_archive,
+    read_archive,
+    scan_folder,
+    stratified_split,
+)
 from imgrec.errors import ImgrecError, UsageError
 
 
@@ -498,3 +506,114 @@ def test_truncated_archive_through_the_command_is_one_line(image_folder: Path, t
         assert proc.returncode == 1
         assert error_line(proc.stderr).endswith(f"{archive}: not a readable tar archive (truncated: its data ends early)")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# --- archives read into memory -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tar.xz"])
+def test_read_archive_scans_like_its_extraction(image_folder: Path, tmp_path: Path, suffix: str) -> None:
+    (image_folder / "notes.txt").write_text("not an image")
+    (image_folder / "cat" / ".hidden.png").write_bytes(b"hidden")
+    (image_folder / "dog" / "sub").mkdir()
+    (image_folder / "dog" / "sub" / "inner.png").write_bytes((image_folder / "dog" / "000.png").read_bytes())
+    (image_folder / "empty").mkdir()  # an empty class folder: both ways refuse it the same
+    archive = make_archive(image_folder, tmp_path / f"photos{suffix}")
+    read = read_archive(archive)
+    assert read is not None
+    with pytest.raises(ImgrecError, match="empty has no images"):
+        scan_folder(read.tree)
+    (image_folder / "empty").rmdir()
+    archive = make_archive(image_folder, tmp_path / f"photos2{suffix}")
+    read = read_archive(archive)
+    assert read is not None
+    extracted = scan_folder(extract_archive(archive, tmp_path / "cache"))
+    in_memory = scan_folder(read.tree)
+    assert in_memory.classes == extracted.classes == ["cat", "dog", "fox"]
+    paths, labels = in_memory.splits["all"]
+    assert labels == extracted.splits["all"][1]
+    assert rel(paths, Path(os.fspath(in_memory.root))) == rel(extracted.splits["all"][0], Path(extracted.root))
+    assert len(paths) == 37 and str(archive.resolve()) + "/photos/dog/sub/inner.png" in paths
+    # The bytes of every image file, by those paths; other files are in the tree without them.
+    for path in paths:
+        original = image_folder / Path(path).relative_to(Path(os.fspath(in_memory.root)))
+        assert read.files[path] == original.read_bytes()
+    assert not any(p.endswith(("notes.txt", ".hidden.png")) for p in read.files)
+    assert (read.tree / "photos" / "notes.txt").is_file() and not (read.tree / "photos" / "missing").is_dir()
+
+
+def test_read_archive_writes_nothing(image_folder: Path, tmp_path: Path) -> None:
+    archive = make_archive(image_folder, tmp_path / "photos.tar.gz")
+    before = sorted(tmp_path.rglob("*"))
+    assert read_archive(archive) is not None
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("tar-dotdot", "outside the target"), ("tar-deep-dotdot", "outside the target"), ("tar-absolute", "absolute path"),
+    ("tar-symlink", "links"), ("tar-hardlink", "links"), ("tar-device", "devices"),
+    ("zip-dotdot", "outside the target"), ("zip-deep-dotdot", "outside the target"), ("zip-absolute", "absolute path"),
+    ("zip-symlink", "symbolic link"),
+])
+def test_malicious_archive_is_refused_when_read(tmp_path: Path, kind: str, reason: str) -> None:
+    archive = evil_archives(tmp_path / "archives")[kind]
+    with pytest.raises(ImgrecError, match="refusing to extract") as info:
+        read_archive(archive)
+    assert reason in str(info.value) and "\n" not in str(info.value)
+
+
+def test_member_names_are_normalised_when_read(tmp_path: Path) -> None:
+    archive = tar_of(tmp_path / "dots.tar", {"./ok/cat/a.png": b"a", "ok/x/../dog/b.png": b"b", "ok//cat/c.png": b"c"})
+    read = read_archive(archive)
+    assert read is not None
+    root = str(archive.resolve())
+    assert read.files == {f"{root}/ok/cat/a.png": b"a", f"{root}/ok/dog/b.png": b"b", f"{root}/ok/cat/c.png": b"c"}
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz", ".tar.bz2", ".zip"])
+def test_truncated_archive_is_one_line_when_read(image_folder: Path, tmp_path: Path, suffix: str) -> None:
+    archive = tmp_path / f"photos{suffix}"
+    if suffix == ".zip":
+        make_archive(image_folder, archive)
+    else:
+        with tarfile.open(archive, f"w:{suffix.rsplit('.', 1)[1]}") as tf:
+            tf.add(image_folder, arcname="photos")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+    with pytest.raises(ImgrecError) as info:
+        read_archive(archive)
+    assert "\n" not in str(info.value) and f"{archive}: not a readable" in str(info.value)
+
+
+def test_bad_archives_are_one_line_when_read(tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"PK\3\4 not really")
+    (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
+    with pytest.raises(ImgrecError, match="broken.zip: not a readable zip archive"):
+        read_archive(tmp_path / "broken.zip")
+    with pytest.raises(ImgrecError, match="junk.tar: not a readable tar archive"):
+        read_archive(tmp_path / "junk.tar")
+    with pytest.raises(ImgrecError, match="not found"):
+        read_archive(tmp_path / "missing.zip")
+    clash = tar_of(tmp_path / "clash.tar", {"ok/cat/a.png": b"x", "ok/cat/a.png/b.png": b"y"})
+    with pytest.raises(ImgrecError, match="cannot extract ok/cat/a.png/b.png from .*clash.tar: Not a directory"):
+        read_archive(clash)
+    clash = tar_of(tmp_path / "clash2.tar", {"ok/cat/a/b.png": b"x", "ok/cat/a": b"y"})
+    with pytest.raises(ImgrecError, match="cannot extract ok/cat/a from .*clash2.tar: Is a directory"):
+        read_archive(clash)
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+def test_read_archive_limits(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Past the member count: the same refusal as extraction; past the bytes it may hold: None (extract it)."""
+    archive = make_archive(image_folder, tmp_path / f"photos{suffix}")
+    size = sum(p.stat().st_size for p in image_folder.rglob("*.png"))
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_MEMBERS", "20")
+    with pytest.raises(ImgrecError, match="more than 20 members"):
+        read_archive(archive)
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_MEMBERS", "1000")
+    assert read_archive(archive, limit=size - 1) is None
+    assert read_archive(archive, limit=size) is not None
+    monkeypatch.setattr(folders, "ARCHIVE_IN_MEMORY_BYTES", size - 1)
+    assert read_archive(archive) is None
+    monkeypatch.setattr(folders, "ARCHIVE_IN_MEMORY_BYTES", size)
+    monkeypatch.setenv("IMGREC_MAX_ARCHIVE_BYTES", str(size - 1))
+    assert read_archive(archive) is None  # then extraction refuses it with the limit's own message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -18,16 +19,24 @@ import os
 import pickle
 import secrets
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from imgrec.data.folders import FolderSplits, extract_archive, is_archive, scan_folder, stratified_split
+from imgrec.data.folders import (
+    FolderSplits,
+    extract_archive,
+    is_archive,
+    read_archive,
+    scan_folder,
+    stratified_split,
+)
 from imgrec.data.imageio import open_regular
 from imgrec.data.info import ArraySplit, DataBundle, DatasetInfo, FileSplit, Split
 from imgrec.data.transforms import KNOWN_STATS, channel_stats, normalize_stats
@@ -308,15 +317,19 @@ def folder_of(path: str, cache_dir: str) -> Path:
 
 def _load_folder(path: str, opts: DataOptions) -> DataBundle:
     source = Path(path)
-    scanned = scan_folder(folder_of(path, opts.cache_dir))
+    # An archive that is not to be streamed is read into memory, not extracted (None: too large for that).
+    archive = read_archive(source) if opts.loader != "stream" and source.is_file() and is_archive(source) else None
+    scanned = scan_folder(archive.tree if archive else folder_of(path, opts.cache_dir))
+    contents = archive.files if archive else None
     notes: list[str] = []
     splits = assign_splits(scanned, opts, notes)
-    channels, size = _choose_shape(splits["train"][0], opts, notes)
-    file_splits = {
-        name: FileSplit(paths, torch.tensor(labels, dtype=torch.int64), channels, size) for name, (paths, labels) in splits.items()
-    }
+    channels, size = _choose_shape(splits["train"][0], opts, notes, contents)
+    file_splits = {name: FileSplit(paths, torch.tensor(labels, dtype=torch.int64), channels, size, contents)
+                   for name, (paths, labels) in splits.items()}
     pixels = sum(len(s) for s in file_splits.values()) * channels * size[0] * size[1]
     in_memory = opts.loader == "memory" or (opts.loader == "auto" and pixels <= MEMORY_LIMIT_BYTES)
+    if archive and not in_memory:  # too many pixels to hold: extracted into the cache and streamed from there
+        return _load_folder(path, replace(opts, loader="stream"))
     # Every file is decoded once before training (in memory: that decode is the data; streamed: a check pass),
     # and files that do not decode are left out of their split, which is otherwise kept as drawn.
     final: dict[str, Split] = {}
@@ -362,8 +375,10 @@ def assign_splits(scanned: FolderSplits, opts: DataOptions, notes: list[str]) ->
     return splits
 
 
-def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -> tuple[int, tuple[int, int]]:
-    """Channels and (H, W) from a sample of the training images' headers, unless given."""
+def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str],
+                  contents: dict[str, bytes] | None = None) -> tuple[int, tuple[int, int]]:
+    """Channels and (H, W) from a sample of the training images' headers (`contents`: their bytes, when held in
+    memory), unless given."""
     from PIL import Image
 
     step = max(1, len(train_paths) // 256)
@@ -371,7 +386,7 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
     sizes: Counter[tuple[int, int]] = Counter()
     for p in train_paths[::step]:
         try:
-            with open_regular(p) as f, Image.open(f) as img:  # regular files only: never a pipe or a device
+            with (io.BytesIO(contents[p]) if contents else open_regular(p)) as f, Image.open(f) as img:  # never a pipe
                 modes[img.mode] += 1
                 sizes[(img.height, img.width)] += 1
         except Exception:  # any unreadable file (a decompression-bomb header too) is found by the decoding pass
@@ -392,10 +407,14 @@ def _choose_shape(train_paths: list[str], opts: DataOptions, notes: list[str]) -
 
 def _fingerprint(split: FileSplit, extra: str = "") -> str:
     digest = hashlib.sha1(f"{split.channels}|{split.image_size}|{extra}".encode())
-    for path, label in zip(split.paths, split.labels.tolist()):
+    for index, (path, label) in enumerate(zip(split.paths, split.labels.tolist())):
+        content = split.content(index)
         try:
-            st = os.stat(path)
-            seen = f"{st.st_size}|{st.st_mtime_ns}"
+            if content is not None:  # held in memory (an archive's file): known by its bytes
+                seen = f"{len(content)}|{zlib.crc32(content)}"
+            else:
+                st = os.stat(path)
+                seen = f"{st.st_size}|{st.st_mtime_ns}"
         except OSError as exc:  # a dangling or looping link: the decoding pass lists it as not a regular file
             seen = f"{exc.errno}"
         digest.update(f"{path}|{label}|{seen}\n".encode())

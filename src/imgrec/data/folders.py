@@ -3,8 +3,10 @@
 Layouts understood (class names are the sorted names of the class folders):
   root/train/<class>/...  plus root/val/<class>/... and/or root/test/<class>/...
   root/<class>/...        one folder of class folders, split by imgrec with a seed
-An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is extracted once into the cache, within
-limits on its total size and member count (IMGREC_MAX_ARCHIVE_BYTES, IMGREC_MAX_ARCHIVE_MEMBERS).
+An archive (.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) of either is read into memory when its files add up to
+no more than ARCHIVE_IN_MEMORY_BYTES (read_archive: scanned as a folder, decoded from memory, no file written), and
+otherwise extracted once into the cache; both within limits on its total size and member count
+(IMGREC_MAX_ARCHIVE_BYTES, IMGREC_MAX_ARCHIVE_MEMBERS) and refusing the same members.
 Imports: numpy and the data package.
 """
 
@@ -14,6 +16,7 @@ import errno
 import hashlib
 import lzma
 import os
+import posixpath
 import shutil
 import socket
 import tarfile
@@ -160,8 +163,7 @@ def _env_int(name: str, default: int) -> int:
 def _check_totals(archive: Path, target: Path, total_bytes: int, members: int) -> None:
     max_bytes, max_members = archive_limits(target)
     if members > max_members:
-        raise ImgrecError(f"{archive} holds more than {max_members:,} members, the limit: raise "
-                          f"IMGREC_MAX_ARCHIVE_MEMBERS if it is meant to, or extract it yourself")
+        raise _too_many(archive, max_members)
     if total_bytes > max_bytes:
         raise ImgrecError(f"{archive} expands to {total_bytes:,} bytes, more than the {max_bytes:,} allowed "
                           f"(IMGREC_MAX_ARCHIVE_BYTES, and at most 90% of the free space in {target.parent}): "
@@ -177,6 +179,11 @@ def _needing(total: int) -> Iterator[None]:
         if exc.errno == errno.ENOSPC:
             exc.needed = total  # type: ignore[attr-defined]
         raise
+
+
+def _too_many(archive: Path, max_members: int) -> ImgrecError:
+    return ImgrecError(f"{archive} holds more than {max_members:,} members, the limit: raise "
+                       f"IMGREC_MAX_ARCHIVE_MEMBERS if it is meant to, or extract it yourself")
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -226,20 +233,176 @@ def _extract_tar(archive: Path, target: Path) -> None:
                 tf.extractall(root, members=members)
 
 
+ARCHIVE_IN_MEMORY_BYTES = 512 * 1024**2  # archives whose files add up to more are extracted into the cache
+
+
+@dataclass
+class ArchiveFiles:
+    """An archive read into memory: its folder tree, and the bytes of its image files by the path each has under
+    the archive's own path (/data/photos.zip/train/cat/1.jpg, so that a message names the file inside the
+    archive). Other files are in the tree without their bytes."""
+
+    tree: ArchiveNode
+    files: dict[str, bytes]
+
+
+def read_archive(archive: str | Path, limit: int | None = None) -> ArchiveFiles | None:
+    """Read an archive's files into memory instead of extracting them (writing thousands of small files costs far
+    more than decoding them). The members are checked as extraction checks them (no absolute path, none outside
+    the archive's root, no link or device, the member-count limit); None when its files add up to more than
+    `limit` bytes (default ARCHIVE_IN_MEMORY_BYTES) or IMGREC_MAX_ARCHIVE_BYTES: extract it instead. Every
+    failure is one ImgrecError line."""
+    archive = Path(archive).resolve()
+    if not archive.is_file():
+        raise ImgrecError(f"archive not found: {archive}")
+    limit = min(ARCHIVE_IN_MEMORY_BYTES if limit is None else limit, _env_int("IMGREC_MAX_ARCHIVE_BYTES", DEFAULT_MAX_ARCHIVE_BYTES))
+    max_members = _env_int("IMGREC_MAX_ARCHIVE_MEMBERS", DEFAULT_MAX_ARCHIVE_MEMBERS)
+    read = _read_zip if archive.name.lower().endswith(".zip") else _read_tar
+    try:
+        members = read(archive, limit, max_members)
+    except ImgrecError:
+        raise
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError, zipfile.BadZipFile,
+            RuntimeError, NotImplementedError) as exc:  # the last two: an encrypted or unsupported zip member
+        raise _extraction_error(archive, archive, exc) from None
+    if members is None:
+        return None
+    tree = ArchiveNode(str(archive), "dir")
+    for name, data in members.items():
+        clash = tree.add(name, data is not False)
+        if clash:  # what extracting it would have met
+            raise ImgrecError(f"cannot extract {printable(name)} from {archive}: {clash}")
+    return ArchiveFiles(tree, {os.path.join(str(archive), name): data for name, data in members.items()
+                               if isinstance(data, bytes)})
+
+
+def _member_name(archive: Path, name: str) -> str:
+    """A member's name as a normalised relative path ("" for the root), refused when absolute or outside."""
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        raise ImgrecError(f"refusing to extract '{printable(name)}': absolute path in {archive.name}")
+    normal = posixpath.normpath(name)
+    if normal == ".." or normal.startswith("../"):
+        raise ImgrecError(f"refusing to extract '{printable(name)}': it would land outside the target folder")
+    return "" if normal == "." else normal
+
+
+def _read_tar(archive: Path, limit: int, max_members: int) -> dict[str, bytes | bool] | None:
+    """{name: the bytes of an image file, True for another file, False for a folder}, or None past `limit`."""
+    members: dict[str, bytes | bool] = {}
+    total = 0
+    with tarfile.open(archive) as tf:
+        for count, member in enumerate(tf, 1):  # one at a time, reading each file as its header passes
+            if count > max_members:
+                raise _too_many(archive, max_members)
+            name = _member_name(archive, member.name)
+            if not (member.isfile() or member.isdir()):
+                raise ImgrecError(f"refusing to extract '{printable(member.name)}': links and devices are not allowed")
+            total += member.size if member.isfile() else 0
+            if total > limit:
+                return None
+            if name and member.isdir():
+                members.setdefault(name, False)
+            elif name and member.isfile():
+                data = tf.extractfile(member)
+                members[name] = data.read() if data is not None and is_image_file(name) else True
+    return members
+
+
+def _read_zip(archive: Path, limit: int, max_members: int) -> dict[str, bytes | bool] | None:
+    """As _read_tar, for a zip archive."""
+    members: dict[str, bytes | bool] = {}
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > max_members:
+            raise _too_many(archive, max_members)
+        for info in infos:
+            _member_name(archive, info.filename)
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ImgrecError(f"refusing to extract '{printable(info.filename)}': symbolic link in {archive.name}")
+        if sum(info.file_size for info in infos) > limit:
+            return None
+        for info in infos:
+            name = _member_name(archive, info.filename)
+            if name and info.is_dir():
+                members.setdefault(name, False)
+            elif name:
+                members[name] = zf.read(info) if is_image_file(name) else True
+    return members
+
+
+class ArchiveNode:
+    """A folder or file inside an archive read into memory, with the few pathlib.Path methods that scanning a
+    folder uses (name, iterdir, is_dir, is_file, /, walk) and its path under the archive's (os.fspath)."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        self.path, self.kind = path, kind  # kind: "dir", "file" or "absent" (a name that is not in the archive)
+        self.children: dict[str, ArchiveNode] = {}
+
+    def add(self, name: str, is_file: bool) -> str:
+        """Add a member by its relative name, with the folders above it; "" when it fits, else why not (a file
+        where a folder is, or the other way round)."""
+        node = self
+        parts = name.split("/")
+        for i, part in enumerate(parts):
+            kind = "file" if is_file and i == len(parts) - 1 else "dir"
+            child = node.children.setdefault(part, ArchiveNode(posixpath.join(node.path, part), kind))
+            if child.kind != kind:
+                return "Not a directory" if kind == "dir" else "Is a directory"
+            node = child
+        return ""
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __lt__(self, other: ArchiveNode) -> bool:
+        return self.path < other.path
+
+    def __truediv__(self, name: str) -> ArchiveNode:
+        return self.children.get(name) or ArchiveNode(posixpath.join(self.path, name), "absent")
+
+    def iterdir(self) -> Iterator[ArchiveNode]:
+        return iter(list(self.children.values()))
+
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    def walk(self) -> Iterator[tuple[str, list[str], list[str]]]:
+        """As os.walk, top-down."""
+        if not self.is_dir():
+            return
+        folders = [c for c in self.children.values() if c.is_dir()]
+        yield self.path, [c.name for c in folders], [c.name for c in self.children.values() if c.is_file()]
+        for child in folders:
+            yield from child.walk()
+
+
 @dataclass
 class FolderSplits:
     """The files of an image folder: classes, and (path, label) lists per split that the folder defines."""
 
-    root: Path
+    root: Path | ArchiveNode
     classes: list[str]
     splits: dict[str, tuple[list[str], list[int]]]  # split name -> (paths, labels)
 
 
-def _visible_dirs(path: Path) -> list[Path]:
+Folder = Path | ArchiveNode  # a folder on disk, or one inside an archive read into memory
+
+
+def _visible_dirs(path: Folder) -> list[Folder]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
-def find_root(path: Path) -> Path:
+def find_root(path: Folder) -> Folder:
     """Step down through folders that only wrap one folder (as archives often do), never into a class folder."""
     while True:
         entries = [p for p in path.iterdir() if not p.name.startswith((".", "__"))]
@@ -250,16 +413,17 @@ def find_root(path: Path) -> Path:
             return path
 
 
-def _is_class_folder(path: Path) -> bool:
+def _is_class_folder(path: Folder) -> bool:
     """Images directly inside and no subfolders: the only class of a one-class folder, not a wrapper."""
     return not _visible_dirs(path) and any(is_image_file(p) and p.is_file() for p in path.iterdir())
 
 
-def scan_folder(path: str | Path) -> FolderSplits:
-    """Find the layout, the classes and the image files of a folder (no decoding)."""
-    root = find_root(Path(path))
+def scan_folder(path: str | Path | ArchiveNode) -> FolderSplits:
+    """Find the layout, the classes and the image files of a folder, or of an archive read into memory (no
+    decoding)."""
+    root = find_root(path if isinstance(path, ArchiveNode) else Path(path))
     subdirs = {p.name.lower(): p for p in _visible_dirs(root)}
-    split_dirs: dict[str, Path] = {}
+    split_dirs: dict[str, Folder] = {}
     if "train" in subdirs and any(n in subdirs for n in VAL_NAMES + TEST_NAMES):
         split_dirs["train"] = subdirs["train"]
         for names, split in ((VAL_NAMES, "val"), (TEST_NAMES, "test")):
@@ -279,7 +443,7 @@ def scan_folder(path: str | Path) -> FolderSplits:
     return FolderSplits(root, classes, splits)
 
 
-def _scan_classes(folder: Path, classes: list[str], split: str) -> tuple[list[str], list[int]]:
+def _scan_classes(folder: Folder, classes: list[str], split: str) -> tuple[list[str], list[int]]:
     found = [p.name for p in _visible_dirs(folder)]
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -290,7 +454,8 @@ def _scan_classes(folder: Path, classes: list[str], split: str) -> tuple[list[st
         class_dir = folder / name
         files = sorted(
             os.path.join(dirpath, f)
-            for dirpath, dirnames, filenames in os.walk(class_dir)
+            for dirpath, dirnames, filenames in (class_dir.walk() if isinstance(class_dir, ArchiveNode)
+                                                 else os.walk(class_dir))
             for f in filenames
             if is_image_file(f) and not any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts)
         ) if class_dir.is_dir() else []

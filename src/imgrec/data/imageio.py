@@ -247,10 +247,11 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Decode, convert and resize one file: uint8 tensor (channels, H, W). Whatever goes wrong with the file is
-    an ImageDecodeError naming it (a bad file to skip or report), never a traceback from inside Pillow."""
-    image = load_image(path, channels)
+def read_image(path: str | Path, channels: int, size: tuple[int, int], content: bytes | None = None) -> torch.Tensor:
+    """Decode, convert and resize one file (or `content`, that file's bytes held in memory): uint8 tensor
+    (channels, H, W). Whatever goes wrong with the file is an ImageDecodeError naming it (a bad file to skip or
+    report), never a traceback from inside Pillow."""
+    image = load_image(path, channels) if content is None else load_image(io.BytesIO(content), channels, str(path))
     try:
         return image_to_tensor(resize_center(image, size))
     except Exception as exc:  # an image that decodes but does not resize is still one bad file

@@ -59,13 +59,19 @@ class FileSplit:
     labels: torch.Tensor
     channels: int
     image_size: tuple[int, int]
+    contents: dict[str, bytes] | None = None  # the files' bytes by path (an archive read into memory), else read
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: torch.Tensor) -> FileSplit:
         idx = indices.tolist()
-        return FileSplit([self.paths[i] for i in idx], self.labels[indices], self.channels, self.image_size)
+        return FileSplit([self.paths[i] for i in idx], self.labels[indices], self.channels, self.image_size,
+                         self.contents)
+
+    def content(self, index: int) -> bytes | None:
+        """File `index`'s bytes when they are held in memory, else None (read the file)."""
+        return None if self.contents is None else self.contents[self.paths[index]]
 
 
 Split = ArraySplit | FileSplit

@@ -227,7 +227,8 @@ class FileDataset(Dataset):
     def read(self, index: int) -> torch.Tensor:
         """Decode file `index` (read_image), noted as being read while it is."""
         with self.notes.reading(index):
-            return read_image(self.split.paths[index], self.split.channels, self.split.image_size)
+            return read_image(self.split.paths[index], self.split.channels, self.split.image_size,
+                              self.split.content(index))
 
     def files_being_read(self, message: str) -> list[str]:
         """The files that the workers a DataLoader error names were reading."""

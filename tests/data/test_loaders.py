@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_no_worker_finalises_it, make_image_folder
-from imgrec.data import imageio, loaders
+from imgrec.data import imageio, loaders, verify
 from imgrec.data.imageio import read_image
 from imgrec.data.info import ArraySplit, FileSplit
 from imgrec.data.loaders import (
@@ -451,3 +451,27 @@ def test_a_file_loader_worker_never_finalises_the_main_process_garbage() -> None
     """A loader left in a reference cycle, its worker still running, is copied into the next loader's forked
     worker; collected there, it tried to stop a worker that is not that worker's child (a traceback on stderr)."""
     assert_no_worker_finalises_it(NEXT_LOADER_WORKER_COLLECTS)
+
+
+def test_decode_batch_holds_about_a_fixed_number_of_bytes() -> None:
+    def split(channels: int, size: int) -> FileSplit:
+        return FileSplit([], torch.zeros(0, dtype=torch.int64), channels, (size, size))
+    assert verify.decode_batch(split(3, 32)) == 1024  # 3 KB images: the most per batch
+    assert verify.decode_batch(split(1, 28)) == 1024
+    assert verify.decode_batch(split(3, 64)) == verify.DECODE_BATCH_BYTES // (3 * 64 * 64) == 682
+    assert verify.decode_batch(split(3, 224)) == 64  # 150 KB images: the fewest
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_in_batches_keeps_order_and_failures(tmp_path: Path, workers: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "ds", per_class=7, size=12)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    for bad in (paths[2], paths[3], paths[11], paths[20]):  # across the batch boundaries
+        Path(bad).write_bytes(b"not an image")
+    split = FileSplit(paths, torch.arange(len(paths)) % 3, 3, (12, 12))
+    monkeypatch.setattr(verify, "DECODE_BATCH_RANGE", (4, 4))
+    images, failures = decode_checked(split, workers, keep_images=True)
+    assert sorted(failures) == sorted([paths[2], paths[3], paths[11], paths[20]])
+    good = [p for p in paths if p not in failures]
+    assert images is not None and torch.equal(images, torch.stack([imageio.read_image(p, 3, (12, 12)) for p in good]))

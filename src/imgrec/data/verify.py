@@ -18,7 +18,8 @@ from imgrec.data.info import FileSplit
 from imgrec.data.loaders import FileDataset, default_workers, file_loader, worker_error_message
 from imgrec.errors import ImgrecError, printable
 
-DECODE_BATCH = 64
+DECODE_BATCH_BYTES = 8 * 1024**2  # decoded pixels a worker sends at once: each batch costs a shared-memory block
+DECODE_BATCH_RANGE = (64, 1024)  # and the images in one batch, whatever their size
 LISTED_IN_WARNING = 100  # the warning names this many files; skipped.txt in the run folder has them all
 
 
@@ -44,7 +45,7 @@ def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> 
     {path: reason} of those that do not)."""
     workers = default_workers() if workers is None else workers
     dataset = CheckedFileDataset(split, workers)
-    loader = file_loader(dataset, workers, batch_size=DECODE_BATCH, collate_fn=_collate_checked)
+    loader = file_loader(dataset, workers, batch_size=decode_batch(split), collate_fn=_collate_checked)
     kept = torch.empty((len(split) if keep_images else 0, split.channels, *split.image_size), dtype=torch.uint8)
     failures: dict[str, str] = {}
     position, count = 0, 0
@@ -61,6 +62,14 @@ def decode_checked(split: FileSplit, workers: int | None, keep_images: bool) -> 
         traceback.clear_frames(exc.__traceback__)  # frees the worker pool now, not at some later garbage collection
         raise ImgrecError(f"decoding the images failed: {worker_error_message(exc, dataset.files_being_read)}") from None
     return (kept[:count] if keep_images else None), failures
+
+
+def decode_batch(split: FileSplit) -> int:
+    """Images per batch of the decoding pass: about DECODE_BATCH_BYTES of pixels, within DECODE_BATCH_RANGE (on a
+    2-core machine, 50,000 32x32 JPEGs took 7.9 s with two workers in batches of 64 and 4.4 s in batches of 512)."""
+    low, high = DECODE_BATCH_RANGE
+    pixels = split.channels * split.image_size[0] * split.image_size[1]
+    return max(low, min(high, DECODE_BATCH_BYTES // max(1, pixels)))
 
 
 def without(split: FileSplit, failures: dict[str, str]) -> FileSplit:

@@ -152,6 +152,27 @@ def test_a_folder_imgrec_splits_and_an_archive_of_it(tmp_path: Path) -> None:
         tf.add(root, arcname="flat")
     from_archive = diagnose(str(archive), options())
     assert from_archive["counts"] == report["counts"] and from_archive["duplicates"] == report["duplicates"]
+    assert from_archive["ignored"] == report["ignored"]
+
+
+def test_archive_is_inspected_from_memory_like_its_folder(tmp_path: Path) -> None:
+    """Bad files inside an archive read into memory are described as the same files in a folder are."""
+    root = make_photo_folder(tmp_path / "photos", CLASSES, per_class=5, splits=())
+    (root / CLASSES[0] / "empty.jpg").write_bytes(b"")
+    truncated = (root / CLASSES[1] / "001.jpg").read_bytes()
+    (root / CLASSES[1] / "cut.jpg").write_bytes(truncated[: len(truncated) // 3])
+    (root / CLASSES[1] / "notes.md").write_text("ignored")
+    archive = tmp_path / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="photos")
+    cache = tmp_path / "cache"
+    folder_report = diagnose(str(root), options())
+    archive_report = diagnose(str(archive), DoctorOptions(data_dir=str(tmp_path), cache_dir=str(cache), workers=0))
+    assert not (cache / "extracted").exists()
+    assert archive_report["unreadable"] == folder_report["unreadable"] and len(folder_report["unreadable"]) == 2
+    assert archive_report["problems"] == folder_report["problems"] and archive_report["problems"]
+    assert archive_report["ignored"] == folder_report["ignored"] == [f"{CLASSES[1]}/notes.md"]
+    assert archive_report["counts"] == folder_report["counts"]
 
 
 def test_no_test_split_lists_validation_files_once(tmp_path: Path) -> None:

@@ -315,12 +315,19 @@ def folder_of(path: str, cache_dir: str) -> Path:
     return folder
 
 
+def scan_source(path: str, cache_dir: str, stream: bool = False) -> tuple[FolderSplits, dict[str, bytes] | None]:
+    """The layout and files of an image folder or an archive, and the archive's file contents by path when it is
+    read into memory (not when `stream`, nor when it is too large: then it is extracted into the cache)."""
+    source = Path(path)
+    archive = read_archive(source) if not stream and source.is_file() and is_archive(source) else None
+    if archive is not None:
+        return scan_folder(archive.tree), archive.files
+    return scan_folder(folder_of(path, cache_dir)), None
+
+
 def _load_folder(path: str, opts: DataOptions) -> DataBundle:
     source = Path(path)
-    # An archive that is not to be streamed is read into memory, not extracted (None: too large for that).
-    archive = read_archive(source) if opts.loader != "stream" and source.is_file() and is_archive(source) else None
-    scanned = scan_folder(archive.tree if archive else folder_of(path, opts.cache_dir))
-    contents = archive.files if archive else None
+    scanned, contents = scan_source(path, opts.cache_dir, stream=opts.loader == "stream")
     notes: list[str] = []
     splits = assign_splits(scanned, opts, notes)
     channels, size = _choose_shape(splits["train"][0], opts, notes, contents)
@@ -328,7 +335,7 @@ def _load_folder(path: str, opts: DataOptions) -> DataBundle:
                    for name, (paths, labels) in splits.items()}
     pixels = sum(len(s) for s in file_splits.values()) * channels * size[0] * size[1]
     in_memory = opts.loader == "memory" or (opts.loader == "auto" and pixels <= MEMORY_LIMIT_BYTES)
-    if archive and not in_memory:  # too many pixels to hold: extracted into the cache and streamed from there
+    if contents is not None and not in_memory:  # too many pixels to hold: extracted into the cache and streamed from there
         return _load_folder(path, replace(opts, loader="stream"))
     # Every file is decoded once before training (in memory: that decode is the data; streamed: a check pass),
     # and files that do not decode are left out of their split, which is otherwise kept as drawn.

@@ -36,12 +36,13 @@ from imgrec.data.datasets import (
     DataOptions,
     assign_splits,
     data_not_found,
-    folder_of,
     load_data,
+    scan_source,
 )
 from imgrec.data.doctor_report import find_problems, format_report
-from imgrec.data.folders import scan_folder
+from imgrec.data.folders import ArchiveNode
 from imgrec.data.imageio import (
+    EMPTY_FILE,
     EmptyFileError,
     ImageDecodeError,
     ImageTooLargeError,
@@ -132,8 +133,7 @@ def _counts(images: _Images, classes: list[str]) -> dict[str, dict[str, int]]:
 
 def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str, Any]]:
     """The files of an image folder in the splits training would use, each inspected."""
-    folder = folder_of(spec, options.cache_dir)
-    scanned = scan_folder(folder)
+    scanned, contents = scan_source(spec, options.cache_dir)  # an archive: read into memory, or extracted
     opts = DataOptions(options.data_dir, options.cache_dir, val_fraction=options.val_fraction,
                        test_fraction=options.test_fraction, split_seed=options.split_seed)
     notes: list[str] = []
@@ -142,7 +142,7 @@ def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str
         del splits["test"]
     paths = [p for name in SPLITS if name in splits for p in splits[name][0]]
     workers = default_workers() if options.workers is None else options.workers
-    inspection = _FileInspection(paths, workers)
+    inspection = _FileInspection(paths, workers, contents)
     images = _Images(
         names=[os.path.relpath(p, scanned.root) for p in paths],
         splits=[name for name in SPLITS if name in splits for _ in splits[name][0]],
@@ -154,10 +154,10 @@ def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str
     return images, report
 
 
-def _ignored_files(root: Path, used: set[str]) -> list[str]:
+def _ignored_files(root: Path | ArchiveNode, used: set[str]) -> list[str]:
     """Files in the data folder that are not images by their extension (training never looks at them)."""
     ignored = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in (root.walk() if isinstance(root, ArchiveNode) else os.walk(root)):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
@@ -199,8 +199,9 @@ def _inspect_all(dataset: Dataset, workers: int | None,
 
 
 class _FileInspection(Dataset):
-    def __init__(self, paths: list[str], workers: int = 0) -> None:
+    def __init__(self, paths: list[str], workers: int = 0, contents: dict[str, bytes] | None = None) -> None:
         self.paths = paths
+        self.contents = contents  # the files' bytes by path (an archive read into memory), else read
         self.notes = ReadingNotes(workers)
 
     def __len__(self) -> int:
@@ -208,7 +209,8 @@ class _FileInspection(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         with self.notes.reading(index):
-            return inspect_file(self.paths[index])
+            path = self.paths[index]
+            return inspect_file(path) if self.contents is None else inspect_file(path, self.contents[path])
 
     def files_being_read(self, message: str) -> list[str]:
         return [self.paths[index] for index in self.notes.being_read(message)]
@@ -238,15 +240,18 @@ def _blank_facts() -> dict[str, Any]:
             "problem": None, "reason": "", "phash": 0, "thumb": None}
 
 
-def inspect_file(path: str) -> dict[str, Any]:
-    """Header facts, content hash, decodability (through the one image loader) and fingerprints of one file.
+def inspect_file(path: str, content: bytes | None = None) -> dict[str, Any]:
+    """Header facts, content hash, decodability (through the one image loader) and fingerprints of one file (or of
+    `content`, its bytes held in memory).
 
     A bad file is described, never raised: problem is zero-byte, not-regular, not-an-image, too-large, truncated
     or corrupt, and the reason is worded as training's skipped.txt and predict word it.
     """
     facts = _blank_facts()
     try:
-        data = read_file(path)  # regular files only, read no further than their size
+        data = read_file(path) if content is None else content  # regular files only, read no further than their size
+        if not data:  # an archive's empty member: as read_file words an empty file
+            raise EmptyFileError(f"{path}: {EMPTY_FILE}", EMPTY_FILE)
     except ImageDecodeError as exc:
         facts["problem"], facts["reason"] = _kind(exc), exc.reason
         return facts

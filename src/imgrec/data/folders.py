@@ -377,13 +377,13 @@ class ArchiveNode:
         return self.kind == "file"
 
     def walk(self) -> Iterator[tuple[str, list[str], list[str]]]:
-        """As os.walk, top-down."""
+        """As os.walk, top-down: the caller may prune or reorder the folder names it is given."""
         if not self.is_dir():
             return
-        folders = [c for c in self.children.values() if c.is_dir()]
-        yield self.path, [c.name for c in folders], [c.name for c in self.children.values() if c.is_file()]
-        for child in folders:
-            yield from child.walk()
+        folders = [c.name for c in self.children.values() if c.is_dir()]
+        yield self.path, folders, [c.name for c in self.children.values() if c.is_file()]
+        for name in folders:
+            yield from self.children[name].walk()
 
 
 @dataclass

@@ -617,3 +617,26 @@ def test_read_archive_limits(image_folder: Path, tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(folders, "ARCHIVE_IN_MEMORY_BYTES", size)
     monkeypatch.setenv("IMGREC_MAX_ARCHIVE_BYTES", str(size - 1))
     assert read_archive(archive) is None  # then extraction refuses it with the limit's own message
+
+
+@pytest.mark.parametrize("kind, env, fragment", [
+    ("tar-symlink", {}, "refusing to extract 'ok/link': links and devices are not allowed"),
+    ("zip-dotdot", {}, "refusing to extract '../evil.txt': it would land outside the target folder"),
+    ("photos", {"IMGREC_MAX_ARCHIVE_MEMBERS": "5"}, "holds more than 5 members"),
+    ("photos", {"IMGREC_MAX_ARCHIVE_BYTES": "1K"}, "expands to"),  # too large to read: extraction refuses it
+])
+def test_refused_archive_through_the_command_is_one_line(image_folder: Path, tmp_path: Path, kind: str,
+                                                          env: dict[str, str], fragment: str) -> None:
+    archive = (make_archive(image_folder, tmp_path / "photos.tar.gz") if kind == "photos"
+               else evil_archives(tmp_path / "archives")[kind])
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(folders.__file__).parents[2]), "OMP_NUM_THREADS": "1",
+           "IMGREC_CACHE": str(cache), **env}
+    for command in (["doctor", str(archive)], ["train", "--data", str(archive), "--project", str(tmp_path / "runs")]):
+        proc = subprocess.run([sys.executable, "-m", "imgrec", *command], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert fragment in error_line(proc.stderr)
+    assert not [p for p in tmp_path.rglob("*evil*")] and not [p for p in tmp_path.rglob("*") if p.is_symlink()]
+    assert not (cache / "extracted").exists() or not any((cache / "extracted").iterdir())
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

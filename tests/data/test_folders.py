@@ -330,6 +330,14 @@ def zip_with_member(path: Path, member: str | zipfile.ZipInfo, data: bytes) -> P
     return path
 
 
+REFUSALS = [  # each of evil_archives, and the words of its refusal
+    ("tar-dotdot", "outside the target"), ("tar-deep-dotdot", "outside the target"), ("tar-absolute", "absolute path"),
+    ("tar-symlink", "links"), ("tar-hardlink", "links"), ("tar-device", "devices"),
+    ("zip-dotdot", "outside the target"), ("zip-deep-dotdot", "outside the target"), ("zip-absolute", "absolute path"),
+    ("zip-symlink", "symbolic link"),
+]
+
+
 def evil_archives(base: Path) -> dict[str, Path]:
     """Archives that try to write evil.txt outside the extraction folder, one way each."""
     base.mkdir(parents=True, exist_ok=True)
@@ -366,12 +374,7 @@ def evil_archives(base: Path) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("tar-dotdot", "outside the target"), ("tar-deep-dotdot", "outside the target"), ("tar-absolute", "absolute path"),
-    ("tar-symlink", "links"), ("tar-hardlink", "links"), ("tar-device", "devices"),
-    ("zip-dotdot", "outside the target"), ("zip-deep-dotdot", "outside the target"), ("zip-absolute", "absolute path"),
-    ("zip-symlink", "symbolic link"),
-])
+@pytest.mark.parametrize("kind, reason", REFUSALS)
 def test_malicious_archive_is_refused(tmp_path: Path, kind: str, reason: str) -> None:
     archive = evil_archives(tmp_path / "archives")[kind]
     cache = tmp_path / "work" / "cache"
@@ -412,6 +415,9 @@ def test_truncated_archive_is_one_line(image_folder: Path, tmp_path: Path, suffi
             tf.add(image_folder, arcname="photos")
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
     one_line_error(archive, tmp_path / "cache", str(archive), "not a readable")
+    with pytest.raises(ImgrecError) as info:  # read into memory: the same line
+        read_archive(archive)
+    assert "\n" not in str(info.value) and f"{archive}: not a readable" in str(info.value)
 
 
 def test_unreadable_tar_is_one_line(tmp_path: Path) -> None:
@@ -549,12 +555,7 @@ def test_read_archive_writes_nothing(image_folder: Path, tmp_path: Path) -> None
     assert sorted(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("tar-dotdot", "outside the target"), ("tar-deep-dotdot", "outside the target"), ("tar-absolute", "absolute path"),
-    ("tar-symlink", "links"), ("tar-hardlink", "links"), ("tar-device", "devices"),
-    ("zip-dotdot", "outside the target"), ("zip-deep-dotdot", "outside the target"), ("zip-absolute", "absolute path"),
-    ("zip-symlink", "symbolic link"),
-])
+@pytest.mark.parametrize("kind, reason", REFUSALS)
 def test_malicious_archive_is_refused_when_read(tmp_path: Path, kind: str, reason: str) -> None:
     archive = evil_archives(tmp_path / "archives")[kind]
     with pytest.raises(ImgrecError, match="refusing to extract") as info:
@@ -568,20 +569,6 @@ def test_member_names_are_normalised_when_read(tmp_path: Path) -> None:
     assert read is not None
     root = str(archive.resolve())
     assert read.files == {f"{root}/ok/cat/a.png": b"a", f"{root}/ok/dog/b.png": b"b", f"{root}/ok/cat/c.png": b"c"}
-
-
-@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz", ".tar.bz2", ".zip"])
-def test_truncated_archive_is_one_line_when_read(image_folder: Path, tmp_path: Path, suffix: str) -> None:
-    archive = tmp_path / f"photos{suffix}"
-    if suffix == ".zip":
-        make_archive(image_folder, archive)
-    else:
-        with tarfile.open(archive, f"w:{suffix.rsplit('.', 1)[1]}") as tf:
-            tf.add(image_folder, arcname="photos")
-    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
-    with pytest.raises(ImgrecError) as info:
-        read_archive(archive)
-    assert "\n" not in str(info.value) and f"{archive}: not a readable" in str(info.value)
 
 
 def test_bad_archives_are_one_line_when_read(tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ def test_downscaling_is_antialiased_and_keeps_the_layout() -> None:
 @pytest.mark.parametrize("argv,fragment", [
     (["--model", "airnet-small", "--progressive-resize", "16"], "--progressive-resize 16: the model's input is "
                                                                 "16x16; give sizes below 16"),
-    (["--model", "airnet-small", "--progressive-resize", "3"], "--progressive-resize must be at least 4; got 3"),
+    (["--model", "airnet-small", "--progressive-resize", "3"], "--progressive-resize takes sizes of at least 4 pixels, "
+                                                               "or 0 alone (off); got 3"),
+    (["--model", "airnet-small", "--progressive-resize", "0", "8"], "or 0 alone (off); got 0 8"),
     (["--model", "airnet-small", "--progressive-resize", "8", "8", "--epochs", "2"],
      "--progressive-resize gives 2 epoch(s) at smaller sizes but the run has 2: leave at least the last epoch"),
     (["--model", "airnet-small", "--progressive-resize", "x"], "argument --progressive-resize: invalid int value"),

@@ -15,8 +15,15 @@ import yaml
 from conftest import error_line, make_image_folder, run_main
 from imgrec.config import RunConfig
 from imgrec.data.info import DatasetInfo
+from imgrec.engine.trainer import resized_side
 from imgrec.errors import UsageError
-from imgrec.recipes import RECIPES, apply_recipe, explicit_settings, recipe_data_settings
+from imgrec.recipes import (
+    COLOUR_PROGRESSIVE_RESIZE,
+    RECIPES,
+    apply_recipe,
+    explicit_settings,
+    recipe_data_settings,
+)
 
 
 def _info(channels: int, size: tuple[int, int]) -> DatasetInfo:
@@ -76,6 +83,43 @@ def test_no_recipe_changes_nothing() -> None:
 def test_the_data_settings_come_first_and_yield_to_explicit_ones() -> None:
     assert recipe_data_settings(RunConfig(recipe="fast"), set()).val_fraction == 0.02
     assert recipe_data_settings(RunConfig(recipe="fast", val_fraction=0.2), {"val_fraction"}).val_fraction == 0.2
+
+
+def test_32x32_colour_images_start_at_24_pixels(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="imgrec.recipes"):
+        cfg = apply_recipe(RunConfig(recipe="fast"), _info(3, (32, 32)), set())
+    assert cfg.progressive_resize == COLOUR_PROGRESSIVE_RESIZE == [24, 24] and cfg.resize_sizes == [24, 24]
+    assert "--progressive-resize 24 24" in caplog.records[-1].getMessage()
+    # not for grey images, smaller colour ones, or another model than the recipe's
+    assert apply_recipe(RunConfig(recipe="fast"), _info(1, (28, 28)), set()).progressive_resize is None
+    assert apply_recipe(RunConfig(recipe="fast"), _info(3, (16, 20)), set()).progressive_resize is None
+    given = RunConfig(recipe="fast", model="resnet8")
+    assert apply_recipe(given, _info(3, (32, 32)), {"recipe", "model"}).progressive_resize is None
+    # sizes given win, and 0 turns it off
+    given = RunConfig(recipe="fast", progressive_resize=[28])
+    assert apply_recipe(given, _info(3, (32, 32)), {"recipe", "progressive_resize"}).resize_sizes == [28]
+    off = apply_recipe(RunConfig(recipe="fast", progressive_resize=[0]), _info(3, (32, 32)),
+                       {"recipe", "progressive_resize"})
+    assert off.progressive_resize == [0] and off.resize_sizes == []
+
+
+def test_the_recipes_resizing_trains_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On 32x32 colour images the recipe's first two epochs train at 24x24, and --progressive-resize 0 keeps every
+    epoch at full size; both run to the end and resume as finished."""
+    folder = make_image_folder(tmp_path / "photos", size=32, per_class=12)
+    sizes = {}
+    for name, extra in (("recipe", []), ("off", ["--progressive-resize", "0"])):
+        argv = ["train", "--data", str(folder), "--recipe", "fast", "--epochs", "3", "--batch-size", "16",
+                "--project", str(tmp_path / "runs"), "--name", name, "--threads", "1", "--device", "cpu", *extra]
+        code, out, err = run_main(argv, capsys)
+        assert code == 0, err
+        run = tmp_path / "runs" / name
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = RunConfig(**{k: v for k, v in config.items() if k in ("progressive_resize", "epochs")})
+        sizes[name] = (config["progressive_resize"], [resized_side(cfg, epoch, 3) for epoch in (1, 2, 3)])
+        code, out, err = run_main(["train", "--resume", str(run)], capsys)
+        assert code == 0 and "already finished" in out, err
+    assert sizes == {"recipe": ([24, 24], [24, 24, None]), "off": ([0], [None, None, None])}
 
 
 def test_with_a_time_budget_the_recipe_leaves_the_epochs_to_the_plan() -> None:

@@ -155,8 +155,9 @@ class RunConfig:
         None, "progressive resizing: train the first epochs on images scaled down to these sizes, one per epoch (the "
               "shorter side in pixels, e.g. 24 28: epoch 1 at 24, epoch 2 at 28, then full size; the run's last epoch "
               "is always at full size): fewer FLOPs early; needs a model that takes any image size (global pooling: "
-              "airnet, airnet-small, resnet8, speednet); validation, test and prediction stay at full size",
-        lengths=(1, None), min=4, metavar="PX")
+              "airnet, airnet-small, resnet8, speednet); validation, test and prediction stay at full size; 0 alone: "
+              "off (as --recipe fast would choose it for 32x32 colour images)",
+        lengths=(1, None), min=0, metavar="PX")
     lookahead: bool = _opt(False, "lookahead (airbench's): every 5 steps a slow copy of the weights moves toward the "
                                   "trained ones, by less and less as the run ends, and training restarts from it; the "
                                   "slow copy is validated, tested and saved (instead of --ema)")
@@ -211,7 +212,10 @@ class RunConfig:
                                                                            "fp32 or bf16, not fp16")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
-        resized = len(self.progressive_resize or [])
+        _check(self.progressive_resize in (None, [0]) or min(self.progressive_resize or [0]) >= 4,
+               f"--progressive-resize takes sizes of at least 4 pixels, or 0 alone (off); got "
+               f"{' '.join(map(str, self.progressive_resize or []))}")
+        resized = len(self.resize_sizes)
         _check(self.time_budget is not None or resized < self.epochs,
                f"--progressive-resize gives {resized} epoch(s) at smaller sizes but the run has {self.epochs}: leave "
                f"at least the last epoch at full size (fewer sizes or more --epochs)")
@@ -226,6 +230,11 @@ class RunConfig:
             for op in self.augment.split(","):
                 if op not in AUGMENT_OPS:
                     raise UsageError(f"unknown augmentation {op!r} in --augment; use {', '.join(AUGMENT_OPS)}, none or auto")
+
+    @property
+    def resize_sizes(self) -> list[int]:
+        """--progressive-resize's sizes, one per early epoch ([] when not given, or given as 0: off)."""
+        return [] if self.progressive_resize in (None, [0]) else list(self.progressive_resize or [])
 
     def _check_transfer(self) -> None:
         """The transfer-learning options: which models take them, and which go together."""

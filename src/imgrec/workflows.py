@@ -389,7 +389,7 @@ def check_progressive_resize(cfg: RunConfig, model: torch.nn.Module, spec: Input
     forward pass of two blank images at each size, in evaluation mode with the random generators left as they
     were: nothing of the model or the run changes). A model with a fixed-size layer (a Linear after a flatten) is
     a one-line usage error."""
-    sizes = cfg.progressive_resize or []
+    sizes = cfg.resize_sizes
     if not sizes:
         return
     flag = "--progressive-resize " + " ".join(map(str, sizes))

@@ -106,7 +106,7 @@ class StepCosts:
         """The costs of cfg's epochs for a model taking images of input_size (H, W)."""
         height, width = int(input_size[0]), int(input_size[1])
         return cls(tuple(math.prod(scaled_size((height, width), side)) / (height * width)
-                         for side in cfg.progressive_resize or []))
+                         for side in cfg.resize_sizes))
 
     def steps(self, first: int, last: int, steps_per_epoch: int, ends: bool = True) -> float:
         """The run's steps first+1 .. last (counted from its start) in full-size steps; ends: the run ends with step

@@ -190,7 +190,7 @@ def resized_side(cfg: RunConfig, epoch: int, epochs: int) -> int | None:
     """The shorter side training images are scaled down to in this epoch (--progressive-resize: the sizes given for
     the first epochs), or None for full size: after those epochs, and always in the run's last epoch, which then
     trains at the size the run is evaluated at."""
-    sizes = cfg.progressive_resize or []
+    sizes = cfg.resize_sizes
     return sizes[epoch - 1] if epoch <= len(sizes) and epoch < epochs else None
 
 

@@ -40,7 +40,7 @@ from imgrec.data.datasets import (
     scan_source,
 )
 from imgrec.data.doctor_report import find_problems, format_report
-from imgrec.data.folders import ArchiveNode
+from imgrec.data.folders import ArchiveNode, walk
 from imgrec.data.imageio import (
     EMPTY_FILE,
     EmptyFileError,
@@ -157,7 +157,7 @@ def _folder_images(spec: str, options: DoctorOptions) -> tuple[_Images, dict[str
 def _ignored_files(root: Path | ArchiveNode, used: set[str]) -> list[str]:
     """Files in the data folder that are not images by their extension (training never looks at them)."""
     ignored = []
-    for dirpath, dirnames, filenames in (root.walk() if isinstance(root, ArchiveNode) else os.walk(root)):
+    for dirpath, dirnames, filenames in walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)

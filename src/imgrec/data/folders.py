@@ -398,6 +398,11 @@ class FolderSplits:
 Folder = Path | ArchiveNode  # a folder on disk, or one inside an archive read into memory
 
 
+def walk(folder: Folder) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk of a folder on disk or in an archive read into memory (top-down; the folder names may be pruned)."""
+    return folder.walk() if isinstance(folder, ArchiveNode) else os.walk(folder)
+
+
 def _visible_dirs(path: Folder) -> list[Folder]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
@@ -454,8 +459,7 @@ def _scan_classes(folder: Folder, classes: list[str], split: str) -> tuple[list[
         class_dir = folder / name
         files = sorted(
             os.path.join(dirpath, f)
-            for dirpath, dirnames, filenames in (class_dir.walk() if isinstance(class_dir, ArchiveNode)
-                                                 else os.walk(class_dir))
+            for dirpath, dirnames, filenames in walk(class_dir)
             for f in filenames
             if is_image_file(f) and not any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts)
         ) if class_dir.is_dir() else []

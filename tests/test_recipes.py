@@ -98,9 +98,11 @@ def test_32x32_colour_images_start_at_24_pixels(caplog: pytest.LogCaptureFixture
     # sizes given win, and 0 turns it off
     given = RunConfig(recipe="fast", progressive_resize=[28])
     assert apply_recipe(given, _info(3, (32, 32)), {"recipe", "progressive_resize"}).resize_sizes == [28]
-    off = apply_recipe(RunConfig(recipe="fast", progressive_resize=[0]), _info(3, (32, 32)),
-                       {"recipe", "progressive_resize"})
+    with caplog.at_level(logging.INFO, logger="imgrec.recipes"):
+        off = apply_recipe(RunConfig(recipe="fast", progressive_resize=[0]), _info(3, (32, 32)),
+                           {"recipe", "progressive_resize"})
     assert off.progressive_resize == [0] and off.resize_sizes == []
+    assert caplog.records[-1].getMessage().endswith("(given: --progressive-resize 0)")  # as typed, not [0]
 
 
 def test_the_recipes_resizing_trains_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -103,7 +103,7 @@ def apply_recipe(cfg: RunConfig, info: DatasetInfo, explicit: set[str]) -> RunCo
     if "tta" in chosen and "flip" not in augment.split(","):
         chosen["tta"] = "none"  # flip TTA only for models trained on flipped images
     kept = [k for k in settings if k in explicit and k not in DATA_SETTINGS]
-    given = f" (given: {', '.join(f'--{flag_name(k)} {getattr(cfg, k)}' for k in kept)})" if kept else ""
+    given = f" (given: {', '.join(_flag(k, getattr(cfg, k)) for k in kept)})" if kept else ""
     log.info(f"recipe {cfg.recipe} for {shape} {kind} images: " + ", ".join(_flag(k, v) for k, v in chosen.items())
              + given)
     return replace(cfg, **chosen)

@@ -83,8 +83,10 @@ class RunConfig:
                            min=0, max=SEED_MAX)
     train_samples: int | None = _opt(None, "train on a seeded, stratified subset of this many training images", min=1)
     keep_hardest: float = _opt(1.0, "train on this fraction of each class's training images: the hardest, by the loss "
-                                     "of a cheap proxy (an MLP trained for 2 epochs on them all first; e.g. 0.7); "
+                                     "of a cheap proxy (--proxy-model, trained on them all first; e.g. 0.7); "
                                      "1: every image", above=0, max=1)
+    proxy_model: str = _opt("mlp", "--keep-hardest's proxy: a model name (`imgrec models`), trained 2 epochs on "
+                                   "every training image (average-pooled to at most 32 pixels a side) to score them")
     balance: str = _opt("none", "imbalanced classes: weights (each class's loss weighted by the inverse of its share of "
                                 "the training images) or sampler (each epoch draws every class equally often)",
                         choices=BALANCE_MODES)

@@ -434,11 +434,8 @@ def keep_hardest(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform, comp
     if run_dir is not None:
         selection = read_selection(run_dir / SELECTION_FILE, len(labels), cfg.keep_hardest)
     else:
-        info = bundle.info
-        size = proxy_input(info.image_size)
-        pool = [torch.nn.AdaptiveAvgPool2d(size)] if size != tuple(info.image_size) else []
         def proxy() -> torch.nn.Module:
-            return torch.nn.Sequential(*pool, build_model("mlp", info.num_classes, info.channels, size))
+            return _proxy_model(cfg, bundle, plain)
 
         train_loader = make_loader(bundle.train, PROXY_BATCH, plain, train=True, seed=cfg.seed, workers=cfg.workers)
         score_loader = make_loader(bundle.train, EVAL_BATCH_SIZE, plain, train=False, workers=cfg.workers)
@@ -446,6 +443,18 @@ def keep_hardest(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform, comp
         log.info(selection.describe())
     bundle.train = bundle.train.subset(selection.kept)
     return selection
+
+
+def _proxy_model(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform) -> torch.nn.Module:
+    """--proxy-model for --keep-hardest, on the images average-pooled to at most PROXY_SIZE a side; a model with
+    a data-dependent first layer (airnet-small's whitening) is fitted to those pooled images."""
+    info = bundle.info
+    size = proxy_input(info.image_size)
+    pool = torch.nn.AdaptiveAvgPool2d(size) if size != tuple(info.image_size) else torch.nn.Identity()
+    model = build_model(cfg.proxy_model, info.num_classes, info.channels, size)
+    if isinstance(model, FitsToImages):
+        init_from_data(model, bundle, plain, cfg.seed, resize=pool)
+    return torch.nn.Sequential(pool, model)
 
 
 def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
@@ -512,13 +521,15 @@ def _plot_lr_find(found: RangeTest, path: Path) -> Path:
 INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening stem) is fitted to
 
 
-def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransform, seed: int) -> None:
-    """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented);
-    the same sample for the same seed, so every process of a data-parallel run fits the same weights."""
+def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransform, seed: int,
+                   resize: torch.nn.Module | None = None) -> None:
+    """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented,
+    then through resize if given); the same sample for the same seed, so every process of a data-parallel run fits
+    the same weights."""
     count = min(INIT_IMAGES, len(bundle.train))
     chosen = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[:count]
     images, _ = next(iter(make_loader(bundle.train.subset(chosen), count, plain, train=False, workers=0)))
-    model.init_from_images(images)
+    model.init_from_images(resize(images) if resize is not None else images)
     log.info(f"model: first layer fitted to {count} training images")
 
 

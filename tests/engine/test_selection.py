@@ -120,6 +120,52 @@ def test_a_run_keeping_the_hardest_trains_on_them_and_resumes_exactly(tmp_path: 
         assert_same_run(run, reference)
 
 
+@pytest.mark.parametrize("name, fitted", [("mlp", False), ("lenet", False), ("airnet-small", True)])
+def test_the_proxy_is_the_named_model_on_pooled_images(tmp_path: Path, name: str, fitted: bool) -> None:
+    """--proxy-model: the registry's model for images pooled to at most 32 pixels a side; a whitening stem is
+    fitted to those pooled images (not left random), and the proxy takes the split's full-size batches."""
+    from imgrec.data.datasets import DataOptions, load_data
+    from imgrec.models.registry import build_model
+
+    photos = make_photo_folder(tmp_path / "photos", per_class=6, splits=(), sizes=((120, 90), (90, 120)))
+    bundle = load_data(str(photos), DataOptions(str(tmp_path), str(tmp_path / "cache"), image_size=64, workers=0))
+    plain = BatchTransform([0.5] * 3, [0.25] * 3, size=(64, 64), channels=3)
+    torch.manual_seed(0)
+    proxy = workflows._proxy_model(RunConfig(proxy_model=name, seed=0), bundle, plain)
+    pool, model = proxy
+    assert isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size == (32, 32)
+    torch.manual_seed(0)
+    fresh = build_model(name, bundle.info.num_classes, 3, (32, 32))
+    assert type(model) is type(fresh)
+    first = next(model.parameters())
+    assert torch.equal(first, next(fresh.parameters())) != fitted  # the whitening stem: fitted, not random
+    images, _ = next(iter(make_loader(bundle.train, 4, plain, train=False)))
+    assert images.shape[2:] == (64, 64) and proxy.eval()(images).shape == (4, bundle.info.num_classes)
+
+
+def test_a_run_with_a_conv_proxy_keeps_its_choice_and_a_misspelt_proxy_is_one_line(tmp_path: Path) -> None:
+    """The CLI: --proxy-model lenet chooses the images and is saved in config.yaml; a misspelt name stops the run
+    with one line naming the models, exit 2."""
+    photos = make_photo_folder(tmp_path / "photos", per_class=8, splits=())
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    common = ["train", "-d", str(photos), "-m", "lenet", "-e", "1", "--keep-hardest", "0.5", "--project",
+              str(tmp_path / "runs"), "--threads", "1", "--workers", "0", "--device", "cpu", "--batch-size", "8"]
+
+    def imgrec(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imgrec", *common, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = imgrec("--proxy-model", "lenet", "--name", "r")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "r"
+    assert "proxy_model: lenet" in (run / "config.yaml").read_text()
+    record = json.loads((run / SELECTION_FILE).read_text())
+    assert 0.4 * record["train_images"] <= record["kept"] <= 0.6 * record["train_images"]
+    done = imgrec("--proxy-model", "lenett", "--name", "typo")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("imgrec train: error: unknown model 'lenett': use one of")
+
+
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5])
 def test_keep_hardest_is_refused_outside_its_range(bad: float) -> None:
     with pytest.raises(UsageError, match="keep.hardest"):

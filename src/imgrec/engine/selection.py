@@ -1,10 +1,10 @@
 """--keep-hardest: train on the images a cheap proxy net finds hardest.
 
-Before the run, a proxy (a small fully-connected net, built by the caller) trains PROXY_EPOCHS epochs on every
-training image, then scores each one by its cross-entropy, in order; the run trains on the given fraction of each
-class with the highest loss (the easy images it would learn anyway are left out, so an epoch is shorter and a time
-budget fits more of them). The choice is saved in the run folder (selection.json) for --resume, which trains on
-exactly the same images. Its measured effect is in benchmarks/RESULTS.md.
+Before the run, a proxy (a small net built by the caller: --proxy-model, an MLP by default) trains PROXY_EPOCHS
+epochs on every training image, then scores each one by its cross-entropy, in order; the run trains on the given
+fraction of each class with the highest loss (the easy images it would learn anyway are left out, so an epoch is
+shorter and a time budget fits more of them). The choice is saved in the run folder (selection.json) for --resume,
+which trains on exactly the same images. Its measured effect is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -459,14 +459,15 @@ def _proxy_model(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform) -> t
 
 def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
             steps: int = LR_FIND_STEPS, compute: Compute | None = None) -> RangeTest:
-    """The learning-rate range test of a copy of model on the run's training batches (augmented and balanced as
-    the run's), with its optimiser, loss and precision; logs the suggestion."""
+    """The learning-rate range test of a copy of model on the run's training batches (augmented, mixed and
+    balanced as the run's), with its optimiser, loss and precision; logs the suggestion."""
     if distributed.context().distributed:
         raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
                          "with --lr set to its suggestion")
     numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
     loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                         seed=cfg.seed, workers=cfg.workers, balanced=cfg.balance == "sampler")
+                         seed=cfg.seed, workers=cfg.workers, mix=batch_mix(cfg, bundle),
+                         balanced=cfg.balance == "sampler")
     weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
     started = time.perf_counter()
     found = range_test(model, loader, numeric, steps=steps, class_weights=weights, compute=compute)
@@ -505,7 +506,8 @@ def lr_find(cfg: RunConfig, out: str | Path | None = None, steps: int = LR_FIND_
     cfg = apply_recipe(cfg, bundle.info, explicit)
     for note in bundle.notes:
         log.info(note)
-    model, spec, _ = _start_model(cfg, bundle, source, resumed=False)
+    model, spec, plain = _start_model(cfg, bundle, source, resumed=False)
+    keep_hardest(cfg, bundle, plain, Compute.of(cfg), None)  # the images the run would train on
     found = find_lr(cfg, bundle, model, spec, steps)
     path = Path(out) if out else Path("lr_find.png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -602,9 +604,8 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                              "without torchrun")
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, compute)
     here = distributed.context()
-    mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=mix,
+                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=batch_mix(cfg, bundle),
                                balanced=cfg.balance == "sampler")
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
@@ -612,6 +613,11 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
     return fit(model, train_loader, val_loader, cfg, run_dir, meta, resumed.state if resumed else None,
                deadline=deadline, board=board,
                class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes), compute=compute), None
+
+
+def batch_mix(cfg: RunConfig, bundle: DataBundle) -> BatchMix | None:
+    """--mixup / --cutmix: what mixes the training batches (the run's and the range test's), else None."""
+    return BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
 
 
 def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ and the random generators alone, and stops when the loss diverges; `lr-find` and
 from __future__ import annotations
 
 import functools
+from typing import Any
 import os
 import subprocess
 import sys
@@ -146,3 +147,32 @@ def test_python_lr_find(tmp_path: Path) -> None:
     assert len(outcome.result.lrs) <= 40 and outcome.suggestion == outcome.result.suggestion
     with pytest.raises(TypeError, match="lrr"):
         imgrec.lr_find((x, y), "mlp", lrr=0.1)
+
+
+def test_the_range_test_trains_on_the_runs_images_mixed_as_the_run_mixes_them(monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    """lr-find with --mixup sees mixed batches (soft targets), and with --keep-hardest only the kept images, as
+    the run would; without them, plain labels and every training image."""
+    import numpy as np
+
+    import imgrec
+    from imgrec import workflows
+
+    seen: list[tuple[int, int]] = []
+    real = workflows.range_test
+
+    def spy(model: Any, loader: Any, cfg: Any, **kwargs: Any) -> Any:
+        batches = list(loader)
+        seen.append((sum(len(y) for _, y in batches), batches[0][1].ndim))  # (images an epoch, target dims)
+        return real(model, loader, cfg, **kwargs)
+
+    monkeypatch.setattr(workflows, "range_test", spy)
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    x = (rng.random((200, 8, 8)) * 60 + y[:, None, None] * 90).astype(np.uint8)
+    common = dict(steps=10, threads=1, device="cpu", verbose=False, val_fraction=0.1, batch_size=20)
+    imgrec.lr_find((x, y), "mlp", out=tmp_path / "a.png", **common)
+    imgrec.lr_find((x, y), "mlp", out=tmp_path / "b.png", mixup=0.4, keep_hardest=0.5, **common)
+    (plain_images, plain_dims), (kept_images, mixed_dims) = seen
+    assert plain_dims == 1 and mixed_dims == 2
+    assert kept_images == plain_images // 2

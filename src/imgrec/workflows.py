@@ -453,7 +453,7 @@ def _proxy_model(cfg: RunConfig, bundle: DataBundle, plain: BatchTransform) -> t
     pool = torch.nn.AdaptiveAvgPool2d(size) if size != tuple(info.image_size) else torch.nn.Identity()
     model = build_model(cfg.proxy_model, info.num_classes, info.channels, size)
     if isinstance(model, FitsToImages):
-        init_from_data(model, bundle, plain, cfg.seed, resize=pool)
+        init_from_data(model, bundle, plain, cfg.seed, resize=pool, name="keep-hardest proxy")
     return torch.nn.Sequential(pool, model)
 
 
@@ -524,7 +524,7 @@ INIT_IMAGES = 5000  # training images a data-dependent first layer (a whitening 
 
 
 def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransform, seed: int,
-                   resize: torch.nn.Module | None = None) -> None:
+                   resize: torch.nn.Module | None = None, name: str = "model") -> None:
     """Fit a model's data-dependent layers to a random sample of the training images (normalised, not augmented,
     then through resize if given); the same sample for the same seed, so every process of a data-parallel run fits
     the same weights."""
@@ -532,7 +532,7 @@ def init_from_data(model: FitsToImages, bundle: DataBundle, plain: BatchTransfor
     chosen = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[:count]
     images, _ = next(iter(make_loader(bundle.train.subset(chosen), count, plain, train=False, workers=0)))
     model.init_from_images(resize(images) if resize is not None else images)
-    log.info(f"model: first layer fitted to {count} training images")
+    log.info(f"{name}: first layer fitted to {count} training images")
 
 
 def _read_plan(run_dir: Path) -> dict[str, Any] | None:

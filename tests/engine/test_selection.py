@@ -4,6 +4,7 @@ and read back on resume (a missing or hand-edited selection.json is one line); t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_a_run_keeping_the_hardest_trains_on_them_and_resumes_exactly(tmp_path: 
 
 
 @pytest.mark.parametrize("name, fitted", [("mlp", False), ("lenet", False), ("airnet-small", True)])
-def test_the_proxy_is_the_named_model_on_pooled_images(tmp_path: Path, name: str, fitted: bool) -> None:
+def test_the_proxy_is_the_named_model_on_pooled_images(tmp_path: Path, name: str, fitted: bool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     """--proxy-model: the registry's model for images pooled to at most 32 pixels a side; a whitening stem is
     fitted to those pooled images (not left random), and the proxy takes the split's full-size batches."""
     from imgrec.data.datasets import DataOptions, load_data
@@ -131,7 +133,9 @@ def test_the_proxy_is_the_named_model_on_pooled_images(tmp_path: Path, name: str
     bundle = load_data(str(photos), DataOptions(str(tmp_path), str(tmp_path / "cache"), image_size=64, workers=0))
     plain = BatchTransform([0.5] * 3, [0.25] * 3, size=(64, 64), channels=3)
     torch.manual_seed(0)
-    proxy = workflows._proxy_model(RunConfig(proxy_model=name, seed=0), bundle, plain)
+    with caplog.at_level(logging.INFO, logger="imgrec.workflows"):
+        proxy = workflows._proxy_model(RunConfig(proxy_model=name, seed=0), bundle, plain)
+    assert ("keep-hardest proxy: first layer fitted" in caplog.text) == fitted
     pool, model = proxy
     assert isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size == (32, 32)
     torch.manual_seed(0)

@@ -97,3 +97,9 @@ def test_bf16_autocast_training_converges_with_fp32_master_weights(tmp_path: Pat
         assert all(p.dtype == torch.float32 for p in model.parameters())
         accuracy[precision] = evaluate(model, ListLoader(batches), CPU).accuracy  # scored in fp32
     assert accuracy["bf16"] >= 0.95 and accuracy["fp32"] >= 0.95
+
+
+def test_the_compute_line_counts_threads_in_words() -> None:
+    one = system.Compute(CPU, torch.bfloat16, torch.channels_last, 1)
+    assert one.describe() == "cpu, bf16 autocast, channels_last, 1 thread"
+    assert system.Compute(CPU, None, torch.contiguous_format, 2).describe() == "cpu, fp32, contiguous, 2 threads"

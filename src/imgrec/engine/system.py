@@ -98,7 +98,7 @@ class Compute:
         """One line for the log: device, precision, memory format, threads."""
         layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
         return (f"{self.device.type}, {precision_name(self.dtype)}{' autocast' if self.dtype else ''}, {layout}, "
-                f"{self.threads} threads")
+                f"{self.threads} thread{'' if self.threads == 1 else 's'}")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -1,12 +1,13 @@
-"""How torch's OpenMP threads should wait: spinning (OpenMP's default) or sleeping (OMP_WAIT_POLICY=PASSIVE), on
-an idle machine and next to one busy process; and what the `imgrec` command chooses by itself (it measures how
-busy the CPUs are when it starts, and makes the threads sleep when other processes use half a CPU or more).
+"""How torch's OpenMP threads should wait, and how many there should be: spinning (OpenMP's default) or sleeping
+(OMP_WAIT_POLICY=PASSIVE), on every core or on one, on an idle machine and next to one busy process; and what the
+`imgrec` command chooses by itself (it measures how busy the CPUs are when it starts, and makes the threads sleep
+when other processes use half a CPU or more; it keeps a thread on every core).
 
 Each case is one `imgrec train --data fashion-mnist --model MODEL --epochs 1 --train-samples N` process with
-all cores as threads; "busy" runs a pure-Python busy loop on one core alongside it, as an editor, a browser or
-a second job would. Printed: training images/s per case.
+all cores as threads unless the case says one; "busy" runs a pure-Python busy loop on one core alongside it, as
+an editor, a browser or a second job would. Printed: training images/s per case.
 
-    python benchmarks/thread_policy.py --data-dir ../shared/data --models lenet mlp
+    python benchmarks/thread_policy.py --data-dir ../shared/data --models airnet-small lenet mlp
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = {"spin (OpenMP default)": "ACTIVE_DEFAULT", "sleep (PASSIVE)": "PASSIVE", "imgrec's choice": "AUTO"}
+POLICIES = {"spin (OpenMP default)": "ACTIVE_DEFAULT", "sleep (PASSIVE)": "PASSIVE",
+            "sleep, one thread": "PASSIVE_ONE", "imgrec's choice": "AUTO"}
 
 
 def spin() -> None:
@@ -37,8 +39,10 @@ def train(args: argparse.Namespace, model: str, policy: str, project: Path, name
     env.pop("OMP_WAIT_POLICY", None)  # AUTO: imgrec decides
     if policy == "ACTIVE_DEFAULT":
         env["OMP_WAIT_POLICY"] = ""  # set but empty: OpenMP's own default, and imgrec leaves it alone
-    elif policy == "PASSIVE":
-        env["OMP_WAIT_POLICY"] = policy
+    elif policy in ("PASSIVE", "PASSIVE_ONE"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if policy == "PASSIVE_ONE":
+            env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "imgrec", "train", "--data", "fashion-mnist", "--data-dir", args.data_dir,
            "--model", model, "--epochs", "1", "--train-samples", str(args.train_samples), "--project", str(project),
            "--name", name]

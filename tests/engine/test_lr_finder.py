@@ -4,11 +4,11 @@ and the random generators alone, and stops when the loss diverges; `lr-find` and
 from __future__ import annotations
 
 import functools
-from typing import Any
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch

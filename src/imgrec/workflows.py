@@ -79,7 +79,7 @@ from imgrec.engine.system import (
     set_threads,
     versions,
 )
-from imgrec.engine.trainer import FitResult, fit, inverse_frequency_weights, scaled_size
+from imgrec.engine.trainer import FitResult, Loader, fit, inverse_frequency_weights, scaled_size
 from imgrec.errors import UsageError
 from imgrec.evaluation.drawing import FigureDrawer
 from imgrec.evaluation.plots import plot_results
@@ -465,9 +465,7 @@ def find_lr(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: In
         raise UsageError("--lr find runs the range test in one process: run imgrec lr-find first, then torchrun "
                          "with --lr set to its suggestion")
     numeric = dataclasses.replace(cfg, lr=1e-3)  # the optimiser's base rate: the test sets the rates itself
-    loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                         seed=cfg.seed, workers=cfg.workers, mix=batch_mix(cfg, bundle),
-                         balanced=cfg.balance == "sampler")
+    loader = training_loader(cfg, bundle, model, spec)
     weights = balance_weights(cfg, bundle.train.labels, bundle.info.num_classes)
     started = time.perf_counter()
     found = range_test(model, loader, numeric, steps=steps, class_weights=weights, compute=compute)
@@ -604,9 +602,7 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                              "without torchrun")
         return fit_on_features(model, bundle.train, bundle.val, plain, cfg, run_dir, meta, compute)
     here = distributed.context()
-    train_loader = make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
-                               seed=cfg.seed, workers=cfg.workers, shard=here.shard, mix=batch_mix(cfg, bundle),
-                               balanced=cfg.balance == "sampler")
+    train_loader = training_loader(cfg, bundle, model, spec, shard=here.shard)
     if here.distributed:
         log.info(f"data-parallel: {here.world_size} processes ({here.backend}), {cfg.batch_size} images each per step: "
                  f"an effective batch of {cfg.batch_size * here.world_size}; {len(train_loader)} steps per epoch")
@@ -615,9 +611,13 @@ def _fit(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: Input
                class_weights=balance_weights(cfg, bundle.train.labels, bundle.info.num_classes), compute=compute), None
 
 
-def batch_mix(cfg: RunConfig, bundle: DataBundle) -> BatchMix | None:
-    """--mixup / --cutmix: what mixes the training batches (the run's and the range test's), else None."""
-    return BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
+def training_loader(cfg: RunConfig, bundle: DataBundle, model: torch.nn.Module, spec: InputSpec,
+                    shard: tuple[int, int] = (0, 1)) -> Loader:
+    """The run's training batches, for the run and for its range test alike: augmented (train_transform), mixed
+    (--mixup / --cutmix), balanced (--balance sampler), seeded; shard: this process's share under torchrun."""
+    mix = BatchMix(bundle.info.num_classes, cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
+    return make_loader(bundle.train, cfg.batch_size, train_transform(cfg, bundle, model, spec), train=True,
+                       seed=cfg.seed, workers=cfg.workers, shard=shard, mix=mix, balanced=cfg.balance == "sampler")
 
 
 def balance_weights(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:

@@ -214,7 +214,7 @@ class RunConfig:
                                                                            "fp32 or bf16, not fp16")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
-        _check(self.progressive_resize in (None, [0]) or min(self.progressive_resize or [0]) >= 4,
+        _check(all(size >= 4 for size in self.resize_sizes),
                f"--progressive-resize takes sizes of at least 4 pixels, or 0 alone (off); got "
                f"{' '.join(map(str, self.progressive_resize or []))}")
         resized = len(self.resize_sizes)

@@ -182,6 +182,8 @@ def test_a_budgeted_recipe_run_records_its_plan_and_resumes_without_replanning(
     assert state["config"]["max_steps"] in (None, total)
     code, out, err = run_main(["train", "--resume", str(run)], capsys)
     assert code == 0 and "already finished" in out
+    # config.yaml holds the first plan, the state the last: the resume does not take that for a hand edit
+    assert "config.yaml" not in err and not (run / "config.yaml.edited").exists()
     code, _, err = run_main(["train", "--resume", str(run), "--epochs", str(state["config"]["epochs"] + 5)], capsys)
     assert code == 2 and "planned for --time-budget 20s" in error_line(err)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from imgrec.config import RunConfig, load_yaml, parse_duration, resume_safe_settings
+from imgrec.config import RunConfig, flag_name, load_yaml, parse_duration, resume_safe_settings
 from imgrec.data.datasets import NAMED_DATASETS, load_data
 from imgrec.data.info import DataBundle, DatasetInfo
 from imgrec.data.loaders import make_loader
@@ -80,7 +80,7 @@ from imgrec.engine.system import (
     versions,
 )
 from imgrec.engine.trainer import FitResult, Loader, fit, inverse_frequency_weights, scaled_size
-from imgrec.errors import UsageError
+from imgrec.errors import ImgrecError, UsageError, os_error_cause
 from imgrec.evaluation.drawing import FigureDrawer
 from imgrec.evaluation.plots import plot_results
 from imgrec.finetune import InputSpec, fit_on_features, input_spec, load_source, resolve_source, transfer_plan
@@ -153,6 +153,7 @@ def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
     path = resolve_state(run)
     state = load_state(path)
     cfg, notes = resume_config(state, given, path)
+    _keep_edits_aside(path.parent, state["config"])
     check_world_size(state)
     for folder in (path.parent, path.parent / "weights"):
         remove_partial_writes(folder)  # what a kill in the middle of a write left behind
@@ -161,6 +162,44 @@ def _resume_point(run: str | Path, given: dict[str, Any], owned: ExitStack,
     if progress.finished(cfg.epochs, cfg.patience) and summary.is_file():
         return path, state, cfg, notes, json.loads(summary.read_text())
     return make_current(path), state, cfg, notes, None
+
+
+EDITED_CONFIG = "config.yaml.edited"  # a run's config.yaml as someone changed it, kept aside by --resume
+
+
+def _keep_edits_aside(folder: Path, saved: dict[str, Any]) -> None:
+    """A warning when the run's config.yaml no longer says what its training state was saved with (edited by hand,
+    or unreadable). --resume continues with the saved settings and writes config.yaml again: the changed
+    file is first moved aside to config.yaml.edited (.1, .2, ... after that), so that the edits are neither lost
+    nor taken silently.
+    Resume-safe settings (flags of an earlier --resume) and a time budget's planned steps may differ: not edits."""
+    source = folder / "config.yaml"
+    if not source.is_file() and not source.is_symlink():
+        return  # gone, or never written: it is written again
+    planned = set(resume_safe_settings()) | {"max_steps"}
+    try:
+        written = load_yaml(source)
+        changed = sorted(k for k in written.keys() | saved.keys() if k not in planned and written.get(k) != saved.get(k))
+        if not changed:
+            return
+        what = "; ".join(f"{k}: {written.get(k)!r} there, {saved.get(k)!r} saved" for k in changed[:4])
+        what += f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+        why = f"was changed after the run saved its training state ({what})"
+    except ImgrecError as exc:
+        why = f"cannot be read ({exc})"
+    kept = folder / EDITED_CONFIG
+    for number in range(1, 1000):  # an earlier edit kept aside stays: config.yaml.edited.1, .2, ...
+        if not kept.exists() and not kept.is_symlink():
+            break
+        kept = folder / f"{EDITED_CONFIG}.{number}"
+    try:
+        source.replace(kept)
+    except OSError as exc:
+        raise ImgrecError(f"{source} {why}, and cannot be moved aside before --resume writes it again: "
+                          f"{os_error_cause(exc)}") from None
+    log.warning(f"{source} {why}: --resume continues with the saved settings (only "
+                f"{', '.join('--' + flag_name(k) for k in resume_safe_settings())} may change, given as flags); "
+                f"the changed file is kept as {kept} (a new run takes its settings with --config {kept})")
 
 
 def _stopped_in_start_up(folder: Path) -> bool:

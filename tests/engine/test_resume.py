@@ -428,3 +428,41 @@ def test_progressive_resizing_resumes_exactly_at_each_size(image_folder: Path, t
         run = run_stopped_at(reference, at[position], tmp_path / f"resumed-{position[0]}-{position[1]}")
         workflows.resume(run, {})
         assert_same_run(run, reference)
+
+
+def test_a_hand_edited_config_yaml_is_kept_aside_and_said_on_resume(image_folder: Path, tmp_path: Path) -> None:
+    """The CLI: --resume continues with the settings saved in the training state. A config.yaml changed since (a
+    setting edited, or the file broken) gets a warning naming what differs, and is kept as config.yaml.edited
+    (then .1, ...) rather than silently overwritten; an unedited one, or one whose resume-safe settings an earlier
+    --resume changed, gets neither."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
+    common = ["--threads", "1", "--workers", "0", "--device", "cpu"]
+
+    def imgrec(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imgrec", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    done = imgrec("train", "-d", str(image_folder), "-m", "mlp", "-e", "1", "-b", "8", "--lr", "0.001",
+                  "--project", str(tmp_path / "runs"), "--name", "r", *common)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "r"
+    saved = (run / "config.yaml").read_text()
+    edited = saved.replace("\nlr: 0.001\n", "\nlr: 0.05\n").replace("\nbatch_size: 8\n", "\nbatch_size: 4\n")
+    assert edited != saved
+    (run / "config.yaml").write_text(edited)
+    done = imgrec("train", "--resume", str(run), "-e", "2", *common)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "config.yaml was changed" in line]
+    assert len(warning) == 1 and "batch_size: 4 there, 8 saved; lr: 0.05 there, 0.001 saved" in warning[0], done.stderr
+    assert (run / "config.yaml.edited").read_text() == edited  # the edit is kept, not lost
+    assert (run / "config.yaml").read_text() == saved.replace("\nepochs: 1\n", "\nepochs: 2\n")
+    with (run / "results.csv").open(newline="") as f:
+        assert len(list(csv.reader(f))) == 3  # header and two epochs: it did continue
+    done = imgrec("train", "--resume", str(run), "-e", "3", "--save-every-steps", "0", *common)  # nothing edited
+    assert done.returncode == 0 and "config.yaml" not in done.stderr, done.stderr
+    (run / "config.yaml").write_text("lr: [\n")
+    done = imgrec("train", "--resume", str(run), "-e", "4", *common)
+    assert done.returncode == 0 and "config.yaml cannot be read (config file" in done.stderr, done.stderr
+    assert (run / "config.yaml.edited.1").read_text() == "lr: [\n"
+    assert (run / "config.yaml.edited").read_text() == edited  # the first edit is still there
+    assert "lr: 0.001" in (run / "config.yaml").read_text()

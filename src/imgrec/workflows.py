@@ -169,9 +169,9 @@ EDITED_CONFIG = "config.yaml.edited"  # a run's config.yaml as someone changed i
 
 def _keep_edits_aside(folder: Path, saved: dict[str, Any]) -> None:
     """A warning when the run's config.yaml no longer says what its training state was saved with (edited by hand,
-    or unreadable). --resume continues with the saved settings and writes config.yaml again: the changed
-    file is first moved aside to config.yaml.edited (.1, .2, ... after that), so that the edits are neither lost
-    nor taken silently.
+    or unreadable). --resume continues with the saved settings, so the changed file is copied to
+    config.yaml.edited (.1, .2, ... after that) and config.yaml is written again from the state, even when the run
+    has nothing left to do: the edits are neither lost nor taken silently, and config.yaml says what the run is.
     Resume-safe settings (flags of an earlier --resume) and a time budget's planned steps may differ: not edits."""
     source = folder / "config.yaml"
     if not source.is_file() and not source.is_symlink():
@@ -192,11 +192,11 @@ def _keep_edits_aside(folder: Path, saved: dict[str, Any]) -> None:
         if not kept.exists() and not kept.is_symlink():
             break
         kept = folder / f"{EDITED_CONFIG}.{number}"
-    try:
-        source.replace(kept)
+    try:  # the file as it is, then config.yaml again as the run has it (atomically: one or the other is there)
+        shutil.copyfile(source, kept)
+        write_text(source, RunConfig.from_dict(saved, source=str(source)).to_yaml())
     except OSError as exc:
-        raise ImgrecError(f"{source} {why}, and cannot be moved aside before --resume writes it again: "
-                          f"{os_error_cause(exc)}") from None
+        raise ImgrecError(f"{source} {why}, and cannot be kept aside and written again: {os_error_cause(exc)}") from None
     log.warning(f"{source} {why}: --resume continues with the saved settings (only "
                 f"{', '.join('--' + flag_name(k) for k in resume_safe_settings())} may change, given as flags); "
                 f"the changed file is kept as {kept} (a new run takes its settings with --config {kept})")

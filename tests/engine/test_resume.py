@@ -434,7 +434,7 @@ def test_a_hand_edited_config_yaml_is_kept_aside_and_said_on_resume(image_folder
     """The CLI: --resume continues with the settings saved in the training state. A config.yaml changed since (a
     setting edited, or the file broken) gets a warning naming what differs, and is kept as config.yaml.edited
     (then .1, ...) rather than silently overwritten; an unedited one, or one whose resume-safe settings an earlier
-    --resume changed, gets neither."""
+    --resume changed, gets neither. config.yaml is written again from the state, also for a finished run."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MPLBACKEND": "Agg"}
     common = ["--threads", "1", "--workers", "0", "--device", "cpu"]
 
@@ -466,3 +466,8 @@ def test_a_hand_edited_config_yaml_is_kept_aside_and_said_on_resume(image_folder
     assert (run / "config.yaml.edited.1").read_text() == "lr: [\n"
     assert (run / "config.yaml.edited").read_text() == edited  # the first edit is still there
     assert "lr: 0.001" in (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(edited)  # a finished run has nothing to train, and still keeps its config.yaml
+    done = imgrec("train", "--resume", str(run), *common)
+    assert done.returncode == 0 and "already finished" in done.stdout and "config.yaml was changed" in done.stderr
+    assert (run / "config.yaml.edited.2").read_text() == edited
+    assert "lr: 0.001" in (run / "config.yaml").read_text() and "epochs: 4" in (run / "config.yaml").read_text()
